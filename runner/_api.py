@@ -1,0 +1,167 @@
+"""The trusted side of every api method: an explicit registry, never ``getattr``.
+
+Each execution gets an :class:`ExecutionContext`. The worker already checked
+arguments, but the worker is untrusted, so every call is checked again here:
+the name must be in the registry, offered by the trigger, of the right kind
+(notification vs. request) and with valid parameters. A call the honest proxy
+could never have sent is a protocol violation and kills the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
+
+from protocol import LOG_LEVELS, METHODS, check_params
+
+from ._worker import ApiFailure, CallHandler, Violation
+
+if TYPE_CHECKING:
+    from ._flow import FlowState
+    from ._services import Services
+    from ._triggers import TriggerProfile
+
+
+def truncate_utf8(text: str, limit: int) -> str:
+    """At most ``limit`` UTF-8 bytes, never splitting a character."""
+    if len(text) * 4 <= limit:
+        return text
+    raw = text.encode("utf-8", "surrogatepass")
+    if len(raw) <= limit:
+        return text
+    return raw[:limit].decode("utf-8", "ignore")
+
+
+class ExecutionContext(CallHandler):
+    """Dispatches one execution's api calls onto the flow's state and the services."""
+
+    def __init__(self, flow: "FlowState", slug: str, profile: "TriggerProfile", services: "Services",
+                 action_deadline: float) -> None:
+        self.flow = flow
+        self.slug = slug
+        self.profile = profile
+        self.services = services
+        self.limits = flow.limits_for(slug)
+        self.action_deadline = action_deadline
+        self.calls = 0
+        self.log_entries = 0
+        self.denied_here = False
+        self._fetch_slots = asyncio.Semaphore(services.fetch_config.max_concurrent_per_execution)
+        self._notify: dict[str, Callable[[list[Any]], None]] = {
+            "deny": self._deny,
+            "access.deny": self._access_deny,
+            "validation.error": self._validation_error,
+            "state.set": self._state_set,
+            "log": self._log,
+            "user.setAppMetadata": self._set_app_metadata,
+            "user.setUserMetadata": self._set_user_metadata,
+            "user.setUserId": self._set_user_id,
+            "session.setCustomClaim": self._access_claim,
+            "accessToken.setCustomClaim": self._access_claim,
+            "idToken.setCustomClaim": self._id_claim,
+        }
+        self._request: dict[str, Callable[[list[Any]], Awaitable[Any]]] = {
+            "cache.get": self._cache_get,
+            "cache.set": self._cache_set,
+            "cache.delete": self._cache_delete,
+            "fetch": self._fetch,
+        }
+
+    # -- admission -----------------------------------------------------------------
+    def _admit(self, method: str, params: list[Any], registry: dict[str, Any]) -> tuple[Any, list[Any]]:
+        fn = registry.get(method)
+        if fn is None:
+            raise Violation("protocol_error", f"worker called unknown or misdirected api method {method!r:.70}")
+        if method not in self.profile.methods:
+            raise Violation("protocol_error", f"worker called api.{method}, which {self.profile.name} does not offer")
+        self.calls += 1
+        if self.calls > self.limits.max_calls:
+            raise Violation("output_limit", f"more than {self.limits.max_calls} api calls in one execution")
+        try:
+            args = check_params(METHODS[method], params)
+        except TypeError as exc:
+            raise Violation("protocol_error", f"invalid arguments from worker: {exc}") from None
+        return fn, args
+
+    def notify(self, method: str, params: list[Any]) -> None:
+        fn, args = self._admit(method, params, self._notify)
+        fn(args)
+
+    def request(self, method: str, params: list[Any]) -> Awaitable[Any]:
+        fn, args = self._admit(method, params, self._request)
+        return fn(args)
+
+    # -- flow control ------------------------------------------------------------------
+    def _record_denial(self, kind: str, reason: str, user_message: str | None, error_code: str | None = None) -> None:
+        if not self.denied_here:
+            self.denied_here = True
+            self.flow.deny(self.slug, kind, reason, user_message, error_code)
+
+    def _deny(self, a: list[Any]) -> None:
+        self._record_denial("denied", a[0], None)
+
+    def _access_deny(self, a: list[Any]) -> None:
+        self._record_denial("denied", a[0], a[1])
+
+    def _validation_error(self, a: list[Any]) -> None:
+        self._record_denial("validation_error", a[1], a[1], error_code=a[0])
+
+    # -- state, logs, metadata, claims -------------------------------------------------------
+    def _state_set(self, a: list[Any]) -> None:
+        self.flow.set_state(self.slug, a[0], a[1])
+
+    def _log(self, a: list[Any]) -> None:
+        level, message = a
+        if level not in LOG_LEVELS:
+            raise Violation("protocol_error", f"invalid log level {level!r:.20}")
+        self.log_entries += 1
+        if self.log_entries > self.limits.max_log_entries:
+            raise Violation("output_limit", f"more than {self.limits.max_log_entries} log entries in one execution")
+        self.flow.log(self.slug, level, truncate_utf8(message, self.limits.max_log_message_bytes))
+
+    def _set_app_metadata(self, a: list[Any]) -> None:
+        self.flow.patch_metadata("app_metadata", a[0])
+
+    def _set_user_metadata(self, a: list[Any]) -> None:
+        self.flow.patch_metadata("user_metadata", a[0])
+
+    def _set_user_id(self, a: list[Any]) -> None:
+        if not a[0]:
+            raise Violation("protocol_error", "user id must be a non-empty string")
+        self.flow.set_user_id(a[0])
+
+    def _claim(self, token: str, name: str, value: Any) -> None:
+        if self.profile.issues_tokens:
+            self.flow.set_claim(token, name, value)
+        else:
+            self.flow.log(self.slug, "warn",
+                          f"claim {name!r} discarded: the {self.profile.name} trigger does not issue tokens")
+
+    def _access_claim(self, a: list[Any]) -> None:
+        self._claim("access_token", a[0], a[1])
+
+    def _id_claim(self, a: list[Any]) -> None:
+        self._claim("id_token", a[0], a[1])
+
+    # -- cache and fetch (value-returning requests) ----------------------------------------------
+    async def _cache_get(self, a: list[Any]) -> Any:
+        return await self.services.cache_get(self.flow.tenant, self.flow.trigger, a[0])
+
+    async def _cache_set(self, a: list[Any]) -> Any:
+        return await self.services.cache_set(self.flow.tenant, self.flow.trigger, a[0], a[1], a[2])
+
+    async def _cache_delete(self, a: list[Any]) -> Any:
+        return await self.services.cache_delete(self.flow.tenant, self.flow.trigger, a[0])
+
+    async def _fetch(self, a: list[Any]) -> Any:
+        now = time.monotonic()
+        budget = min(self.action_deadline, self.flow.deadline) - now
+        async with self._fetch_slots:
+            try:
+                return await self.services.fetch(self.flow.tenant, a[0], a[1], budget)
+            except ApiFailure as exc:
+                if exc.kind in ("http_fetch_denied", "http_fetch_timeout"):
+                    # "treated as a deny": the flow halts even if the action catches it
+                    self._record_denial(exc.kind, str(exc), None)
+                raise

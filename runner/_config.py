@@ -1,0 +1,132 @@
+"""Every tunable of the runner, in one place.
+
+``RunnerConfig`` is frozen; derive a variant with ``dataclasses.replace``.
+Per-action overrides of limits come from ``Action(limits=...)`` and are merged
+with :meth:`Limits.merged`. ``validate()`` raises :class:`ConfigError` naming
+the bad field, so a typo fails at start-up and not on the first login.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from ._errors import ConfigError
+
+SandboxMode = Literal["strict", "degraded", "off"]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource limits of one action execution (and of the worker that runs it)."""
+
+    action_timeout_s: float = 5.0       # wall clock per action; expiry kills the worker
+    flow_timeout_s: float = 20.0        # wall clock for the whole flow
+    memory_mb: int = 128                # memory cap per worker
+    cpu_seconds: int = 30               # RLIMIT_CPU per worker (cumulative across executions)
+    max_open_files: int = 64            # RLIMIT_NOFILE
+    max_log_entries: int = 100          # api.log/print/console entries per execution
+    max_log_message_bytes: int = 4096   # the reference's truncation point
+    max_frame_bytes: int = 1 << 20      # one msgpack frame in either direction
+    max_output_bytes: int = 4 << 20     # all bytes a worker may send during one execution
+    max_calls: int = 1000               # api calls per execution
+
+    def merged(self, overrides: dict[str, Any] | None) -> "Limits":
+        if not overrides:
+            return self
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ConfigError(f"unknown limit(s): {', '.join(sorted(unknown))}")
+        out = dataclasses.replace(self, **overrides)
+        out.validate()
+        return out
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ConfigError(f"limits.{f.name} must be a positive number, got {v!r}")
+        if self.memory_mb < 32:
+            raise ConfigError("limits.memory_mb must be at least 32 (the interpreter itself needs it)")
+        if self.max_log_message_bytes > self.max_frame_bytes:
+            raise ConfigError("limits.max_log_message_bytes cannot exceed limits.max_frame_bytes")
+
+
+@dataclass(frozen=True)
+class FetchConfig:
+    """Outbound HTTP done by the supervisor on behalf of actions."""
+
+    allow_hosts: tuple[str, ...] = ()                    # for every tenant: exact hosts or "*.example.com"
+    tenant_allow_hosts: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    timeout_s: float = 5.0
+    max_response_bytes: int = 1 << 20
+    max_request_bytes: int = 256 << 10
+    max_redirects: int = 5
+    max_concurrent_per_execution: int = 16
+
+    def hosts_for(self, tenant: str) -> tuple[str, ...]:
+        return self.allow_hosts + tuple(self.tenant_allow_hosts.get(tenant, ()))
+
+
+@dataclass(frozen=True)
+class SandboxConfig:
+    """Which OS protections a worker applies, and which ones are required.
+
+    ``strict``: the runner refuses to start unless every protection in
+    ``require`` is available. ``degraded``: apply what the host offers, warn
+    loudly about the rest. ``off``: rlimits only (tests of the bare pipeline).
+    """
+
+    mode: SandboxMode = "degraded"
+    require: tuple[str, ...] = ("seccomp", "landlock", "no_new_privs", "rlimits")
+    network_namespace: bool = True
+    drop_uid: int = 65534           # applied when the supervisor runs as root
+    drop_gid: int = 65534
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    """Tunables of one :class:`runner.Runner`."""
+
+    pool_size: int = 2                       # warm idle workers kept ready
+    max_workers: int = 64                    # hard cap on live workers
+    max_executions_per_worker: int = 1000    # recycle a worker after this many executions (same tenant only)
+    max_queue: int = 1000                    # flows waiting for a worker before new ones are refused
+    queue_timeout_s: float = 10.0            # how long a flow may wait for a worker
+    worker_start_timeout_s: float = 10.0     # spawn to hello
+    kill_grace_s: float = 2.0                # close(): in-flight flows get this long before SIGKILL
+    denial_message: str = "Access denied."   # what the user sees when an action gives none
+    cache_url: str = "memory://"
+    limits: Limits = field(default_factory=Limits)
+    fetch: FetchConfig = field(default_factory=FetchConfig)
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    python: str | None = None                # interpreter for workers; default sys.executable
+
+    def validate(self) -> "RunnerConfig":
+        self.limits.validate()
+        for name in ("pool_size", "max_queue"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ConfigError(f"{name} must be a non-negative integer, got {v!r}")
+        for name in ("max_workers", "max_executions_per_worker"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+        if self.pool_size > self.max_workers:
+            raise ConfigError("pool_size cannot exceed max_workers")
+        for name in ("queue_timeout_s", "worker_start_timeout_s", "kill_grace_s", ):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ConfigError(f"{name} must be a non-negative number, got {v!r}")
+        if self.sandbox.mode not in ("strict", "degraded", "off"):
+            raise ConfigError(f"sandbox.mode must be strict, degraded or off, got {self.sandbox.mode!r}")
+        if not isinstance(self.denial_message, str) or not self.denial_message:
+            raise ConfigError("denial_message must be a non-empty string")
+        if not (self.cache_url.startswith("memory://") or self.cache_url.startswith("redis://")):
+            raise ConfigError(f"cache_url must be memory:// or redis://host:port/db, got {self.cache_url!r}")
+        f = self.fetch
+        if not (0 < f.timeout_s <= 60) or f.max_response_bytes <= 0 or f.max_request_bytes <= 0:
+            raise ConfigError("fetch limits must be positive (timeout at most 60 s)")
+        return self

@@ -1,0 +1,267 @@
+"""The worker pool: warm workers, per-tenant binding, bounded waiting.
+
+* ``pool_size`` warm workers are kept started but unassigned. The first flow
+  of a tenant binds one; from then on it serves only that tenant (a worker
+  never serves two tenants).
+* At most ``max_workers`` processes live at once. When every slot is taken, an
+  idle worker of another tenant is retired to make room; otherwise the flow
+  waits in a FIFO queue of at most ``max_queue`` flows, for at most
+  ``queue_timeout_s``. Past either bound the flow is refused at once
+  (:class:`Overloaded`): back-pressure instead of an unbounded queue.
+* Warm-worker affinity: among a tenant's idle workers, one that already
+  compiled the action (by source hash) is preferred.
+* A worker that failed, was killed, or served ``max_executions_per_worker``
+  executions is discarded and replaced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from typing import Any, Awaitable, Callable
+
+from ._worker import State, WorkerHandle
+
+log = logging.getLogger("actionpool.pool")
+
+Key = tuple[str | None, tuple[Any, ...]]   # (tenant or None for unassigned warm workers, worker profile)
+
+
+class Overloaded(Exception):
+    """No worker could be had within the queue bounds."""
+
+
+class PoolClosed(Exception):
+    """The pool is shutting down."""
+
+
+class Pool:
+    def __init__(self, launch: Callable[[tuple[Any, ...]], Awaitable[WorkerHandle]], *, pool_size: int,
+                 max_workers: int, max_queue: int, max_executions: int, default_profile: tuple[Any, ...]) -> None:
+        self._launch = launch
+        self.pool_size = pool_size
+        self.max_workers = max_workers
+        self.max_queue = max_queue
+        self.max_executions = max_executions
+        self.default_profile = default_profile
+        self.workers: set[WorkerHandle] = set()
+        self.idle: dict[Key, list[WorkerHandle]] = {}
+        self.starting = 0                                # spawns in flight (they count against max_workers)
+        self.waiters: deque[tuple[Key, asyncio.Future[WorkerHandle]]] = deque()
+        self.closed = False
+        self.spawned = 0
+        self.discarded = 0
+        self.peak_workers = 0
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.last_spawn_error: str | None = None
+
+    # -- bookkeeping ------------------------------------------------------------------
+    @property
+    def total(self) -> int:
+        return len(self.workers) + self.starting
+
+    def stats(self) -> dict[str, Any]:
+        idle = sum(len(v) for v in self.idle.values())
+        return {
+            "live": len(self.workers), "starting": self.starting, "idle": idle,
+            "busy": sum(1 for w in self.workers if w.state is State.BUSY),
+            "warm_unassigned": sum(len(v) for k, v in self.idle.items() if k[0] is None),
+            "waiting": len(self.waiters), "spawned": self.spawned, "discarded": self.discarded,
+            "peak_workers": self.peak_workers,
+        }
+
+    def _on_dead(self, w: WorkerHandle) -> None:
+        """Called by a handle the moment it dies (killed, crashed, retired)."""
+        if w in self.workers:
+            self.workers.discard(w)
+            self.discarded += 1
+            for lst in self.idle.values():
+                if w in lst:
+                    lst.remove(w)
+            if not self.closed:
+                self._after_capacity_freed()
+
+    def _spawn_task(self, coro: Awaitable[Any]) -> None:
+        t = asyncio.ensure_future(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+
+    # -- spawning ------------------------------------------------------------------------
+    async def _new_worker(self, key: Key) -> WorkerHandle:
+        self.starting += 1
+        self.peak_workers = max(self.peak_workers, self.total)
+        try:
+            w = await self._launch(key[1])
+        except BaseException as exc:
+            self.last_spawn_error = f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            self.starting -= 1
+        self.spawned += 1
+        if self.closed:
+            w.kill("pool closed")
+            raise PoolClosed("pool closed while a worker was starting")
+        w.tenant = key[0]
+        self.workers.add(w)
+        w._on_dead = self._on_dead  # noqa: SLF001 - the pool owns its handles
+        if not w.alive:  # died between hello and now
+            self._on_dead(w)
+        return w
+
+    async def start(self) -> None:
+        await asyncio.gather(*(self._warm_one() for _ in range(self.pool_size)))
+
+    async def _warm_one(self) -> None:
+        try:
+            w = await self._new_worker((None, self.default_profile))
+        except PoolClosed:
+            return
+        except Exception as exc:
+            log.error("could not start a warm worker: %s", exc)
+            return
+        self._offer(w, (None, self.default_profile))
+
+    def _replenish(self) -> None:
+        """Keep ``pool_size`` unassigned warm workers, capacity allowing."""
+        if self.closed:
+            return
+        key: Key = (None, self.default_profile)
+        have = len(self.idle.get(key, ())) + self._warming
+        while have < self.pool_size and self.total < self.max_workers and not self.waiters:
+            have += 1
+            self._warming += 1
+            self._spawn_task(self._warm_then_count())
+
+    _warming = 0
+
+    async def _warm_then_count(self) -> None:
+        try:
+            await self._warm_one()
+        finally:
+            self._warming -= 1
+
+    # -- acquire / release -------------------------------------------------------------------
+    def _take_idle(self, key: Key, digest: str) -> WorkerHandle | None:
+        lst = self.idle.get(key)
+        if not lst:
+            return None
+        for i in range(len(lst) - 1, -1, -1):
+            if digest in lst[i].compiled:
+                return lst.pop(i)
+        return lst.pop()
+
+    def _retire_other_idle(self, key: Key) -> bool:
+        """Free a slot by retiring the least recently used idle worker of another key."""
+        victim: WorkerHandle | None = None
+        for k, lst in self.idle.items():
+            if k != key and lst and (victim is None or lst[0].last_used < victim.last_used):
+                victim = lst[0]
+        if victim is None:
+            return False
+        victim.kill("retired to make room for another tenant")  # _on_dead removes it
+        return True
+
+    async def acquire(self, tenant: str, digest: str, profile: tuple[Any, ...], timeout: float) -> WorkerHandle:
+        if self.closed:
+            raise PoolClosed("pool closed")
+        key: Key = (tenant, profile)
+        w = self._take_idle(key, digest)
+        if w is None and profile == self.default_profile:
+            w = self._take_idle((None, profile), digest)
+            if w is not None:
+                w.tenant = tenant
+                self._replenish()
+        if w is not None:
+            return w
+        if self.total < self.max_workers or self._retire_other_idle(key):
+            return await self._new_worker(key)
+        if len(self.waiters) >= self.max_queue:
+            raise Overloaded(f"all {self.max_workers} workers busy and {self.max_queue} flows already waiting")
+        fut: asyncio.Future[WorkerHandle] = asyncio.get_running_loop().create_future()
+        entry = (key, fut)
+        self.waiters.append(entry)
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), timeout)
+        except asyncio.TimeoutError:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                return fut.result()  # handed over in the same instant the wait expired
+            fut.cancel()
+            raise Overloaded(f"no worker became free within {timeout:.3g}s") from None
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                self.release(fut.result(), True)
+            fut.cancel()
+            raise
+        finally:
+            try:
+                self.waiters.remove(entry)
+            except ValueError:
+                pass
+
+    def release(self, w: WorkerHandle, reusable: bool) -> None:
+        w.last_used = time.monotonic()
+        if not reusable or not w.alive or w.executions >= self.max_executions or self.closed:
+            if w.alive:
+                w.kill("retired" if reusable else "not reusable after its execution")
+            return
+        key: Key = (w.tenant, self._profile_of(w))
+        self._offer(w, key)
+
+    def _profile_of(self, w: WorkerHandle) -> tuple[Any, ...]:
+        return getattr(w, "profile", self.default_profile)
+
+    def _offer(self, w: WorkerHandle, key: Key) -> None:
+        """An idle worker: hand it to a waiter of its key, or make room for another waiter, or park it."""
+        if not w.alive:
+            return
+        for entry in self.waiters:
+            k, fut = entry
+            if fut.done():
+                continue
+            if k == key or (key[0] is None and key[1] == k[1]):
+                if key[0] is None:
+                    w.tenant = k[0]
+                self.waiters.remove(entry)
+                fut.set_result(w)
+                return
+        if self.waiters and self.total >= self.max_workers:
+            w.kill("retired to serve a waiting flow of another tenant")  # frees capacity -> _after_capacity_freed
+            return
+        self.idle.setdefault(key, []).append(w)
+
+    def _after_capacity_freed(self) -> None:
+        while self.waiters and self.total < self.max_workers:
+            key, fut = self.waiters.popleft()
+            if fut.done():
+                continue
+            self._spawn_task(self._spawn_for(key, fut))
+        self._replenish()
+
+    async def _spawn_for(self, key: Key, fut: asyncio.Future[WorkerHandle]) -> None:
+        try:
+            w = await self._new_worker(key)
+        except BaseException as exc:
+            if not fut.done():
+                fut.set_exception(exc if isinstance(exc, Exception) else PoolClosed("cancelled"))
+            return
+        if fut.done():  # the waiter gave up meanwhile: park the worker
+            self._offer(w, key)
+        else:
+            fut.set_result(w)
+
+    # -- shutdown ------------------------------------------------------------------------------
+    async def close(self, grace: float) -> None:
+        self.closed = True
+        while self.waiters:
+            _, fut = self.waiters.popleft()
+            if not fut.done():
+                fut.set_exception(PoolClosed("pool closed"))
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        workers = list(self.workers)
+        await asyncio.gather(*(w.shutdown(grace) for w in workers), return_exceptions=True)
+        self.workers.clear()
+        self.idle.clear()

@@ -1,0 +1,69 @@
+"""Starting worker processes: a clean interpreter, a scrubbed environment.
+
+Workers are started with ``posix_spawn`` (vfork+exec: nothing of the
+supervisor's memory, secrets or threads is inherited), in a new session so the
+whole process group can be killed at once, with stdin/stdout/stderr on
+``/dev/null`` and exactly two pipe ends at fds 3 (requests in) and 4 (replies out).
+Every other descriptor of the supervisor is close-on-exec (PEP 446).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+
+import worker
+
+WORKER_RFD = 3
+WORKER_WFD = 4
+
+# The package root is put on sys.path explicitly so the worker runs with -I -S
+# (no site, no user site, no PYTHON* variables, no cwd on the path).
+_PKG_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(worker.__file__)))
+
+
+def _site_paths() -> list[str]:
+    return [p for p in sys.path if p and os.path.isdir(p)]
+
+
+_BOOTSTRAP = (
+    "import sys;"
+    "sys.path[:] = sys.argv[3].split('\\x1f');"
+    "from worker.__main__ import main;"
+    "main(sys.argv[1:3])"
+)
+
+WORKER_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
+
+
+@dataclass
+class Spawned:
+    pid: int
+    rfd: int  # supervisor reads the worker's messages here
+    wfd: int  # supervisor writes requests here
+
+
+def spawn_worker(python: str | None = None) -> Spawned:
+    """Start one worker process; returns its pid and the supervisor's pipe ends."""
+    exe = python or sys.executable
+    to_worker_r, to_worker_w = os.pipe()
+    from_worker_r, from_worker_w = os.pipe()
+    paths = "\x1f".join([_PKG_ROOT, *[p for p in _site_paths() if p != _PKG_ROOT]])
+    argv = [exe, "-I", "-S", "-B", "-X", "utf8", "-c", _BOOTSTRAP, str(WORKER_RFD), str(WORKER_WFD), paths]
+    actions = [
+        (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+        (os.POSIX_SPAWN_OPEN, 1, "/dev/null", os.O_WRONLY, 0),
+        (os.POSIX_SPAWN_OPEN, 2, "/dev/null", os.O_WRONLY, 0),
+        (os.POSIX_SPAWN_DUP2, to_worker_r, WORKER_RFD),
+        (os.POSIX_SPAWN_DUP2, from_worker_w, WORKER_WFD),
+    ]
+    try:
+        pid = os.posix_spawn(exe, argv, WORKER_ENV, file_actions=actions, setsid=True)
+    except BaseException:
+        for fd in (to_worker_r, to_worker_w, from_worker_r, from_worker_w):
+            os.close(fd)
+        raise
+    os.close(to_worker_r)
+    os.close(from_worker_w)
+    return Spawned(pid, from_worker_r, to_worker_w)

@@ -1,0 +1,378 @@
+"""The supervisor's handle on one worker process.
+
+A ``WorkerHandle`` is an asyncio protocol on the worker's reply pipe plus a
+pidfd that becomes readable when the process dies, so death is noticed by
+waiting on both, never by polling. State machine::
+
+    STARTING --hello--> IDLE --execute--> BUSY --answer--> IDLE
+        |                 |                 |
+        +-----------------+--------+--------+--> DEAD (killed, crashed, or retired)
+
+Whatever ends an execution (its answer, a timeout, a protocol violation, the
+process dying) resolves its future exactly once; everything after that is
+ignored. Any message the worker sends that the state does not expect kills it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+from protocol import (
+    FrameDecoder,
+    Notification,
+    ProtocolError,
+    Request,
+    Response,
+    check_hello,
+    encode_frame,
+    parse_message,
+)
+
+from ._spawn import Spawned
+
+
+class State(enum.Enum):
+    STARTING = "starting"
+    IDLE = "idle"
+    BUSY = "busy"
+    DEAD = "dead"
+
+
+class Violation(Exception):
+    """A worker broke a rule; it is killed and its execution denied with ``kind``."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class ApiFailure(Exception):
+    """A value-returning api call failed; the action sees an exception, the worker lives."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class CallHandler:
+    """What a BUSY worker's api calls are dispatched to (``runner._api.ExecutionContext``)."""
+
+    def notify(self, method: str, params: list[Any]) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def request(self, method: str, params: list[Any]) -> Awaitable[Any]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+@dataclass
+class Outcome:
+    """How one execution ended. ``error`` is ``None`` when the handler returned normally."""
+
+    error: dict[str, Any] | None
+    duration_ms: float
+    reusable: bool
+
+
+@dataclass
+class _Running:
+    msgid: int
+    handler: CallHandler
+    future: asyncio.Future[Outcome]
+    started: float
+    max_output: int
+    bytes_in: int = 0
+    timer: asyncio.TimerHandle | None = None
+    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+
+
+def describe_exit(returncode: int | None) -> str:
+    """``-9`` -> ``SIGKILL(-9)``; ``3`` -> ``exit code 3``."""
+    if returncode is None:
+        return "still running"
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = "signal"
+        return f"{name}({returncode})"
+    return f"exit code {returncode}"
+
+
+class WorkerHandle(asyncio.Protocol):
+    def __init__(self, spawned: Spawned, *, max_frame: int, on_dead: Callable[["WorkerHandle"], None] | None = None) -> None:
+        self.pid = spawned.pid
+        self._spawned = spawned
+        self.state = State.STARTING
+        self.info: dict[str, Any] = {}
+        self.tenant: str | None = None
+        self.compiled: set[str] = set()
+        self.executions = 0
+        self.created = time.monotonic()
+        self.last_used = self.created
+        self.returncode: int | None = None
+        self.death_reason: str | None = None
+        self.memory_check: Callable[[], bool] | None = None  # True when the worker exceeded its memory cap
+        self._max_frame = max_frame
+        self._decoder = FrameDecoder(max_frame)
+        self._on_dead = on_dead
+        self._loop = asyncio.get_running_loop()
+        self._ready: asyncio.Future[dict[str, Any]] = self._loop.create_future()
+        self._exited: asyncio.Future[int] = self._loop.create_future()
+        self._running: _Running | None = None
+        self._next_id = 0
+        self._rtransport: asyncio.ReadTransport | None = None
+        self._wtransport: asyncio.WriteTransport | None = None
+        self._pidfd: int | None = None
+
+    # -- life cycle ------------------------------------------------------------
+    async def start(self, configure: dict[str, Any], timeout: float) -> dict[str, Any]:
+        """Connect the pipes, send the configuration, wait for the hello."""
+        loop = self._loop
+        try:
+            self._pidfd = os.pidfd_open(self.pid)
+            loop.add_reader(self._pidfd, self._on_exit)
+        except OSError:  # the process is already gone; waitpid below finds its status
+            self._pidfd = None
+            self._reap()
+        rpipe = os.fdopen(self._spawned.rfd, "rb", buffering=0)
+        wpipe = os.fdopen(self._spawned.wfd, "wb", buffering=0)
+        self._rtransport, _ = await loop.connect_read_pipe(lambda: self, rpipe)
+        self._wtransport, _ = await loop.connect_write_pipe(asyncio.Protocol, wpipe)
+        self._write(Notification("configure", [configure]).wire())
+        try:
+            self.info = await asyncio.wait_for(asyncio.shield(self._ready), timeout)
+        except asyncio.TimeoutError:
+            self.kill("did not say hello in time")
+            raise RuntimeError(f"worker {self.pid} did not start within {timeout:.1f}s") from None
+        return self.info
+
+    def kill(self, reason: str) -> None:
+        """SIGKILL the worker's whole process group. Idempotent."""
+        if self.state is not State.DEAD:
+            self.death_reason = self.death_reason or reason
+            self.state = State.DEAD
+            if self._on_dead is not None:
+                self._on_dead(self)
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self._close_transports()
+        if not self._ready.done():
+            self._ready.set_exception(RuntimeError(f"worker {self.pid} died before its hello: {reason}"))
+            self._ready.exception()  # mark retrieved
+
+    async def shutdown(self, grace: float) -> None:
+        """Ask the worker to exit; kill it if it has not within ``grace`` seconds."""
+        if self.state is State.IDLE:
+            self._write(Notification("shutdown", []).wire())
+            try:
+                await asyncio.wait_for(asyncio.shield(self._exited), grace)
+            except asyncio.TimeoutError:
+                pass
+        self.kill("shut down")
+        await self.wait_exit(grace)
+
+    async def wait_exit(self, timeout: float) -> int | None:
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._exited), timeout)
+        except asyncio.TimeoutError:
+            return None
+
+    @property
+    def alive(self) -> bool:
+        return self.state is not State.DEAD
+
+    # -- execution ---------------------------------------------------------------
+    def execute(self, params: dict[str, Any], handler: CallHandler, timeout: float, timeout_kind: str,
+                max_output: int) -> asyncio.Future[Outcome]:
+        """Send one execute request; the future resolves exactly once with its Outcome."""
+        assert self.state is State.IDLE, self.state
+        self.state = State.BUSY
+        self._next_id = self._next_id + 1 if self._next_id < 2**32 - 1 else 1
+        fut: asyncio.Future[Outcome] = self._loop.create_future()
+        run = _Running(self._next_id, handler, fut, time.perf_counter(), max_output)
+        self._running = run
+        self.executions += 1
+        run.timer = self._loop.call_later(timeout, self._on_timeout, run, timeout_kind, timeout)
+        try:
+            self._write(Request(run.msgid, "execute", [params]).wire())
+        except (ValueError, TypeError, ProtocolError) as exc:  # an event too large for one frame
+            self._finish(run, {"kind": "protocol_error", "message": f"execute request could not be encoded: {exc}"}, False)
+            self.kill("request could not be encoded")
+        return fut
+
+    def _on_timeout(self, run: _Running, kind: str, timeout: float) -> None:
+        if self._running is run:
+            what = "flow" if kind == "flow_timeout" else "action"
+            self._finish(run, {"kind": kind, "message": f"{what} exceeded its {timeout:.3g}s time limit; worker killed"}, False)
+            self.kill(kind)
+
+    def _finish(self, run: _Running, error: dict[str, Any] | None, reusable: bool) -> None:
+        if self._running is not run:
+            return
+        self._running = None
+        if run.timer is not None:
+            run.timer.cancel()
+        for t in run.tasks:
+            t.cancel()
+        self.last_used = time.monotonic()
+        if not run.future.done():
+            run.future.set_result(Outcome(error, (time.perf_counter() - run.started) * 1000.0, reusable))
+        if reusable and self.state is State.BUSY:
+            self.state = State.IDLE
+
+    def _violation(self, kind: str, message: str) -> None:
+        run = self._running
+        if run is not None:
+            self._finish(run, {"kind": kind, "message": message}, False)
+        self.kill(f"{kind}: {message}")
+
+    # -- protocol callbacks --------------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        if self.state is State.DEAD:
+            return
+        run = self._running
+        if run is not None:
+            run.bytes_in += len(data)
+            if run.bytes_in > run.max_output:
+                self._violation("output_limit", f"worker sent more than {run.max_output} bytes in one execution")
+                return
+        try:
+            for value in self._decoder.feed(data):
+                self._dispatch(parse_message(value))
+                if self.state is State.DEAD:
+                    return
+        except ProtocolError as exc:
+            self._violation("protocol_error", f"{type(exc).__name__}: {exc}")
+        except Violation as exc:
+            self._violation(exc.kind, str(exc))
+
+    def _dispatch(self, msg: Any) -> None:
+        state = self.state
+        if state is State.BUSY:
+            run = self._running
+            assert run is not None
+            t = type(msg)
+            if t is Notification:
+                run.handler.notify(msg.method, msg.params)
+            elif t is Request:
+                task = self._loop.create_task(self._serve_request(run, msg))
+                run.tasks.add(task)
+                task.add_done_callback(run.tasks.discard)
+            elif msg.msgid == run.msgid:
+                self._on_answer(run, msg)
+            else:
+                raise Violation("protocol_error", f"response to unknown message id {msg.msgid}")
+        elif state is State.STARTING:
+            try:
+                pid, info = check_hello(msg)
+            except ProtocolError as exc:
+                raise Violation("protocol_error", f"bad hello: {exc}") from None
+            if pid != self.pid:
+                raise Violation("protocol_error", f"hello announced pid {pid}, process is {self.pid}")
+            self.info = info
+            if "sandbox_error" in info:
+                self._ready.set_exception(RuntimeError(str(info["sandbox_error"])))
+                return
+            self.state = State.IDLE
+            self._ready.set_result(info)
+        else:
+            raise Violation("protocol_error", f"unexpected {type(msg).__name__} from an idle worker")
+
+    def _on_answer(self, run: _Running, msg: Response) -> None:
+        error = msg.error
+        if error is not None:
+            if type(error) is not dict or not all(type(k) is str and type(v) is str for k, v in error.items()):
+                raise Violation("protocol_error", "execute error must be a map of strings")
+            kind = error.get("kind")
+            if kind not in ("uncaught_error", "memory_limit"):
+                raise Violation("protocol_error", f"worker reported an unknown error kind {kind!r:.40}")
+        if self.memory_check is not None and self.memory_check():
+            error = {"kind": "memory_limit", "message": "worker exceeded its memory limit", **({} if error is None else {"type": error.get("type", "")})}
+        self._finish(run, error, error is None)
+        if error is not None:
+            self.kill(f"execution failed: {error.get('kind')}")
+
+    async def _serve_request(self, run: _Running, req: Request) -> None:
+        try:
+            result = await run.handler.request(req.method, req.params)
+            reply = Response(req.msgid, None, result)
+        except ApiFailure as exc:
+            reply = Response(req.msgid, {"kind": exc.kind, "message": str(exc)}, None)
+        except Violation as exc:
+            if self._running is run:
+                self._violation(exc.kind, str(exc))
+            return
+        if self._running is run and self.state is State.BUSY:
+            self._write(reply.wire())
+
+    def eof_received(self) -> bool:
+        self._pipe_closed()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._pipe_closed()
+
+    def _pipe_closed(self) -> None:
+        if self._running is not None:
+            # The answer waits for the exit status so it can name the signal or code.
+            self._loop.create_task(self._crash_report(self._running))
+        elif self.state is not State.DEAD:
+            self.kill("closed its pipe")
+
+    async def _crash_report(self, run: _Running) -> None:
+        code = await self.wait_exit(0.5)
+        if self._running is not run:
+            return
+        if code is None:
+            self._violation("protocol_error", "worker closed its pipe mid-execution")
+            return
+        if self.memory_check is not None and self.memory_check():
+            self._violation("memory_limit", f"worker killed for exceeding its memory limit ({describe_exit(code)})")
+            return
+        self._violation("worker_crash", f"worker died: {describe_exit(code)}")
+
+    # -- plumbing -------------------------------------------------------------------
+    def _write(self, wire: list[Any]) -> None:
+        t = self._wtransport
+        if t is not None and not t.is_closing():
+            t.write(encode_frame(wire, self._max_frame))
+
+    def _close_transports(self) -> None:
+        for t in (self._rtransport, self._wtransport):
+            if t is not None and not t.is_closing():
+                t.close()
+
+    def _on_exit(self) -> None:
+        self._reap()
+
+    def _reap(self) -> None:
+        try:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            pid, status = self.pid, 0
+        if pid == 0:
+            return
+        if self._pidfd is not None:
+            self._loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+        self.returncode = os.waitstatus_to_exitcode(status)
+        try:  # anything it left in its process group goes with it
+            os.killpg(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        if not self._exited.done():
+            self._exited.set_result(self.returncode)
+        if self._running is None and self.state is not State.DEAD:
+            self.kill(f"exited: {describe_exit(self.returncode)}")
+        elif self._running is not None:
+            self._loop.create_task(self._crash_report(self._running))
+        self._close_transports()

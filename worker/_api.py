@@ -1,0 +1,264 @@
+"""The ``api`` object an action receives, built from the protocol's API table.
+
+Every method validates its arguments here, in the worker, so a bad value
+raises ``TypeError`` at call time inside the action (as the references
+require), then becomes exactly one message. The worker decides nothing: which
+methods a trigger offers arrives with the execute request, and the
+supervisor checks every call again.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any, Callable
+
+from protocol import LOG_LEVELS, METHODS, ApiMethod, check_json, check_params, snake_case
+
+from ._channel import Channel, notification
+from ._event import view
+
+
+class ApiError(Exception):
+    """An api call the supervisor refused or that failed on the trusted side.
+
+    ``error_kind`` is machine-readable (``http_fetch_denied``,
+    ``http_fetch_timeout``, ``http_fetch_error``, ``cache_error``, ...).
+    """
+
+    def __init__(self, error_kind: str, message: str) -> None:
+        super().__init__(f"{error_kind}: {message}")
+        self.error_kind = error_kind
+        self.kind = error_kind
+
+
+class ApiNotAvailable(Exception):
+    """The method exists but the current trigger does not offer it."""
+
+
+class ApiClosed(Exception):
+    """The api object of a finished execution was used."""
+
+
+def truncate_utf8(text: str, limit: int) -> str:
+    """At most ``limit`` UTF-8 bytes, never splitting a character."""
+    if len(text) * 4 <= limit:
+        return text
+    raw = text.encode("utf-8", "surrogatepass")
+    if len(raw) <= limit:
+        return text
+    return raw[:limit].decode("utf-8", "ignore")
+
+
+class Execution:
+    """Per-execution state shared by the api proxy, console and log capture."""
+
+    def __init__(self, channel: Channel, trigger: str, offered: frozenset[str], max_log_bytes: int) -> None:
+        self.channel = channel
+        self.trigger = trigger
+        self.offered = offered
+        self.max_log_bytes = max_log_bytes
+        self.active = True
+
+    def check(self, m: ApiMethod) -> None:
+        if not self.active:
+            raise ApiClosed(f"api.{m.name}: this api object belongs to a finished execution")
+        if m.name not in self.offered:
+            raise ApiNotAvailable(f"api.{m.name} is not available in the {self.trigger} trigger")
+
+    def log(self, level: str, message: str) -> None:
+        if self.active:
+            self.channel.queue(notification("log", [level, truncate_utf8(message, self.max_log_bytes)]))
+
+
+def _response(m: ApiMethod, resp: Any) -> Any:
+    if resp.error is not None:
+        err = resp.error if type(resp.error) is dict else {}
+        raise ApiError(str(err.get("kind", "api_error")), str(err.get("message", "the call failed")))
+    return view(resp.result)
+
+
+def _make_method(ex: Execution, m: ApiMethod) -> Callable[..., Any]:
+    name = m.name
+    ch = ex.channel
+
+    if name in ("user.setAppMetadata", "user.setUserMetadata"):
+        def set_metadata(key_or_patch: Any, *value: Any) -> None:
+            ex.check(m)
+            if value:
+                if len(value) != 1:
+                    raise TypeError(f"api.{name}() takes (key, value) or (patch)")
+                if type(key_or_patch) is not str:
+                    raise TypeError(f"api.{name}: key must be a string, got {type(key_or_patch).__name__}")
+                patch = {key_or_patch: value[0]}
+            else:
+                patch = key_or_patch
+            args = check_params(m, [patch])
+            ch.queue(notification(name, args))
+        return set_metadata
+
+    if name == "log":
+        def log(level: Any, message: Any) -> None:
+            ex.check(m)
+            args = check_params(m, [level, message])
+            if level not in LOG_LEVELS:
+                raise ValueError(f"api.log: level must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
+            ex.log(level, message)
+        return log
+
+    if name == "fetch":
+        async def fetch(url: Any, init: Any = None) -> Any:
+            ex.check(m)
+            args = check_params(m, [url, init])
+            return _response(m, await ch.call_async(name, args))
+        return fetch
+
+    if m.returns:
+        def call(*params: Any) -> Any:
+            ex.check(m)
+            args = check_params(m, list(params))
+            return _response(m, ch.call(name, args))
+        return call
+
+    def notify(*params: Any) -> None:
+        ex.check(m)
+        args = check_params(m, list(params))
+        ch.queue(notification(name, args))
+    return notify
+
+
+class _Namespace:
+    """``api.user``, ``api.cache``, ...: attributes are fixed at construction."""
+
+    def __init__(self, name: str, methods: dict[str, Callable[..., Any]]) -> None:
+        object.__setattr__(self, "_name", name)
+        for k, v in methods.items():
+            object.__setattr__(self, k, v)
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        raise TypeError(f"api.{self._name} is read-only")
+
+    def __repr__(self) -> str:
+        return f"<api.{self._name}>"
+
+
+def build_api(ex: Execution) -> _Namespace:
+    """Build ``api`` with camelCase names and snake_case aliases for every method."""
+    groups: dict[str, dict[str, Callable[..., Any]]] = {}
+    top: dict[str, Any] = {}
+    for m in METHODS.values():
+        fn = _make_method(ex, m)
+        *ns, leaf = m.name.split(".")
+        target = top if not ns else groups.setdefault(ns[0], {})
+        target[leaf] = fn
+        target[snake_case(leaf)] = fn
+    for ns, methods in groups.items():
+        space = _Namespace(ns, methods)
+        top[ns] = space
+        top[snake_case(ns)] = space
+    top["ApiError"] = ApiError
+    return _Namespace("", top)
+
+
+class Console:
+    """``console.log/debug/info/warn/error``: aliases of ``api.log``, arguments joined by a space."""
+
+    _LEVELS = {"log": "info", "debug": "debug", "info": "info", "warn": "warn", "warning": "warn", "error": "error"}
+
+    def __init__(self, current: Callable[[], Execution | None]) -> None:
+        self._current = current
+        for name, level in self._LEVELS.items():
+            setattr(self, name, self._emitter(level))
+
+    def _emitter(self, level: str) -> Callable[..., None]:
+        def emit(*args: Any) -> None:
+            ex = self._current()
+            if ex is not None:
+                ex.log(level, " ".join(a if type(a) is str else _to_text(a) for a in args))
+        return emit
+
+
+def _to_text(value: Any) -> str:
+    try:
+        check_json(value, "value")
+    except TypeError:
+        return str(value)
+    import orjson
+
+    try:
+        return orjson.dumps(value).decode()
+    except Exception:
+        return str(value)
+
+
+class LogStream:
+    """``sys.stdout``/``sys.stderr`` replacement: each printed line becomes one log entry."""
+
+    def __init__(self, level: str, current: Callable[[], Execution | None]) -> None:
+        self.level = level
+        self._current = current
+        self._buf = ""
+
+    def write(self, text: str) -> int:
+        if type(text) is not str:
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        self._buf += text
+        if "\n" in self._buf:
+            *lines, self._buf = self._buf.split("\n")
+            ex = self._current()
+            if ex is not None:
+                for line in lines:
+                    ex.log(self.level, line)
+        elif len(self._buf) > 65536:
+            self.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        if self._buf:
+            ex = self._current()
+            if ex is not None:
+                ex.log(self.level, self._buf)
+            self._buf = ""
+
+    def reset(self) -> None:
+        self._buf = ""
+
+    def isatty(self) -> bool:
+        return False
+
+    def writable(self) -> bool:
+        return True
+
+
+class LogHandler(logging.Handler):
+    """Routes the ``logging`` module of an action to ``api.log`` at the matching level."""
+
+    def __init__(self, current: Callable[[], Execution | None]) -> None:
+        super().__init__(logging.DEBUG)
+        self._current = current
+
+    def emit(self, record: logging.LogRecord) -> None:
+        ex = self._current()
+        if ex is None:
+            return
+        no = record.levelno
+        level = "error" if no >= logging.ERROR else "warn" if no >= logging.WARNING else "info" if no >= logging.INFO else "debug"
+        try:
+            ex.log(level, record.getMessage())
+        except Exception:
+            self.handleError(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:  # never print to the (closed) stderr
+        pass
+
+
+def install_output_capture(current: Callable[[], Execution | None]) -> tuple[LogStream, LogStream]:
+    out, err = LogStream("info", current), LogStream("error", current)
+    sys.stdout = out  # type: ignore[assignment]
+    sys.stderr = err  # type: ignore[assignment]
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.addHandler(LogHandler(current))
+    root.setLevel(logging.DEBUG)
+    return out, err

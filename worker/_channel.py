@@ -1,0 +1,127 @@
+"""The worker's end of the pipe: blocking reads, coalesced writes.
+
+Calls that return nothing (notifications) are buffered and written together
+with the next request or with the execution's answer, so a typical action
+costs the supervisor one wake-up. Value-returning calls flush and wait.
+While an ``async def`` handler runs, the pipe is also watched by the event
+loop so several ``await api.fetch(...)`` can be in flight at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections import deque
+from typing import Any
+
+from protocol import FrameDecoder, InvalidMessage, Notification, Request, Response, encode_frame, parse_message
+from protocol._framing import HEADER
+
+FLUSH_AT = 64 * 1024
+
+
+class PipeClosed(Exception):
+    """The supervisor closed its end: the worker has nothing left to do."""
+
+
+class Channel:
+    def __init__(self, rfd: int, wfd: int, max_frame: int) -> None:
+        self.rfd = rfd
+        self.wfd = wfd
+        self.max_frame = max_frame
+        self.decoder = FrameDecoder(max_frame)
+        self.inbox: deque[Any] = deque()
+        self.out = bytearray()
+        self.coalesce = True
+        self._next_id = 1
+        self.waiting: dict[int, asyncio.Future[Any]] = {}
+
+    # -- writing -------------------------------------------------------------
+    def queue(self, wire: list[Any]) -> None:
+        """Buffer one message; it is written at the next flush."""
+        self.out += encode_frame(wire, self.max_frame)
+        if not self.coalesce or len(self.out) >= FLUSH_AT:
+            self.flush()
+
+    def flush(self) -> None:
+        out = self.out
+        if not out:
+            return
+        view = memoryview(out)
+        try:
+            while view:
+                n = os.write(self.wfd, view)
+                view = view[n:]
+        finally:
+            view.release()
+            out.clear()
+
+    def send(self, wire: list[Any]) -> None:
+        self.queue(wire)
+        self.flush()
+
+    def new_id(self) -> int:
+        i = self._next_id
+        self._next_id = i + 1 if i < 2**32 - 1 else 1
+        return i
+
+    # -- reading -------------------------------------------------------------
+    def _read_some(self) -> None:
+        data = os.read(self.rfd, 1 << 16)
+        if not data:
+            raise PipeClosed()
+        for value in self.decoder.feed(data):
+            self.inbox.append(parse_message(value))
+
+    def recv(self) -> Any:
+        """Block until one whole message has arrived."""
+        while not self.inbox:
+            self._read_some()
+        return self.inbox.popleft()
+
+    def call(self, method: str, params: list[Any]) -> Any:
+        """A synchronous request: send, then block for its response."""
+        msgid = self.new_id()
+        self.send(Request(msgid, method, params).wire())
+        while True:
+            msg = self.recv()
+            if type(msg) is Response:
+                if msg.msgid == msgid:
+                    return msg
+                self._resolve(msg)
+                continue
+            raise InvalidMessage(f"unexpected {type(msg).__name__} while waiting for a reply")
+
+    async def call_async(self, method: str, params: list[Any]) -> Any:
+        loop = asyncio.get_running_loop()
+        msgid = self.new_id()
+        fut: asyncio.Future[Any] = loop.create_future()
+        self.waiting[msgid] = fut
+        try:
+            self.send(Request(msgid, method, params).wire())
+            return await fut
+        finally:
+            self.waiting.pop(msgid, None)
+
+    def _resolve(self, msg: Response) -> None:
+        fut = self.waiting.get(msg.msgid)
+        if fut is None:
+            raise InvalidMessage(f"response to unknown request {msg.msgid}")
+        if not fut.done():
+            fut.set_result(msg)
+
+    def on_readable(self) -> None:
+        """Event-loop callback while an async handler runs: deliver replies."""
+        self._read_some()
+        while self.inbox:
+            msg = self.inbox.popleft()
+            if type(msg) is not Response:
+                raise InvalidMessage(f"unexpected {type(msg).__name__} during an execution")
+            self._resolve(msg)
+
+
+def notification(method: str, params: list[Any]) -> list[Any]:
+    return Notification(method, params).wire()
+
+
+__all__ = ["Channel", "PipeClosed", "notification", "HEADER"]

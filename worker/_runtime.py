@@ -1,0 +1,184 @@
+"""Runs one action execution inside the worker and builds its answer.
+
+The answer is the execute request's response: ``error`` is ``None`` when the
+handler returned, or a map ``{kind, type, message, traceback}`` describing why
+it did not. Tracebacks keep only frames of the action's own source, so line
+numbers point into the file the customer wrote.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import hashlib
+import inspect
+import linecache
+import os
+import traceback
+from collections import OrderedDict
+from types import CodeType, TracebackType
+from typing import Any
+
+from ._api import ApiNotAvailable, Console, Execution, LogStream, build_api, install_output_capture
+from ._channel import Channel
+from ._event import view
+
+MODULE_CACHE_SIZE = 32
+
+
+class HandlerNotFound(Exception):
+    """The action defines neither ``on_execute_<trigger>`` nor ``on_execute``."""
+
+
+def handler_names(trigger: str) -> tuple[str, str]:
+    return f"on_execute_{trigger.replace('-', '_')}", "on_execute"
+
+
+class Runtime:
+    """Worker-side state that lives across executions: compiled modules, loop, output capture."""
+
+    def __init__(self, channel: Channel, loop: asyncio.AbstractEventLoop) -> None:
+        self.channel = channel
+        self.loop = loop
+        self.modules: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self.current: Execution | None = None
+        self.console = Console(lambda: self.current)
+        self.streams: tuple[LogStream, LogStream] = install_output_capture(lambda: self.current)
+        self._pristine_builtins = dict(builtins.__dict__)
+
+    # -- compilation ----------------------------------------------------------
+    def module(self, digest: str, source: str | None, filename: str) -> dict[str, Any]:
+        """The action's module namespace, executed once per source hash and cached."""
+        ns = self.modules.get(digest)
+        if ns is not None:
+            self.modules.move_to_end(digest)
+            return ns
+        if source is None:
+            raise LookupError(f"worker has no compiled action for source hash {digest}")
+        if hashlib.sha256(source.encode("utf-8", "surrogatepass")).hexdigest() != digest:
+            raise ValueError("source does not match its hash")
+        linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+        code: CodeType = compile(source, filename, "exec", dont_inherit=True)
+        ns = {"__name__": "action", "__file__": filename, "__builtins__": builtins, "console": self.console}
+        self.modules[digest] = ns
+        try:
+            exec(code, ns)
+        except BaseException:
+            del self.modules[digest]
+            raise
+        while len(self.modules) > MODULE_CACHE_SIZE:
+            self.modules.popitem(last=False)
+        return ns
+
+    # -- execution -------------------------------------------------------------
+    def execute(self, p: dict[str, Any]) -> tuple[Any, Any]:
+        """Run one execution; returns ``(error, result)`` for the response."""
+        trigger = p["trigger"]
+        filename = p["filename"]
+        ex = Execution(self.channel, trigger, frozenset(p["methods"]), p["max_log_bytes"])
+        self.current = ex
+        for s in self.streams:
+            s.reset()
+        try:
+            ns = self.module(p["hash"], p.get("source"), filename)
+            handler = self._find_handler(ns, trigger, filename)
+            event = view(p["event"])
+            api = build_api(ex)
+            result = handler(event, api)
+            if inspect.isawaitable(result):
+                self._run_async(result)
+            for s in self.streams:
+                s.flush()
+            return None, {"ok": True}
+        except HandlerNotFound as exc:
+            return {"kind": "uncaught_error", "type": "HandlerNotFound", "message": str(exc), "traceback": ""}, None
+        except MemoryError as exc:
+            return self._describe(exc, filename, kind="memory_limit"), None
+        except Exception as exc:
+            for s in self.streams:
+                s.flush()
+            return self._describe(exc, filename), None
+        finally:
+            ex.active = False
+            self.current = None
+
+    def _find_handler(self, ns: dict[str, Any], trigger: str, filename: str) -> Any:
+        for name in handler_names(trigger):
+            fn = ns.get(name)
+            if fn is not None:
+                if not callable(fn):
+                    raise HandlerNotFound(f"{filename}: {name} is not a function")
+                return fn
+        a, b = handler_names(trigger)
+        raise HandlerNotFound(f"{filename}: no handler found; define {a}(event, api) or {b}(event, api)")
+
+    def _run_async(self, awaitable: Any) -> None:
+        loop = self.loop
+        asyncio.set_event_loop(loop)
+        loop.add_reader(self.channel.rfd, self._on_readable)
+        try:
+            loop.run_until_complete(_as_coroutine(awaitable))
+        finally:
+            loop.remove_reader(self.channel.rfd)
+            # Tasks the action spawned and did not await die with the execution.
+            pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+            for t in pending:
+                t.cancel()
+            if pending:
+                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+
+    def _on_readable(self) -> None:
+        try:
+            self.channel.on_readable()
+        except BaseException:  # the supervisor went away or spoke nonsense: nothing to save
+            os._exit(70)
+
+    # -- errors ------------------------------------------------------------------
+    def _describe(self, exc: BaseException, filename: str, kind: str = "uncaught_error") -> dict[str, Any]:
+        if isinstance(exc, SyntaxError) and exc.filename == filename:
+            where = f"{filename}, line {exc.lineno}"
+            text = (exc.text or "").rstrip("\n")
+            msg = f"{exc.msg} ({where})"
+            tb = f'  File "{filename}", line {exc.lineno}\n    {text.strip()}\nSyntaxError: {exc.msg}\n'
+            return {"kind": kind, "type": "SyntaxError", "message": msg, "traceback": tb}
+        if isinstance(exc, ApiNotAvailable):
+            kind = "uncaught_error"
+        return {
+            "kind": kind,
+            "type": type(exc).__name__,
+            "message": _safe_str(exc),
+            "traceback": action_traceback(exc, filename),
+        }
+
+
+async def _as_coroutine(awaitable: Any) -> Any:
+    return await awaitable
+
+
+def _safe_str(exc: BaseException) -> str:
+    try:
+        return str(exc)[:4096]
+    except Exception:
+        return f"<unprintable {type(exc).__name__}>"
+
+
+def _action_frames(tb: TracebackType | None, filename: str) -> traceback.StackSummary:
+    frames = [f for f in traceback.extract_tb(tb) if f.filename == filename]
+    return traceback.StackSummary.from_list(frames)
+
+
+def action_traceback(exc: BaseException, filename: str, limit_bytes: int = 8192) -> str:
+    """The traceback with worker-internal frames removed, chained exceptions kept."""
+    parts: list[str] = []
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen and len(seen) < 8:
+        seen.add(id(cur))
+        stack = _action_frames(cur.__traceback__, filename)
+        block = "Traceback (most recent call last):\n" + "".join(stack.format())
+        block += "".join(traceback.format_exception_only(type(cur), cur))
+        parts.append(block)
+        nxt = cur.__cause__ or (None if cur.__suppress_context__ else cur.__context__)
+        cur = nxt
+    text = "\nThe above exception was the direct cause of the following exception:\n\n".join(reversed(parts))
+    return text[-limit_bytes:]
