@@ -47,26 +47,7 @@ class ExecutionContext(CallHandler):
         self.calls = 0
         self.log_entries = 0
         self.denied_here = False
-        self._fetch_slots = asyncio.Semaphore(services.fetch_config.max_concurrent_per_execution)
-        self._notify: dict[str, Callable[[list[Any]], None]] = {
-            "deny": self._deny,
-            "access.deny": self._access_deny,
-            "validation.error": self._validation_error,
-            "state.set": self._state_set,
-            "log": self._log,
-            "user.setAppMetadata": self._set_app_metadata,
-            "user.setUserMetadata": self._set_user_metadata,
-            "user.setUserId": self._set_user_id,
-            "session.setCustomClaim": self._access_claim,
-            "accessToken.setCustomClaim": self._access_claim,
-            "idToken.setCustomClaim": self._id_claim,
-        }
-        self._request: dict[str, Callable[[list[Any]], Awaitable[Any]]] = {
-            "cache.get": self._cache_get,
-            "cache.set": self._cache_set,
-            "cache.delete": self._cache_delete,
-            "fetch": self._fetch,
-        }
+        self._fetch_slots: asyncio.Semaphore | None = None  # created on the first fetch
 
     # -- admission -----------------------------------------------------------------
     def _admit(self, method: str, params: list[Any], registry: dict[str, Any]) -> tuple[Any, list[Any]]:
@@ -85,12 +66,12 @@ class ExecutionContext(CallHandler):
         return fn, args
 
     def notify(self, method: str, params: list[Any]) -> None:
-        fn, args = self._admit(method, params, self._notify)
-        fn(args)
+        fn, args = self._admit(method, params, _NOTIFY)
+        fn(self, args)
 
     def request(self, method: str, params: list[Any]) -> Awaitable[Any]:
-        fn, args = self._admit(method, params, self._request)
-        return fn(args)
+        fn, args = self._admit(method, params, _REQUEST)
+        return fn(self, args)
 
     # -- flow control ------------------------------------------------------------------
     def _record_denial(self, kind: str, reason: str, user_message: str | None, error_code: str | None = None) -> None:
@@ -157,6 +138,8 @@ class ExecutionContext(CallHandler):
     async def _fetch(self, a: list[Any]) -> Any:
         now = time.monotonic()
         budget = min(self.action_deadline, self.flow.deadline) - now
+        if self._fetch_slots is None:
+            self._fetch_slots = asyncio.Semaphore(self.services.fetch_config.max_concurrent_per_execution)
         async with self._fetch_slots:
             try:
                 return await self.services.fetch(self.flow.tenant, a[0], a[1], budget)
@@ -165,3 +148,27 @@ class ExecutionContext(CallHandler):
                     # "treated as a deny": the flow halts even if the action catches it
                     self._record_denial(exc.kind, str(exc), None)
                 raise
+
+
+# The explicit registries: wire name -> trusted handler. Nothing else is callable from a worker.
+_NOTIFY: dict[str, Callable[[ExecutionContext, list[Any]], None]] = {
+    "deny": ExecutionContext._deny,
+    "access.deny": ExecutionContext._access_deny,
+    "validation.error": ExecutionContext._validation_error,
+    "state.set": ExecutionContext._state_set,
+    "log": ExecutionContext._log,
+    "user.setAppMetadata": ExecutionContext._set_app_metadata,
+    "user.setUserMetadata": ExecutionContext._set_user_metadata,
+    "user.setUserId": ExecutionContext._set_user_id,
+    "session.setCustomClaim": ExecutionContext._access_claim,
+    "accessToken.setCustomClaim": ExecutionContext._access_claim,
+    "idToken.setCustomClaim": ExecutionContext._id_claim,
+}
+_REQUEST: dict[str, Callable[[ExecutionContext, list[Any]], Awaitable[Any]]] = {
+    "cache.get": ExecutionContext._cache_get,
+    "cache.set": ExecutionContext._cache_set,
+    "cache.delete": ExecutionContext._cache_delete,
+    "fetch": ExecutionContext._fetch,
+}
+assert set(_NOTIFY) | set(_REQUEST) == set(METHODS), "every api method needs exactly one trusted handler"
+assert not set(_NOTIFY) & set(_REQUEST)

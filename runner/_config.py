@@ -95,6 +95,8 @@ class RunnerConfig:
     max_executions_per_worker: int = 1000    # recycle a worker after this many executions (same tenant only)
     max_queue: int = 1000                    # flows waiting for a worker before new ones are refused
     queue_timeout_s: float = 10.0            # how long a flow may wait for a worker
+    spawn_concurrency: int = 2               # workers starting at once on behalf of waiting flows
+    idle_timeout_s: float = 60.0             # idle workers beyond pool_size are retired after this
     worker_start_timeout_s: float = 10.0     # spawn to hello
     kill_grace_s: float = 2.0                # close(): in-flight flows get this long before SIGKILL
     denial_message: str = "Access denied."   # what the user sees when an action gives none
@@ -110,13 +112,13 @@ class RunnerConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ConfigError(f"{name} must be a non-negative integer, got {v!r}")
-        for name in ("max_workers", "max_executions_per_worker"):
+        for name in ("max_workers", "max_executions_per_worker", "spawn_concurrency"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
         if self.pool_size > self.max_workers:
             raise ConfigError("pool_size cannot exceed max_workers")
-        for name in ("queue_timeout_s", "worker_start_timeout_s", "kill_grace_s", ):
+        for name in ("queue_timeout_s", "worker_start_timeout_s", "kill_grace_s", "idle_timeout_s"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ConfigError(f"{name} must be a non-negative number, got {v!r}")

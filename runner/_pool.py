@@ -39,13 +39,21 @@ class PoolClosed(Exception):
 
 class Pool:
     def __init__(self, launch: Callable[[tuple[Any, ...]], Awaitable[WorkerHandle]], *, pool_size: int,
-                 max_workers: int, max_queue: int, max_executions: int, default_profile: tuple[Any, ...]) -> None:
+                 max_workers: int, max_queue: int, max_executions: int, default_profile: tuple[Any, ...],
+                 spawn_concurrency: int = 2, idle_timeout_s: float = 60.0) -> None:
         self._launch = launch
         self.pool_size = pool_size
         self.max_workers = max_workers
         self.max_queue = max_queue
         self.max_executions = max_executions
         self.default_profile = default_profile
+        self.spawn_concurrency = spawn_concurrency
+        self.idle_timeout_s = idle_timeout_s
+        self._spawning: dict[Key, int] = {}              # spawns in flight on behalf of waiters, by key
+        self._last_sweep = time.monotonic()
+        self.exec_ema_s = 0.0          # how long a worker is held per acquire (moving average)
+        self.spawn_ema_s = 0.05        # how long a new worker takes to say hello (moving average)
+        self._held_since: dict[WorkerHandle, float] = {}
         self.workers: set[WorkerHandle] = set()
         self.idle: dict[Key, list[WorkerHandle]] = {}
         self.starting = 0                                # spawns in flight (they count against max_workers)
@@ -92,8 +100,10 @@ class Pool:
     async def _new_worker(self, key: Key) -> WorkerHandle:
         self.starting += 1
         self.peak_workers = max(self.peak_workers, self.total)
+        t0 = time.monotonic()
         try:
             w = await self._launch(key[1])
+            self.spawn_ema_s = 0.8 * self.spawn_ema_s + 0.2 * (time.monotonic() - t0)
         except BaseException as exc:
             self.last_spawn_error = f"{type(exc).__name__}: {exc}"
             raise
@@ -164,6 +174,14 @@ class Pool:
         return True
 
     async def acquire(self, tenant: str, digest: str, profile: tuple[Any, ...], timeout: float) -> WorkerHandle:
+        """A worker bound to ``tenant``: an idle one now, or the first to become free or be started.
+
+        A flow that finds no idle worker waits in the queue while at most
+        ``spawn_concurrency`` new workers start on behalf of the waiters;
+        whichever comes first (a released worker or a started one) serves the
+        oldest waiter. Short actions thus reuse busy workers instead of growing
+        the pool, while long (I/O-bound) ones make it grow to ``max_workers``.
+        """
         if self.closed:
             raise PoolClosed("pool closed")
         key: Key = (tenant, profile)
@@ -174,21 +192,27 @@ class Pool:
                 w.tenant = tenant
                 self._replenish()
         if w is not None:
+            self._sweep()
+            self._held_since[w] = time.monotonic()
             return w
-        if self.total < self.max_workers or self._retire_other_idle(key):
-            return await self._new_worker(key)
         if len(self.waiters) >= self.max_queue:
             raise Overloaded(f"all {self.max_workers} workers busy and {self.max_queue} flows already waiting")
         fut: asyncio.Future[WorkerHandle] = asyncio.get_running_loop().create_future()
         entry = (key, fut)
         self.waiters.append(entry)
+        self._grow()
         try:
-            return await asyncio.wait_for(asyncio.shield(fut), timeout)
+            w = await asyncio.wait_for(asyncio.shield(fut), timeout)
+            self._held_since[w] = time.monotonic()
+            return w
         except asyncio.TimeoutError:
             if fut.done() and not fut.cancelled() and fut.exception() is None:
+                self._held_since[fut.result()] = time.monotonic()
                 return fut.result()  # handed over in the same instant the wait expired
             fut.cancel()
-            raise Overloaded(f"no worker became free within {timeout:.3g}s") from None
+            if fut.cancelled() and self.total >= self.max_workers:
+                raise Overloaded(f"all {self.max_workers} workers busy; none became free within {timeout:.3g}s") from None
+            raise Overloaded(f"no worker could be started within {timeout:.3g}s") from None
         except asyncio.CancelledError:
             if fut.done() and not fut.cancelled() and fut.exception() is None:
                 self.release(fut.result(), True)
@@ -200,14 +224,85 @@ class Pool:
             except ValueError:
                 pass
 
+    def _grow(self) -> None:
+        """Start workers for waiters no spawn in flight will serve, within both caps."""
+        if self.closed or not self.waiters or self.starting >= self.spawn_concurrency:
+            return
+        covered = dict(self._spawning)
+        ahead: dict[Key, int] = {}
+        busy: dict[str | None, int] = {}
+        for held in self._held_since:
+            busy[held.tenant] = busy.get(held.tenant, 0) + 1
+        for key, fut in list(self.waiters):
+            if fut.done():
+                continue
+            if covered.get(key, 0) > 0:
+                covered[key] -= 1
+                continue
+            ahead[key] = ahead.get(key, 0) + 1
+            if self._release_beats_spawn(busy.get(key[0], 0), ahead[key]):
+                continue
+            if self.starting >= self.spawn_concurrency:
+                return
+            if self.total >= self.max_workers and not self._retire_other_idle(key):
+                return
+            self._spawning[key] = self._spawning.get(key, 0) + 1
+            self._spawn_task(self._spawn_for_waiters(key))
+
+    def _release_beats_spawn(self, busy: int, position: int) -> bool:
+        """Will a busy worker of this key free up sooner than a new one could start?
+
+        Short actions on a busy pool are served faster by waiting for a
+        release than by paying a process start, and the pool stays at the size
+        the CPU can actually use. Long (I/O-bound) actions make the estimate
+        exceed the start time, and the pool grows.
+        """
+        if busy == 0:
+            return False
+        return self.exec_ema_s * position / busy < self.spawn_ema_s
+
+    async def _spawn_for_waiters(self, key: Key) -> None:
+        try:
+            w = await self._new_worker(key)
+        except BaseException as exc:
+            self._spawning[key] -= 1
+            # Nobody waits on a particular spawn; fail the oldest waiter of this key so errors surface.
+            for k, fut in self.waiters:
+                if k == key and not fut.done():
+                    fut.set_exception(exc if isinstance(exc, Exception) else PoolClosed("cancelled"))
+                    break
+            return
+        self._spawning[key] -= 1
+        self._offer(w, key)
+        self._grow()
+
+    def _sweep(self) -> None:
+        """Retire workers idle for longer than ``idle_timeout_s`` (at most once a second)."""
+        now = time.monotonic()
+        if now - self._last_sweep < 1.0:
+            return
+        self._last_sweep = now
+        cutoff = now - self.idle_timeout_s
+        for k, lst in list(self.idle.items()):
+            keep = self.pool_size if k[0] is None else 0
+            for w in list(lst[: max(0, len(lst) - keep)]):
+                if w.last_used < cutoff:
+                    w.kill("idle timeout")
+
     def release(self, w: WorkerHandle, reusable: bool) -> None:
-        w.last_used = time.monotonic()
+        now = time.monotonic()
+        held = self._held_since.pop(w, None)
+        if held is not None:
+            self.exec_ema_s = 0.9 * self.exec_ema_s + 0.1 * (now - held)
+        w.last_used = now
         if not reusable or not w.alive or w.executions >= self.max_executions or self.closed:
             if w.alive:
                 w.kill("retired" if reusable else "not reusable after its execution")
             return
         key: Key = (w.tenant, self._profile_of(w))
         self._offer(w, key)
+        if self.waiters:
+            self._grow()
 
     def _profile_of(self, w: WorkerHandle) -> tuple[Any, ...]:
         return getattr(w, "profile", self.default_profile)
@@ -226,30 +321,14 @@ class Pool:
                 self.waiters.remove(entry)
                 fut.set_result(w)
                 return
-        if self.waiters and self.total >= self.max_workers:
-            w.kill("retired to serve a waiting flow of another tenant")  # frees capacity -> _after_capacity_freed
+        if any(not f.done() for _, f in self.waiters) and self.total >= self.max_workers:
+            w.kill("retired to serve a waiting flow of another tenant")  # frees capacity -> _grow
             return
         self.idle.setdefault(key, []).append(w)
 
     def _after_capacity_freed(self) -> None:
-        while self.waiters and self.total < self.max_workers:
-            key, fut = self.waiters.popleft()
-            if fut.done():
-                continue
-            self._spawn_task(self._spawn_for(key, fut))
+        self._grow()
         self._replenish()
-
-    async def _spawn_for(self, key: Key, fut: asyncio.Future[WorkerHandle]) -> None:
-        try:
-            w = await self._new_worker(key)
-        except BaseException as exc:
-            if not fut.done():
-                fut.set_exception(exc if isinstance(exc, Exception) else PoolClosed("cancelled"))
-            return
-        if fut.done():  # the waiter gave up meanwhile: park the worker
-            self._offer(w, key)
-        else:
-            fut.set_result(w)
 
     # -- shutdown ------------------------------------------------------------------------------
     async def close(self, grace: float) -> None:

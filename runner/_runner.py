@@ -79,6 +79,7 @@ class Runner:
         limits = cfg.limits
         self._pool = Pool(self._launch, pool_size=cfg.pool_size, max_workers=cfg.max_workers,
                           max_queue=cfg.max_queue, max_executions=cfg.max_executions_per_worker,
+                          spawn_concurrency=cfg.spawn_concurrency, idle_timeout_s=cfg.idle_timeout_s,
                           default_profile=(limits.memory_mb, limits.cpu_seconds, limits.max_open_files))
         # The first worker doubles as the sandbox probe: strict mode refuses to start without it.
         try:
@@ -265,7 +266,7 @@ class Runner:
                 params["source"] = action.source
             fut = w.execute(params, ctx, timeout, kind, limits.max_output_bytes)
             try:
-                outcome = await asyncio.shield(fut)
+                outcome = await fut
             except asyncio.CancelledError:
                 w.kill("flow cancelled by the caller")
                 pool.release(w, False)

@@ -129,6 +129,8 @@ class WorkerHandle(asyncio.Protocol):
         self._rtransport: asyncio.ReadTransport | None = None
         self._wtransport: asyncio.WriteTransport | None = None
         self._pidfd: int | None = None
+        self._pipes: list[Any] = []
+        self._raw_closed = False
 
     # -- life cycle ------------------------------------------------------------
     async def start(self, configure: dict[str, Any], timeout: float) -> dict[str, Any]:
@@ -140,10 +142,9 @@ class WorkerHandle(asyncio.Protocol):
         except OSError:  # the process is already gone; waitpid below finds its status
             self._pidfd = None
             self._reap()
-        rpipe = os.fdopen(self._spawned.rfd, "rb", buffering=0)
-        wpipe = os.fdopen(self._spawned.wfd, "wb", buffering=0)
-        self._rtransport, _ = await loop.connect_read_pipe(lambda: self, rpipe)
-        self._wtransport, _ = await loop.connect_write_pipe(asyncio.Protocol, wpipe)
+        self._pipes = [os.fdopen(self._spawned.rfd, "rb", buffering=0), os.fdopen(self._spawned.wfd, "wb", buffering=0)]
+        self._rtransport, _ = await loop.connect_read_pipe(lambda: self, self._pipes[0])
+        self._wtransport, _ = await loop.connect_write_pipe(asyncio.Protocol, self._pipes[1])
         self._write(Notification("configure", [configure]).wire())
         try:
             self.info = await asyncio.wait_for(asyncio.shield(self._ready), timeout)
@@ -346,9 +347,24 @@ class WorkerHandle(asyncio.Protocol):
             t.write(encode_frame(wire, self._max_frame))
 
     def _close_transports(self) -> None:
-        for t in (self._rtransport, self._wtransport):
-            if t is not None and not t.is_closing():
-                t.close()
+        if self._rtransport is not None and not self._rtransport.is_closing():
+            self._rtransport.close()
+        if self._wtransport is not None and not self._wtransport.is_closing():
+            self._wtransport.abort()  # never wait to flush requests to a dead worker
+        if not self._raw_closed:
+            # Pipe ends no transport owns yet (killed while connecting) are closed here, once.
+            self._raw_closed = True
+            owners = (self._rtransport, self._wtransport)
+            if self._pipes:
+                for f, owner in zip(self._pipes, owners):
+                    if owner is None:
+                        f.close()
+            else:
+                for fd in (self._spawned.rfd, self._spawned.wfd):
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
 
     def _on_exit(self) -> None:
         self._reap()

@@ -40,6 +40,11 @@ class ApiClosed(Exception):
     """The api object of a finished execution was used."""
 
 
+# Tracebacks shown to action authors name these as api.ApiError etc., not worker internals.
+for _cls in (ApiError, ApiNotAvailable, ApiClosed):
+    _cls.__module__ = "api"
+
+
 def truncate_utf8(text: str, limit: int) -> str:
     """At most ``limit`` UTF-8 bytes, never splitting a character."""
     if len(text) * 4 <= limit:
@@ -71,19 +76,20 @@ class Execution:
             self.channel.queue(notification("log", [level, truncate_utf8(message, self.max_log_bytes)]))
 
 
-def _response(m: ApiMethod, resp: Any) -> Any:
+def _response(resp: Any) -> Any:
     if resp.error is not None:
         err = resp.error if type(resp.error) is dict else {}
         raise ApiError(str(err.get("kind", "api_error")), str(err.get("message", "the call failed")))
     return view(resp.result)
 
 
-def _make_method(ex: Execution, m: ApiMethod) -> Callable[..., Any]:
+def _make_method(m: ApiMethod) -> Callable[..., Any]:
+    """One api method as a plain function of its namespace object (``self._ex`` is the execution)."""
     name = m.name
-    ch = ex.channel
 
     if name in ("user.setAppMetadata", "user.setUserMetadata"):
-        def set_metadata(key_or_patch: Any, *value: Any) -> None:
+        def set_metadata(self: Any, key_or_patch: Any, *value: Any) -> None:
+            ex: Execution = self._ex
             ex.check(m)
             if value:
                 if len(value) != 1:
@@ -93,71 +99,97 @@ def _make_method(ex: Execution, m: ApiMethod) -> Callable[..., Any]:
                 patch = {key_or_patch: value[0]}
             else:
                 patch = key_or_patch
-            args = check_params(m, [patch])
-            ch.queue(notification(name, args))
+            ex.channel.queue(notification(name, check_params(m, [patch])))
         return set_metadata
 
     if name == "log":
-        def log(level: Any, message: Any) -> None:
+        def log(self: Any, level: Any, message: Any) -> None:
+            ex: Execution = self._ex
             ex.check(m)
-            args = check_params(m, [level, message])
+            check_params(m, [level, message])
             if level not in LOG_LEVELS:
                 raise ValueError(f"api.log: level must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
             ex.log(level, message)
         return log
 
     if name == "fetch":
-        async def fetch(url: Any, init: Any = None) -> Any:
+        async def fetch(self: Any, url: Any, init: Any = None) -> Any:
+            ex: Execution = self._ex
             ex.check(m)
             args = check_params(m, [url, init])
-            return _response(m, await ch.call_async(name, args))
+            return _response(await ex.channel.call_async(name, args))
         return fetch
 
     if m.returns:
-        def call(*params: Any) -> Any:
+        def call(self: Any, *params: Any) -> Any:
+            ex: Execution = self._ex
             ex.check(m)
-            args = check_params(m, list(params))
-            return _response(m, ch.call(name, args))
+            return _response(ex.channel.call(name, check_params(m, list(params))))
         return call
 
-    def notify(*params: Any) -> None:
+    def notify(self: Any, *params: Any) -> None:
+        ex: Execution = self._ex
         ex.check(m)
-        args = check_params(m, list(params))
-        ch.queue(notification(name, args))
+        ex.channel.queue(notification(name, check_params(m, list(params))))
     return notify
 
 
 class _Namespace:
-    """``api.user``, ``api.cache``, ...: attributes are fixed at construction."""
+    """Base of ``api`` and ``api.user``, ``api.cache``, ...: read-only, bound to one execution."""
 
-    def __init__(self, name: str, methods: dict[str, Callable[..., Any]]) -> None:
-        object.__setattr__(self, "_name", name)
-        for k, v in methods.items():
-            object.__setattr__(self, k, v)
+    __slots__ = ("_ex",)
+    _name = ""
 
     def __setattr__(self, key: str, value: Any) -> None:
-        raise TypeError(f"api.{self._name} is read-only")
+        raise TypeError(f"api{'.' + self._name if self._name else ''} is read-only")
+
+    __delattr__ = __setattr__  # type: ignore[assignment]
 
     def __repr__(self) -> str:
-        return f"<api.{self._name}>"
+        return f"<api{'.' + self._name if self._name else ''}>"
 
 
-def build_api(ex: Execution) -> _Namespace:
-    """Build ``api`` with camelCase names and snake_case aliases for every method."""
-    groups: dict[str, dict[str, Callable[..., Any]]] = {}
+def _build_classes() -> tuple[type, dict[str, type]]:
+    """Generate the namespace classes once, from the protocol's API table.
+
+    Methods live on the classes, so binding an api object to an execution
+    costs a handful of object allocations, not a closure per method.
+    """
+    groups: dict[str, dict[str, Any]] = {}
     top: dict[str, Any] = {}
     for m in METHODS.values():
-        fn = _make_method(ex, m)
+        fn = _make_method(m)
         *ns, leaf = m.name.split(".")
         target = top if not ns else groups.setdefault(ns[0], {})
+        fn.__name__ = fn.__qualname__ = leaf
         target[leaf] = fn
         target[snake_case(leaf)] = fn
-    for ns, methods in groups.items():
-        space = _Namespace(ns, methods)
-        top[ns] = space
-        top[snake_case(ns)] = space
-    top["ApiError"] = ApiError
-    return _Namespace("", top)
+    ns_classes = {
+        ns: type(f"api.{ns}", (_Namespace,), {"__slots__": (), "_name": ns, **methods})
+        for ns, methods in groups.items()
+    }
+    slots = tuple(sorted({*ns_classes, *(snake_case(n) for n in ns_classes)}))
+    api_cls = type("api", (_Namespace,), {"__slots__": slots, "ApiError": ApiError, **top})
+    return api_cls, ns_classes
+
+
+_API_CLASS, _NS_CLASSES = _build_classes()
+_SNAKE_NS = {ns: snake_case(ns) for ns in _NS_CLASSES}
+
+
+def build_api(ex: Execution) -> Any:
+    """A fresh ``api`` bound to ``ex``: camelCase names and snake_case aliases for every method."""
+    setter = object.__setattr__
+    api = _API_CLASS.__new__(_API_CLASS)
+    setter(api, "_ex", ex)
+    for ns, cls in _NS_CLASSES.items():
+        inst = cls.__new__(cls)
+        setter(inst, "_ex", ex)
+        setter(api, ns, inst)
+        alias = _SNAKE_NS[ns]
+        if alias != ns:
+            setter(api, alias, inst)
+    return api
 
 
 class Console:

@@ -1,0 +1,593 @@
+"""``api.fetch`` on the trusted side: outbound HTTP on behalf of an action.
+
+The worker has no network; every request is made here, after three gates:
+
+1. the URL itself (http/https only, no userinfo, a real host and port);
+2. the tenant's allowlist, checked on the *name* before any DNS lookup, so a
+   denied host costs no packet at all (the reference promises that);
+3. SSRF: the name is resolved once, every address is vetted, and the
+   connection is made to a vetted address only (the pin). The URL keeps its
+   host name, so the Host header, SNI and certificate checks are the normal
+   ones; only the TCP connect is redirected, by a network backend that reads
+   the pin of the current request from a context variable. A host without a
+   pin cannot be connected to at all (fail closed), so DNS rebinding between
+   check and connect is impossible.
+
+Redirects are followed by hand so that every hop passes the same gates.
+Destinations that are not public addresses (reachable only because the
+operator listed the literal IP) are sent ``Connection: close``: such a
+connection is never pooled, so another tenant can never reuse it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import contextvars
+import ipaddress
+import math
+import re
+import socket
+import ssl
+import zlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from functools import lru_cache
+from typing import Any
+
+import httpcore
+import httpx
+import idna
+
+from ._config import FetchConfig
+from ._errors import ConfigError
+
+__all__ = ["FetchError", "FetchDenied", "FetchTimeout", "Fetcher", "host_allowed", "check_allow_hosts"]
+
+Resolver = Callable[[str], Awaitable[list[str]]]
+
+ALLOWED_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+# Dropped from the action's headers: hop-by-hop ones, and those this module owns
+# (Host comes from the URL, Content-Length from the body, Accept-Encoding must
+# stay one we can decode with a bound).
+DROPPED_HEADERS = frozenset({
+    "connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization",
+    "te", "trailer", "trailers", "transfer-encoding", "upgrade", "host", "content-length",
+    "accept-encoding",
+})
+# Request-body headers removed when a redirect turns the request into a GET (as fetch does).
+BODY_HEADERS = ("content-type", "content-encoding", "content-language", "content-location")
+# Credentials never follow a redirect to another origin.
+CREDENTIAL_HEADERS = ("authorization", "cookie")
+METADATA_ADDRESSES = frozenset({
+    ipaddress.ip_address("169.254.169.254"),
+    ipaddress.ip_address("fd00:ec2::254"),
+})
+MAX_URL_CHARS = 16384
+_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+class FetchError(Exception):
+    """A fetch that failed; ``error_kind`` is what the action sees."""
+
+    error_kind = "http_fetch_error"
+
+
+class FetchDenied(FetchError):
+    """Refused by policy (scheme, allowlist, SSRF); no request was made."""
+
+    error_kind = "http_fetch_denied"
+
+
+class FetchTimeout(FetchError):
+    """The fetch did not finish within its budget."""
+
+    error_kind = "http_fetch_timeout"
+
+
+# ---------------------------------------------------------------- host policy
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def _canonical_ip(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """One spelling per address (an IPv4-mapped IPv6 address is its IPv4 address)."""
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)
+    return str(addr.compressed)
+
+
+def _normalise_host(host: str) -> str | None:
+    """Lower-case ASCII (IDNA) form of a host name or canonical IP; None if invalid."""
+    h = host.strip()
+    if h.startswith("[") and h.endswith("]"):
+        h = h[1:-1]
+    addr = _ip(h)
+    if addr is not None:
+        return _canonical_ip(addr)
+    h = h.rstrip(".").lower()
+    if not h or ".." in h:
+        return None
+    if not h.isascii():
+        try:
+            h = idna.encode(h, uts46=True).decode("ascii")
+        except (idna.IDNAError, UnicodeError, ValueError):
+            return None
+    return h
+
+
+@lru_cache(maxsize=1024)
+def _compile_allowlist(allow_hosts: tuple[str, ...]) -> tuple[frozenset[str], tuple[str, ...]]:
+    """(exact names and IPs, wildcard suffixes like ".example.com"); invalid entries match nothing."""
+    exact: set[str] = set()
+    suffixes: list[str] = []
+    for entry in allow_hosts:
+        if not isinstance(entry, str):
+            continue
+        e = entry.strip()
+        if e.startswith("*."):
+            base = _normalise_host(e[2:])
+            if base is not None and _ip(base) is None:
+                suffixes.append("." + base)
+        else:
+            n = _normalise_host(e)
+            if n is not None:
+                exact.add(n)
+    return frozenset(exact), tuple(suffixes)
+
+
+def host_allowed(host: str, allow_hosts: Iterable[str]) -> bool:
+    """Is ``host`` on the allowlist?
+
+    Exact entries match case-insensitively after IDNA normalisation (and IPs
+    by value); ``*.example.com`` matches sub-domains at any depth but not
+    ``example.com`` itself, and never an IP literal.
+    """
+    h = _normalise_host(host)
+    if h is None:
+        return False
+    exact, suffixes = _compile_allowlist(tuple(allow_hosts))
+    if h in exact:
+        return True
+    if _ip(h) is not None:
+        return False
+    return any(h.endswith(s) and len(h) > len(s) for s in suffixes)
+
+
+def check_allow_hosts(entries: Iterable[str], where: str = "fetch.allow_hosts") -> None:
+    """Raise ConfigError for an allowlist entry that could never match (for config validation)."""
+    for entry in entries:
+        if not isinstance(entry, str) or not entry.strip():
+            raise ConfigError(f"{where}: {entry!r} is not a host name")
+        e = entry.strip()
+        wildcard = e.startswith("*.")
+        n = _normalise_host(e[2:] if wildcard else e)
+        if n is None or "*" in n or "/" in n or ":" in n and _ip(n) is None:
+            raise ConfigError(f"{where}: {entry!r} is not a host name, IP or '*.domain' pattern")
+        if wildcard and _ip(n) is not None:
+            raise ConfigError(f"{where}: {entry!r}: a wildcard cannot cover IP addresses")
+
+
+def _is_internal(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """True for anything that is not a plain public unicast address."""
+    if isinstance(addr, ipaddress.IPv6Address):
+        embedded = addr.ipv4_mapped or addr.sixtofour or (addr.teredo[1] if addr.teredo else None)
+        if embedded is None and addr in _NAT64:
+            embedded = ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)
+        if embedded is not None and _is_internal(embedded):
+            return True
+    return (
+        addr.is_loopback or addr.is_private or addr.is_link_local or addr.is_multicast
+        or addr.is_reserved or addr.is_unspecified or not addr.is_global
+    )
+
+
+async def _system_resolver(host: str) -> list[str]:
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+# ------------------------------------------------------- pinned connections
+
+# (host as httpcore sees it, port) -> vetted addresses, for the request in flight.
+_PINS: contextvars.ContextVar[dict[tuple[str, int], tuple[str, ...]]] = contextvars.ContextVar("actionpool_fetch_pins")
+
+
+class _PinnedBackend(httpcore.AsyncNetworkBackend):
+    """Connects to the vetted address of the current request instead of resolving the name again."""
+
+    def __init__(self) -> None:
+        self._inner = httpcore.AnyIOBackend()
+
+    async def connect_tcp(self, host: str, port: int, timeout: float | None = None,
+                          local_address: str | None = None, socket_options: Any = None) -> httpcore.AsyncNetworkStream:
+        ips = _PINS.get({}).get((host, port))
+        if not ips:
+            raise httpcore.ConnectError(f"no vetted address for {host}:{port}; refusing to connect")
+        last: Exception | None = None
+        for ip in ips:
+            try:
+                return await self._inner.connect_tcp(ip, port, timeout=timeout, local_address=local_address,
+                                                     socket_options=socket_options)
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+                last = exc
+        assert last is not None
+        raise last
+
+    async def connect_unix_socket(self, path: str, timeout: float | None = None,
+                                  socket_options: Any = None) -> httpcore.AsyncNetworkStream:
+        raise httpcore.ConnectError("unix sockets are not reachable from actions")
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
+
+
+class _Stream(httpx.AsyncByteStream):
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for part in self._inner:
+            yield part
+
+    async def aclose(self) -> None:
+        if hasattr(self._inner, "aclose"):
+            await self._inner.aclose()
+
+
+class _PinnedTransport(httpx.AsyncBaseTransport):
+    """httpx transport over an httpcore pool whose connects go through :class:`_PinnedBackend`.
+
+    Errors surface as httpcore exceptions; :class:`Fetcher` maps them.
+    """
+
+    def __init__(self, ssl_context: ssl.SSLContext, limits: httpx.Limits) -> None:
+        self._pool = httpcore.AsyncConnectionPool(
+            ssl_context=ssl_context,
+            max_connections=limits.max_connections,
+            max_keepalive_connections=limits.max_keepalive_connections,
+            keepalive_expiry=limits.keepalive_expiry,
+            http1=True, http2=False, retries=0,
+            network_backend=_PinnedBackend(),
+        )
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        req = httpcore.Request(
+            method=request.method,
+            url=httpcore.URL(scheme=request.url.raw_scheme, host=request.url.raw_host,
+                             port=request.url.port, target=request.url.raw_path),
+            headers=request.headers.raw,
+            content=request.stream,  # type: ignore[arg-type]
+            extensions=request.extensions,
+        )
+        resp = await self._pool.handle_async_request(req)
+        return httpx.Response(status_code=resp.status, headers=resp.headers,
+                              stream=_Stream(resp.stream), extensions=resp.extensions)
+
+    async def aclose(self) -> None:
+        await self._pool.aclose()
+
+
+# ------------------------------------------------------------ body decoding
+
+
+class _BoundedInflate:
+    """gzip/deflate decoding that never produces more than the caller has room for.
+
+    A few KiB of gzip can inflate to gigabytes; ``max_length`` keeps every
+    step bounded, so the cap is on decoded bytes held in memory.
+    """
+
+    def __init__(self, encoding: str) -> None:
+        self._deflate = encoding == "deflate"
+        self._first = True
+        self._d = zlib.decompressobj(zlib.MAX_WBITS | (0 if self._deflate else 16))
+
+    def feed(self, data: bytes, room: int) -> bytes:
+        try:
+            out = self._d.decompress(data, room + 1)
+        except zlib.error:
+            if not (self._deflate and self._first):
+                raise
+            # "deflate" in the wild is often raw deflate without the zlib header.
+            self._d = zlib.decompressobj(-zlib.MAX_WBITS)
+            out = self._d.decompress(data, room + 1)
+        self._first = False
+        return out
+
+    def flush(self) -> bytes:
+        return self._d.flush()
+
+
+def _charset(content_type: str | None) -> str:
+    if content_type:
+        for part in content_type.split(";")[1:]:
+            name, _, value = part.partition("=")
+            if name.strip().lower() == "charset":
+                cs = value.strip().strip('"').strip()
+                try:
+                    if codecs.lookup(cs)._is_text_encoding:  # type: ignore[attr-defined]
+                        return cs
+                except LookupError:
+                    pass
+    return "utf-8"
+
+
+# ------------------------------------------------------------------ fetcher
+
+
+class Fetcher:
+    """One per runner: a shared connection pool plus the policy gates above."""
+
+    def __init__(self, config: FetchConfig, *, resolver: Resolver | None = None,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        self._config = config
+        self._resolver: Resolver = resolver or _system_resolver
+        limits = httpx.Limits(max_connections=100, max_keepalive_connections=20, keepalive_expiry=30.0)
+        self._client = httpx.AsyncClient(
+            transport=_PinnedTransport(ssl_context or httpx.create_ssl_context(trust_env=False), limits),
+            trust_env=False,
+            follow_redirects=False,
+            headers={"user-agent": "actionpool-fetch/1", "accept": "*/*", "accept-encoding": "gzip, deflate"},
+        )
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def fetch(self, url: str, init: dict | None, *, allow_hosts: tuple[str, ...], timeout_s: float) -> dict:
+        """Make the request; ``{"status", "headers", "body"}`` for any HTTP status.
+
+        ``timeout_s`` is the remaining budget (the runner's min of the fetch
+        timeout and what remains of the action and flow); it covers DNS,
+        every redirect hop and reading the body.
+        """
+        method, headers, body = self._parse_init(init)
+        target = self._check_url(url, allow_hosts)  # FetchDenied before anything else happens
+        budget = min(float(timeout_s), float(self._config.timeout_s)) if not math.isnan(timeout_s) else 0.0
+        if not budget > 0:
+            raise FetchTimeout("no time left for api.fetch in this execution")
+        try:
+            async with asyncio.timeout(budget):
+                return await self._follow(target, method, headers, body, allow_hosts, budget)
+        except TimeoutError:
+            raise FetchTimeout(f"api.fetch did not complete within {budget:.3g} s") from None
+
+    # -- gates
+
+    def _parse_init(self, init: dict | None) -> tuple[str, list[tuple[str, str]], bytes | None]:
+        if init is None:
+            init = {}
+        if not isinstance(init, dict):
+            raise FetchError("api.fetch: init must be an object (dict)")
+        unknown = set(init) - {"method", "headers", "body"}
+        if unknown:
+            raise FetchError(f"api.fetch: unsupported init option(s): {', '.join(sorted(map(str, unknown)))} "
+                             "(supported: method, headers, body)")
+        method = init.get("method")
+        method = "GET" if method is None else method
+        if not isinstance(method, str) or method.upper() not in ALLOWED_METHODS:
+            raise FetchError(f"api.fetch: method {method!r:.40} is not allowed "
+                             f"(use one of {', '.join(sorted(ALLOWED_METHODS))})")
+        method = method.upper()
+        raw_headers = init.get("headers")
+        headers: list[tuple[str, str]] = []
+        if raw_headers is not None:
+            if not isinstance(raw_headers, dict):
+                raise FetchError("api.fetch: init.headers must be an object of string values")
+            for name, value in raw_headers.items():
+                if not isinstance(name, str) or not _TOKEN.match(name):
+                    raise FetchError(f"api.fetch: invalid header name {name!r:.60}")
+                if not isinstance(value, str):
+                    raise FetchError(f"api.fetch: header {name!r:.60} must be a string, got {type(value).__name__}")
+                if any(c in value for c in "\r\n\0") or not value.isascii() and not _latin1(value):
+                    raise FetchError(f"api.fetch: header {name!r:.60} has an invalid value")
+                if name.lower() not in DROPPED_HEADERS:
+                    headers.append((name, value))
+        body = init.get("body")
+        data: bytes | None = None
+        if body is not None:
+            if not isinstance(body, str):
+                raise FetchError(f"api.fetch: init.body must be a string (serialise JSON with json.dumps), "
+                                 f"got {type(body).__name__}")
+            if method in ("GET", "HEAD"):
+                raise FetchError(f"api.fetch: a {method} request cannot have a body")
+            data = body.encode("utf-8")
+            if len(data) > self._config.max_request_bytes:
+                raise FetchError(f"api.fetch: request body exceeds {self._config.max_request_bytes} bytes")
+        return method, headers, data
+
+    def _check_url(self, url: Any, allow_hosts: tuple[str, ...]) -> httpx.URL:
+        if not isinstance(url, (str, httpx.URL)):
+            raise FetchDenied("api.fetch: url must be a string")
+        if isinstance(url, str) and len(url) > MAX_URL_CHARS:
+            raise FetchError(f"api.fetch: url longer than {MAX_URL_CHARS} characters")
+        try:
+            u = httpx.URL(url)
+        except (httpx.InvalidURL, ValueError, TypeError) as exc:
+            raise FetchDenied(f"api.fetch: invalid URL ({exc})") from None
+        if u.scheme not in ("http", "https"):
+            raise FetchDenied(f"api.fetch: only http and https URLs are allowed, got {u.scheme or 'none'!r}")
+        if u.userinfo:
+            raise FetchDenied("api.fetch: credentials in the URL (user:password@) are not allowed")
+        if not u.raw_host:
+            raise FetchDenied("api.fetch: the URL has no host")
+        if u.port is not None and not 0 < u.port < 65536:
+            raise FetchDenied(f"api.fetch: invalid port {u.port}")
+        host = u.raw_host.decode("ascii")
+        if not host_allowed(host, allow_hosts):
+            raise FetchDenied(f"api.fetch: host {host!r} is not on the fetch allowlist")
+        return u
+
+    async def _vet(self, host: str, allow_hosts: tuple[str, ...]) -> tuple[tuple[str, ...], bool]:
+        """Resolve ``host`` and vet every address; return (addresses, all public)."""
+        literal = _ip(host)
+        if literal is not None:
+            names = [host]
+        else:
+            try:
+                names = await self._resolver(host)
+            except (OSError, UnicodeError) as exc:
+                raise FetchError(f"api.fetch: could not resolve {host!r}: {exc}") from None
+            if not names:
+                raise FetchError(f"api.fetch: {host!r} has no addresses")
+        exact, _ = _compile_allowlist(tuple(allow_hosts))
+        out: list[str] = []
+        public = True
+        for name in names:
+            addr = _ip(str(name).split("%", 1)[0])
+            if addr is None:
+                raise FetchError(f"api.fetch: resolver returned {name!r} for {host!r}, not an IP address")
+            if addr in METADATA_ADDRESSES or (
+                    isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped in METADATA_ADDRESSES):
+                raise FetchDenied(f"api.fetch: {host!r} resolves to a cloud metadata address")
+            if _is_internal(addr):
+                if _canonical_ip(addr) not in exact:
+                    raise FetchDenied(f"api.fetch: {host!r} resolves to the non-public address {addr}, "
+                                      "which is not on the allowlist")
+                public = False
+            out.append(str(addr))
+        return tuple(dict.fromkeys(out)), public
+
+    # -- the request loop
+
+    async def _follow(self, url: httpx.URL, method: str, headers: list[tuple[str, str]], body: bytes | None,
+                      allow_hosts: tuple[str, ...], budget: float) -> dict:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + budget
+        for hop in range(self._config.max_redirects + 1):
+            if hop:
+                url = self._check_url(url, allow_hosts)
+            host = url.raw_host.decode("ascii")
+            port = url.port or (443 if url.scheme == "https" else 80)
+            ips, public = await self._vet(host, allow_hosts)
+            hop_headers = list(headers)
+            if not public:
+                hop_headers.append(("connection", "close"))
+            remaining = max(deadline - loop.time(), 0.001)
+            # Values may be Latin-1 (as in fetch); httpx would encode str values as ASCII only.
+            raw = [(k.encode("ascii"), v.encode("latin-1")) for k, v in hop_headers]
+            request = self._client.build_request(method, url, headers=raw, content=body,
+                                                 timeout=httpx.Timeout(remaining))
+            token = _PINS.set({(host, port): ips})
+            try:
+                with _mapped_errors(host):
+                    response = await self._client.send(request, stream=True)
+                    try:
+                        location = response.headers.get("location")
+                        if response.status_code in REDIRECT_STATUSES and location is not None:
+                            nxt = self._redirect_target(url, location)
+                            method, body, headers = _redirected(response.status_code, method, body, headers,
+                                                                same_origin=_origin(nxt) == _origin(url))
+                            url = nxt
+                            continue
+                        data = await self._read_body(response, method)
+                    finally:
+                        await response.aclose()
+            finally:
+                _PINS.reset(token)
+            return {
+                "status": response.status_code,
+                "headers": _flatten_headers(response.headers),
+                "body": data.decode(_charset(response.headers.get("content-type")), errors="replace"),
+            }
+        raise FetchError(f"api.fetch: more than {self._config.max_redirects} redirects")
+
+    def _redirect_target(self, current: httpx.URL, location: str) -> httpx.URL:
+        try:
+            nxt = current.join(location)
+        except (httpx.InvalidURL, ValueError, TypeError) as exc:
+            raise FetchError(f"api.fetch: invalid redirect location {location!r:.200} ({exc})") from None
+        if current.scheme == "https" and nxt.scheme == "http":
+            raise FetchDenied("api.fetch: refusing a redirect from https to plain http")
+        return nxt
+
+    async def _read_body(self, response: httpx.Response, method: str) -> bytes:
+        if method == "HEAD":
+            return b""
+        cap = self._config.max_response_bytes
+        too_big = f"api.fetch: response body exceeds {cap} bytes"
+        encoding = response.headers.get("content-encoding", "").strip().lower()
+        inflate: _BoundedInflate | None = None
+        if encoding in ("gzip", "x-gzip", "deflate"):
+            inflate = _BoundedInflate("deflate" if encoding == "deflate" else "gzip")
+        elif encoding not in ("", "identity"):
+            raise FetchError(f"api.fetch: unsupported response content-encoding {encoding!r:.60}")
+        else:
+            length = response.headers.get("content-length", "")
+            if length.isdigit() and int(length) > cap:
+                raise FetchError(too_big)
+        buf = bytearray()
+        try:
+            async for chunk in response.aiter_raw():
+                data = inflate.feed(chunk, cap - len(buf)) if inflate else chunk
+                if len(buf) + len(data) > cap:
+                    raise FetchError(too_big)
+                buf += data
+            if inflate:
+                buf += inflate.flush()
+                if len(buf) > cap:
+                    raise FetchError(too_big)
+        except zlib.error as exc:
+            raise FetchError(f"api.fetch: could not decode the {encoding} response body ({exc})") from None
+        return bytes(buf)
+
+
+class _mapped_errors:
+    """Turn transport exceptions into FetchError/FetchTimeout with a message naming the host."""
+
+    def __init__(self, host: str) -> None:
+        self._host = host
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, et: type[BaseException] | None, exc: BaseException | None, tb: Any) -> bool:
+        if exc is None or isinstance(exc, FetchError):
+            return False
+        if isinstance(exc, (httpcore.TimeoutException, httpx.TimeoutException)):
+            raise FetchTimeout(f"api.fetch: {self._host} did not answer in time ({type(exc).__name__})") from None
+        if isinstance(exc, (httpcore.ConnectError, httpx.ConnectError)):
+            raise FetchError(f"api.fetch: could not connect to {self._host}: {exc or type(exc).__name__}") from None
+        if isinstance(exc, (httpcore.NetworkError, httpcore.ProtocolError, httpcore.UnsupportedProtocol,
+                            httpx.HTTPError, httpx.StreamError, ssl.SSLError, OSError)):
+            raise FetchError(f"api.fetch: request to {self._host} failed: "
+                             f"{exc or type(exc).__name__}") from None
+        return False
+
+
+def _latin1(value: str) -> bool:
+    try:
+        value.encode("latin-1")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _origin(u: httpx.URL) -> tuple[str, bytes, int | None]:
+    return (u.scheme, u.raw_host.lower(), u.port)
+
+
+def _redirected(status: int, method: str, body: bytes | None, headers: list[tuple[str, str]],
+                *, same_origin: bool) -> tuple[str, bytes | None, list[tuple[str, str]]]:
+    """Method, body and headers of the next hop, following the fetch standard."""
+    if (status == 303 and method != "HEAD") or (status in (301, 302) and method == "POST"):
+        method, body = "GET", None
+        headers = [(k, v) for k, v in headers if k.lower() not in BODY_HEADERS]
+    if not same_origin:
+        headers = [(k, v) for k, v in headers if k.lower() not in CREDENTIAL_HEADERS]
+    return method, body, headers
+
+
+def _flatten_headers(headers: httpx.Headers) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in headers.multi_items():
+        k = k.lower()
+        out[k] = f"{out[k]}, {v}" if k in out else v
+    return out

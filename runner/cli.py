@@ -1,0 +1,156 @@
+"""The ``actionpool`` command: run a flow, check the host's sandbox, benchmark, stress.
+
+    actionpool run ACTION.py [...] --trigger post-login --event EVENT.json   exit 0 allow, 3 deny, 2 bad input
+    actionpool doctor                                                        exit 1 when a required protection is missing
+    actionpool bench [--quick] [--json FILE]
+    actionpool stress --executions N --concurrency C [--hostile-share 0.1] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import logging
+import sys
+from typing import Any
+
+import orjson
+
+from ._config import FetchConfig, Limits, RunnerConfig, SandboxConfig
+from ._errors import ActionpoolError
+from ._flow import Action
+from ._runner import Runner
+from ._triggers import TRIGGERS
+
+EXIT_ALLOW, EXIT_ERROR, EXIT_USAGE, EXIT_DENY = 0, 1, 2, 3
+
+
+class UsageError(Exception):
+    pass
+
+
+def _positive(kind: type) -> Any:
+    def parse(text: str) -> Any:
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        if not v > 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+        return v
+    return parse
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="actionpool", description="Run untrusted login/registration actions in isolated workers.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run one flow and print its FlowResult as JSON")
+    r.add_argument("actions", nargs="+", metavar="ACTION.py", help="action files, in flow order")
+    r.add_argument("--trigger", required=True, choices=sorted(TRIGGERS))
+    r.add_argument("--event", required=True, metavar="EVENT.json", help="event file, or - for stdin")
+    r.add_argument("--tenant", default="default")
+    r.add_argument("--secret", action="append", default=[], metavar="KEY=VALUE")
+    r.add_argument("--denial-message", default=None)
+    r.add_argument("--timeout", type=_positive(float), help="per-action time limit in seconds (default 5)")
+    r.add_argument("--flow-timeout", type=_positive(float), help="whole-flow time limit in seconds (default 20)")
+    r.add_argument("--memory-mb", type=_positive(int), help="memory cap per worker in MiB (default 128)")
+    r.add_argument("--allow-host", action="append", default=[], metavar="HOST", help="fetch allowlist entry (repeatable)")
+    r.add_argument("--cache", default="memory://", metavar="URL", help="memory:// or redis://host:port/db")
+    r.add_argument("--sandbox", choices=("strict", "degraded", "off"), default="degraded")
+    r.add_argument("--compact", action="store_true", help="print JSON on one line")
+
+    d = sub.add_parser("doctor", help="report which sandbox protections this host offers")
+    d.add_argument("--json", action="store_true")
+
+    b = sub.add_parser("bench", help="benchmarks against the baselines", add_help=False)
+    b.add_argument("rest", nargs=argparse.REMAINDER)
+    s = sub.add_parser("stress", help="stress and chaos run", add_help=False)
+    s.add_argument("rest", nargs=argparse.REMAINDER)
+    return p
+
+
+def _read_event(path: str) -> Any:
+    try:
+        raw = sys.stdin.buffer.read() if path == "-" else open(path, "rb").read()
+    except OSError as exc:
+        raise UsageError(f"cannot read event {path}: {exc.strerror}") from None
+    try:
+        event = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise UsageError(f"event {path} is not valid JSON: {exc}") from None
+    if type(event) is not dict:
+        raise UsageError(f"event {path} must be a JSON object, got {type(event).__name__}")
+    return event
+
+
+def _secrets(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--secret expects KEY=VALUE, got {pair!r}")
+        out[key] = value
+    return out
+
+
+def _config(args: argparse.Namespace) -> RunnerConfig:
+    limits = Limits()
+    over = {k: v for k, v in (("action_timeout_s", args.timeout), ("flow_timeout_s", args.flow_timeout),
+                              ("memory_mb", args.memory_mb)) if v is not None}
+    limits = dataclasses.replace(limits, **over)
+    return RunnerConfig(pool_size=1, limits=limits, cache_url=args.cache,
+                        fetch=FetchConfig(allow_hosts=tuple(args.allow_host)),
+                        sandbox=SandboxConfig(mode=args.sandbox)).validate()
+
+
+async def _run(args: argparse.Namespace) -> int:
+    secrets = _secrets(args.secret)
+    actions = [Action.from_file(path, secrets=secrets) for path in args.actions]
+    event = _read_event(args.event)
+    async with Runner(_config(args)) as runner:
+        result = await runner.run_flow(trigger=args.trigger, actions=actions, event=event, tenant=args.tenant,
+                                       denial_message=args.denial_message)
+    opt = 0 if args.compact else orjson.OPT_INDENT_2
+    sys.stdout.write(orjson.dumps(result.to_dict(), option=opt).decode() + "\n")
+    return EXIT_ALLOW if result.allowed else EXIT_DENY
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from ._doctor import doctor
+
+    return doctor(as_json=args.json)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:
+        return EXIT_USAGE if exc.code not in (0, None) else 0
+    try:
+        if args.command == "run":
+            return asyncio.run(_run(args))
+        if args.command == "doctor":
+            return _doctor(args)
+        if args.command == "bench":
+            from benchmarks.bench import main as bench_main
+
+            return int(bench_main(args.rest) or 0)
+        if args.command == "stress":
+            from benchmarks.stress import main as stress_main
+
+            return int(stress_main(args.rest) or 0)
+    except (UsageError, ActionpoolError) as exc:
+        print(f"actionpool: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
