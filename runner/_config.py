@@ -84,6 +84,8 @@ class SandboxConfig:
     network_namespace: bool = True
     drop_uid: int = 65534           # applied when the supervisor runs as root
     drop_gid: int = 65534
+    cgroups: bool = True            # a memory cgroup per worker where the host allows (root or delegation)
+    address_space_factor: int = 4   # with a cgroup, RLIMIT_AS = memory * factor + 256 MiB (a guard, not the cap)
 
 
 @dataclass(frozen=True)

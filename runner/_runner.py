@@ -25,6 +25,7 @@ import orjson
 from protocol import check_json
 
 from ._api import ExecutionContext
+from ._cgroup import CgroupManager
 from ._audit import AuditSink, LoggingAuditSink, audit_flow
 from ._config import RunnerConfig
 from ._errors import ConfigError, RunnerClosed, SandboxUnavailable
@@ -59,6 +60,7 @@ class Runner:
         self._inflight: set[asyncio.Task[Any]] = set()
         self._methods: dict[str, list[str]] = {}
         self.sandbox_report: dict[str, Any] = {}
+        self._cgroups: CgroupManager | None = None
         self.flows = 0
 
     # -- life cycle ------------------------------------------------------------------
@@ -73,9 +75,14 @@ class Runner:
         if self._pool is not None:
             return
         cfg = self.config
+        self._services = Services(cfg)
+        if cfg.sandbox.cgroups and cfg.sandbox.mode != "off":
+            self._cgroups = CgroupManager.detect()
+            if self._cgroups is None:
+                log.warning("actionpool: no memory cgroups on this host (needs root or a delegated subtree); "
+                            "memory is capped by RLIMIT_AS alone, and a caught MemoryError goes unnoticed")
         self._workdir = tempfile.mkdtemp(prefix="actionpool-")
         os.chmod(self._workdir, 0o555)
-        self._services = Services(cfg)
         limits = cfg.limits
         self._pool = Pool(self._launch, pool_size=cfg.pool_size, max_workers=cfg.max_workers,
                           max_queue=cfg.max_queue, max_executions=cfg.max_executions_per_worker,
@@ -104,6 +111,21 @@ class Runner:
         spawned = spawn_worker(cfg.python)
         w = WorkerHandle(spawned, max_frame=cfg.limits.max_frame_bytes)
         w.profile = wprofile  # type: ignore[attr-defined]
+        memory = memory_mb << 20
+        address_space = memory
+        if self._cgroups is not None:
+            # The worker blocks reading its configuration, so it is in the cgroup before any action code.
+            try:
+                cg = self._cgroups.create(f"w{spawned.pid}", memory_bytes=memory, pids_max=4)
+                cg.add(spawned.pid)
+            except OSError as exc:
+                w.kill("cgroup setup failed")
+                raise RuntimeError(f"cannot put worker in a memory cgroup: {exc}") from exc
+            w.memory_check = cg.oom_killed
+            w.on_exit.append(cg.remove)
+            w.cgroup = cg  # type: ignore[attr-defined]
+            # The cgroup is the cap (uncatchable OOM kill); RLIMIT_AS only stops absurd reservations.
+            address_space = memory * sb.address_space_factor + (256 << 20)
         configure = {
             "max_frame": cfg.limits.max_frame_bytes,
             "coalesce": True,
@@ -111,7 +133,7 @@ class Runner:
                 "mode": sb.mode,
                 "require": list(sb.require) if sb.mode == "strict" else [],
                 "keep_fds": [WORKER_RFD, WORKER_WFD],
-                "memory_bytes": memory_mb << 20,
+                "memory_bytes": address_space,
                 "cpu_seconds": cpu_seconds,
                 "max_open_files": max_open_files,
                 "file_size": 0,
@@ -149,6 +171,12 @@ class Runner:
         if self._workdir:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
+        if self._cgroups is not None:
+            try:
+                self._cgroups.cleanup()
+            except OSError as exc:
+                log.warning("actionpool: could not remove worker cgroups: %s", exc)
+            self._cgroups = None
 
     def stats(self) -> dict[str, Any]:
         s = self._pool.stats() if self._pool else {}

@@ -130,6 +130,7 @@ class WorkerHandle(asyncio.Protocol):
         self._wtransport: asyncio.WriteTransport | None = None
         self._pidfd: int | None = None
         self._pipes: list[Any] = []
+        self.on_exit: list[Callable[[], None]] = []   # cleanups once the process is gone (its cgroup)
         self._raw_closed = False
 
     # -- life cycle ------------------------------------------------------------
@@ -385,6 +386,12 @@ class WorkerHandle(asyncio.Protocol):
             os.killpg(self.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+        for fn in self.on_exit:
+            try:
+                fn()
+            except Exception:  # a cleanup failing must not break death handling
+                pass
+        self.on_exit.clear()
         if not self._exited.done():
             self._exited.set_result(self.returncode)
         if self._running is None and self.state is not State.DEAD:

@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 
 from ._config import FetchConfig, Limits, RunnerConfig, SandboxConfig
-from ._errors import ActionpoolError
+from ._errors import ActionpoolError, SandboxUnavailable
 from ._flow import Action
 from ._runner import Runner
 from ._triggers import TRIGGERS
@@ -65,10 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("doctor", help="report which sandbox protections this host offers")
     d.add_argument("--json", action="store_true")
 
-    b = sub.add_parser("bench", help="benchmarks against the baselines", add_help=False)
-    b.add_argument("rest", nargs=argparse.REMAINDER)
-    s = sub.add_parser("stress", help="stress and chaos run", add_help=False)
-    s.add_argument("rest", nargs=argparse.REMAINDER)
+    sub.add_parser("bench", help="benchmarks against the baselines (see: actionpool bench --help)")
+    sub.add_parser("stress", help="stress and chaos run (see: actionpool stress --help)")
     return p
 
 
@@ -127,6 +125,15 @@ def _doctor(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if argv and argv[0] in ("bench", "stress"):  # their own parsers take every option
+        if argv[0] == "bench":
+            from benchmarks.bench import main as sub_main
+        else:
+            from benchmarks.stress import main as sub_main
+        try:
+            return int(sub_main(argv[1:]) or 0)
+        except KeyboardInterrupt:
+            return 130
     try:
         args = _parser().parse_args(argv)
     except SystemExit as exc:
@@ -136,17 +143,15 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_run(args))
         if args.command == "doctor":
             return _doctor(args)
-        if args.command == "bench":
-            from benchmarks.bench import main as bench_main
-
-            return int(bench_main(args.rest) or 0)
-        if args.command == "stress":
-            from benchmarks.stress import main as stress_main
-
-            return int(stress_main(args.rest) or 0)
+    except SandboxUnavailable as exc:
+        print(f"actionpool: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
     except (UsageError, ActionpoolError) as exc:
         print(f"actionpool: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except (OSError, RuntimeError) as exc:  # e.g. a worker that cannot start on this host
+        print(f"actionpool: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
     return EXIT_USAGE

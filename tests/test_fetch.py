@@ -18,6 +18,7 @@ import pytest
 from runner._config import FetchConfig
 from runner._fetch import FetchDenied, FetchError, Fetcher, FetchTimeout, check_allow_hosts, host_allowed
 from runner._errors import ConfigError
+from net_fixtures import *  # noqa: F401,F403  (fixtures and helper classes)
 
 
 def async_test(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:

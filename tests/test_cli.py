@@ -1,0 +1,498 @@
+"""The ``actionpool`` command, run as a real subprocess, against every example in ``examples/``.
+
+Each test starts ``python -m runner.cli`` (not the console script, so the
+suite does not depend on ``pip install``), parses the FlowResult JSON it
+prints and checks the exit status: 0 allow, 3 deny, 2 bad input. The
+fetch example talks to a real HTTP server on 127.0.0.1 started by the test;
+the cache example's cross-run test uses the suite's real redis-server.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+CLI_TIMEOUT_S = 50  # below pytest's 60 s per test: a hung CLI fails with its output, not a bare timeout
+
+EXIT_ALLOW, EXIT_USAGE, EXIT_DENY = 0, 2, 3
+RESULT_KEYS = {"outcome", "denial", "app_metadata", "user_metadata", "user_id", "claims", "state", "logs",
+               "actions", "flow_id", "tenant", "trigger", "duration_ms"}
+
+
+@dataclass
+class Cli:
+    rc: int
+    stdout: str
+    stderr: str
+
+    @property
+    def result(self) -> dict[str, Any]:
+        """The FlowResult printed on stdout (asserts that stdout is exactly one JSON object)."""
+        try:
+            data = json.loads(self.stdout)
+        except json.JSONDecodeError as exc:  # pragma: no cover - shows the output on failure
+            raise AssertionError(f"stdout is not JSON ({exc}):\n{self.stdout}\nstderr:\n{self.stderr}") from None
+        assert set(data) == RESULT_KEYS, data
+        return data
+
+
+def cli(*args: str | os.PathLike[str], stdin: str | None = None) -> Cli:
+    proc = subprocess.run(
+        [sys.executable, "-m", "runner.cli", *map(str, args)],
+        cwd=ROOT, input=stdin if stdin is not None else "", capture_output=True, text=True, encoding="utf-8",
+        timeout=CLI_TIMEOUT_S,
+    )
+    return Cli(proc.returncode, proc.stdout, proc.stderr)
+
+
+def run_example(name: str, trigger: str, *extra: str | os.PathLike[str], event: Any = None) -> Cli:
+    """Run ``examples/NAME.py``: with its own event file, or ``event`` (a dict) fed on stdin."""
+    if event is None:
+        return cli("run", EXAMPLES / f"{name}.py", "--trigger", trigger, "--event", EXAMPLES / f"{name}.event.json",
+                   *extra)
+    return cli("run", EXAMPLES / f"{name}.py", "--trigger", trigger, "--event", "-", *extra, stdin=json.dumps(event))
+
+
+def expect(res: Cli, rc: int) -> dict[str, Any]:
+    assert res.rc == rc, f"exit {res.rc}, expected {rc}\nstdout:\n{res.stdout}\nstderr:\n{res.stderr}"
+    data = res.result
+    assert data["outcome"] == ("allow" if rc == EXIT_ALLOW else "deny")
+    return data
+
+
+def statuses(data: dict[str, Any]) -> list[tuple[str, str]]:
+    return [(a["slug"], a["status"]) for a in data["actions"]]
+
+
+def write(tmp_path: Path, name: str, text: str) -> Path:
+    p = tmp_path / name
+    p.write_text(text, encoding="utf-8")
+    return p
+
+
+# ------------------------------------------------------------------ every example ships an event file
+
+
+def test_every_example_has_an_event_file() -> None:
+    actions = sorted(p.stem for p in EXAMPLES.glob("*.py"))
+    assert actions, "no examples found"
+    for stem in actions:
+        event = json.loads((EXAMPLES / f"{stem}.event.json").read_text(encoding="utf-8"))
+        assert type(event) is dict, stem
+
+
+# ------------------------------------------------------------------ disposable e-mail (api.deny)
+
+
+def test_disposable_email_denies() -> None:
+    data = expect(run_example("disposable_email", "post-login"), EXIT_DENY)
+    assert data["denial"] == {"action": "disposable-email", "kind": "denied", "reason": "disposable-email-blocked",
+                              "user_message": "Access denied.", "error_code": None}
+    assert statuses(data) == [("disposable-email", "denied")]
+    assert data["trigger"] == "post-login" and data["tenant"] == "default"
+    assert data["state"] == {} and data["logs"] == [] and data["app_metadata"] == {}
+
+
+def test_disposable_email_allows_a_real_domain_and_a_missing_email() -> None:
+    ok = expect(run_example("disposable_email", "post-login", event={"user": {"email": "ada@cymmetri.io"}}), EXIT_ALLOW)
+    assert ok["denial"] is None
+    assert statuses(ok) == [("disposable-email", "ok")]
+    # event.user.email is None when absent: "or ''" keeps the action from failing.
+    no_email = expect(run_example("disposable_email", "post-login", event={"user": {}}), EXIT_ALLOW)
+    assert statuses(no_email) == [("disposable-email", "ok")]
+
+
+def test_denial_message_and_tenant_options() -> None:
+    data = expect(run_example("disposable_email", "post-login", "--denial-message", "Use your work e-mail.",
+                              "--tenant", "acme"), EXIT_DENY)
+    assert data["denial"]["user_message"] == "Use your work e-mail."
+    assert data["tenant"] == "acme"
+
+
+# ------------------------------------------------------------------ tag account tier (api.state.set)
+
+
+def test_tag_account_tier_enterprise() -> None:
+    data = expect(run_example("tag_account_tier", "post-login"), EXIT_ALLOW)
+    assert data["state"] == {"tag-account-tier": {"tier": "enterprise"}}
+    assert data["denial"] is None and data["logs"] == [] and data["claims"] == {"access_token": {}, "id_token": {}}
+    assert statuses(data) == [("tag-account-tier", "ok")]
+
+
+@pytest.mark.parametrize("user", [{"email": "bob@example.org"}, {"email": "no-at-sign"}, {}])
+def test_tag_account_tier_self_serve(user: dict[str, Any]) -> None:
+    data = expect(run_example("tag_account_tier", "post-login", event={"user": user}), EXIT_ALLOW)
+    assert data["state"] == {"tag-account-tier": {"tier": "self-serve"}}
+
+
+# ------------------------------------------------------------------ tag then claim (setAppMetadata + setCustomClaim)
+
+
+def test_tag_then_claim_keeps_tier_and_sets_claims() -> None:
+    data = expect(run_example("tag_then_claim", "post-login"), EXIT_ALLOW)
+    assert data["app_metadata"] == {"tier": "enterprise"}
+    assert data["claims"] == {"access_token": {"tier": "enterprise", "geo_country": "IN"}, "id_token": {}}
+    assert data["logs"] == []
+
+
+def test_tag_then_claim_defaults_to_free_without_app_metadata() -> None:
+    event = {"user": {"email": "new@example.org"}, "request": {"geo": {"country": "DE"}}}
+    data = expect(run_example("tag_then_claim", "post-login", event=event), EXIT_ALLOW)
+    assert data["app_metadata"] == {"tier": "free"}
+    assert data["claims"]["access_token"] == {"tier": "free", "geo_country": "DE"}
+
+
+# ------------------------------------------------------------------ log then state (country blocked)
+
+
+def test_check_country_blocked() -> None:
+    data = expect(run_example("check_country", "post-login"), EXIT_ALLOW)
+    assert data["state"] == {"check-country": {"country_blocked": True}}
+    assert data["logs"] == [{"action": "check-country", "level": "warn", "message": "Login from XX — blocked: True"}]
+
+
+def test_check_country_not_blocked() -> None:
+    event = {"user": {}, "request": {"geo": {"country": "IN"}}}
+    data = expect(run_example("check_country", "post-login", event=event), EXIT_ALLOW)
+    assert data["state"] == {"check-country": {"country_blocked": False}}
+    assert data["logs"] == [{"action": "check-country", "level": "info", "message": "Login from IN — blocked: False"}]
+
+
+def test_check_country_without_request_fails_closed() -> None:
+    """The reference reads event.request.geo.country unguarded: no request is an uncaught error, i.e. a deny."""
+    data = expect(run_example("check_country", "post-login", event={"user": {}}), EXIT_DENY)
+    assert data["denial"]["kind"] == "uncaught_error"
+    assert data["denial"]["error_code"] == "AttributeError"
+    assert "check_country.py" in data["denial"]["traceback"]
+    assert statuses(data) == [("check-country", "failed")]
+
+
+# ------------------------------------------------------------------ pre-user-registration validation
+
+
+def test_validate_registration_accepts_and_sets_metadata_and_user_id() -> None:
+    data = expect(run_example("validate_registration", "pre-user-registration"), EXIT_ALLOW)
+    assert data["user_metadata"] == {"signup_source": "newsletter", "locale": "en-IN"}
+    assert data["user_id"] == "cym|" + hashlib.sha256(b"grace@cymmetri.io").hexdigest()[:24]
+    assert data["app_metadata"] == {} and data["denial"] is None
+
+
+def test_validate_registration_invalid_phone_is_a_validation_error() -> None:
+    event = {"user": {"email": "grace@cymmetri.io", "phone_number": "98123 45678"}, "request": {}}
+    data = expect(run_example("validate_registration", "pre-user-registration", event=event), EXIT_DENY)
+    assert data["denial"]["kind"] == "validation_error"
+    assert data["denial"]["error_code"] == "invalid_phone_number"
+    assert data["denial"]["user_message"].startswith("Enter the phone number in international format")
+    assert statuses(data) == [("validate-registration", "denied")]
+    assert data["user_id"] is None and data["user_metadata"] == {}
+
+
+def test_validate_registration_blocked_domain_is_access_deny() -> None:
+    event = {"user": {"email": "eve@SPAM.example", "phone_number": "+15550100"}, "request": {}}
+    data = expect(run_example("validate_registration", "pre-user-registration", event=event), EXIT_DENY)
+    assert data["denial"] == {"action": "validate-registration", "kind": "denied",
+                              "reason": "blocked-domain:spam.example",
+                              "user_message": "Sign-ups from this e-mail domain are not accepted.", "error_code": None}
+
+
+def test_validate_registration_has_no_handler_for_post_login() -> None:
+    """Only on_execute_pre_user_registration is defined: another trigger fails closed."""
+    data = expect(run_example("validate_registration", "post-login"), EXIT_DENY)
+    assert data["denial"]["kind"] == "uncaught_error"
+    assert data["denial"]["error_code"] == "HandlerNotFound"
+
+
+# ------------------------------------------------------------------ cache: sign-up rate counter
+
+
+def test_signup_rate_limit_counts_first_signup() -> None:
+    data = expect(run_example("signup_rate_limit", "pre-user-registration"), EXIT_ALLOW)
+    assert data["state"] == {"signup-rate-limit": {"signups_this_hour": 1}}
+    assert data["logs"] == []
+
+
+def test_signup_rate_limit_denies_at_the_limit() -> None:
+    data = expect(run_example("signup_rate_limit", "pre-user-registration", "--secret", "MAX_SIGNUPS_PER_HOUR=0"),
+                  EXIT_DENY)
+    assert data["denial"]["reason"] == "signup-rate-limit"
+    assert data["denial"]["user_message"] == "Too many sign-ups from your network. Try again later."
+    assert data["logs"] == [{"action": "signup-rate-limit", "level": "warn",
+                             "message": "sign-up rate limit reached (0/0 this hour)"}]
+
+
+@pytest.mark.redis
+def test_signup_rate_limit_counter_survives_across_cli_runs_in_redis(redis_url: str) -> None:
+    args = ("--cache", redis_url, "--secret", "MAX_SIGNUPS_PER_HOUR=2")
+    first = expect(run_example("signup_rate_limit", "pre-user-registration", *args), EXIT_ALLOW)
+    second = expect(run_example("signup_rate_limit", "pre-user-registration", *args), EXIT_ALLOW)
+    third = expect(run_example("signup_rate_limit", "pre-user-registration", *args), EXIT_DENY)
+    assert first["state"]["signup-rate-limit"]["signups_this_hour"] == 1
+    assert second["state"]["signup-rate-limit"]["signups_this_hour"] == 2
+    assert third["denial"]["reason"] == "signup-rate-limit"
+    # Scoped per tenant: another tenant's counter starts from zero.
+    other = expect(run_example("signup_rate_limit", "pre-user-registration", *args, "--tenant", "other"), EXIT_ALLOW)
+    assert other["state"]["signup-rate-limit"]["signups_this_hour"] == 1
+
+
+# ------------------------------------------------------------------ fetch then deny (real HTTP on 127.0.0.1)
+
+
+@dataclass
+class RiskApi:
+    url: str
+    score: Any = 10
+    status: int = 200
+    seen: list[tuple[str, str, dict[str, str], bytes]] = field(default_factory=list)
+
+
+class _RiskHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: "_RiskServer"
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        api = self.server.api
+        body = self.rfile.read(int(self.headers.get("content-length") or 0))
+        api.seen.append((self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body))
+        payload = json.dumps({"score": api.score}).encode()
+        self.send_response(api.status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    do_GET = do_POST
+
+
+class _RiskServer(ThreadingHTTPServer):
+    daemon_threads = True
+    api: RiskApi
+
+
+@pytest.fixture
+def risk_api() -> Iterator[RiskApi]:
+    """A stand-in for the external risk-scoring API: answers ``{"score": api.score}`` with ``api.status``."""
+    srv = _RiskServer(("127.0.0.1", 0), _RiskHandler)
+    srv.api = RiskApi(url=f"http://127.0.0.1:{srv.server_address[1]}/v1/score")
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield srv.api
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        thread.join(timeout=5)
+
+
+def run_fetch(risk_api: RiskApi, *extra: str) -> Cli:
+    return run_example("fetch_then_deny", "post-login", "--secret", f"RISK_API_URL={risk_api.url}", *extra)
+
+
+def test_fetch_then_deny_low_score_allows_and_records_state(risk_api: RiskApi) -> None:
+    risk_api.score = 10
+    data = expect(run_fetch(risk_api, "--allow-host", "127.0.0.1"), EXIT_ALLOW)
+    assert data["state"] == {"fetch-then-deny": {"external_risk_score": 10}}
+    assert data["logs"] == [{"action": "fetch-then-deny", "level": "info", "message": "Risk score from external API: 10"}]
+    [(method, path, headers, body)] = risk_api.seen
+    assert (method, path) == ("POST", "/v1/score")
+    assert headers["content-type"] == "application/json"
+    assert json.loads(body) == {"ip": "203.0.113.7"}
+
+
+def test_fetch_then_deny_high_score_denies(risk_api: RiskApi) -> None:
+    risk_api.score = 95
+    data = expect(run_fetch(risk_api, "--allow-host", "127.0.0.1"), EXIT_DENY)
+    assert data["denial"]["kind"] == "denied"
+    assert data["denial"]["reason"] == "external-risk-score-too-high"
+    assert data["logs"] == [{"action": "fetch-then-deny", "level": "info", "message": "Risk score from external API: 95"}]
+    assert data["state"] == {}
+
+
+def test_fetch_then_deny_missing_score_reads_as_zero(risk_api: RiskApi) -> None:
+    risk_api.score = None
+    data = expect(run_fetch(risk_api, "--allow-host", "127.0.0.1"), EXIT_ALLOW)
+    assert data["state"] == {"fetch-then-deny": {"external_risk_score": 0}}
+
+
+def test_fetch_then_deny_upstream_error_fails_closed(risk_api: RiskApi) -> None:
+    risk_api.status = 503
+    data = expect(run_fetch(risk_api, "--allow-host", "127.0.0.1"), EXIT_DENY)
+    assert data["denial"]["reason"] == "risk-api-status-503"
+
+
+def test_fetch_to_a_host_off_the_allowlist_is_denied_without_a_packet(risk_api: RiskApi) -> None:
+    data = expect(run_fetch(risk_api), EXIT_DENY)
+    assert data["denial"]["kind"] == "http_fetch_denied"
+    assert statuses(data) == [("fetch-then-deny", "failed")]
+    assert risk_api.seen == []
+
+
+# ------------------------------------------------------------------ flows of several actions
+
+
+def test_several_actions_share_state_in_order() -> None:
+    res = cli("run", EXAMPLES / "tag_account_tier.py", EXAMPLES / "check_country.py", EXAMPLES / "tag_then_claim.py",
+              "--trigger", "post-login", "--event", EXAMPLES / "tag_then_claim.event.json")
+    data = expect(res, EXIT_ALLOW)
+    assert data["state"] == {"tag-account-tier": {"tier": "enterprise"}, "check-country": {"country_blocked": False}}
+    assert statuses(data) == [("tag-account-tier", "ok"), ("check-country", "ok"), ("tag-then-claim", "ok")]
+
+
+def test_a_deny_skips_later_actions() -> None:
+    res = cli("run", EXAMPLES / "disposable_email.py", EXAMPLES / "tag_account_tier.py",
+              "--trigger", "post-login", "--event", EXAMPLES / "disposable_email.event.json")
+    data = expect(res, EXIT_DENY)
+    assert statuses(data) == [("disposable-email", "denied"), ("tag-account-tier", "skipped")]
+    assert data["state"] == {}
+
+
+# ------------------------------------------------------------------ options
+
+
+def test_event_from_stdin() -> None:
+    res = cli("run", EXAMPLES / "tag_account_tier.py", "--trigger", "post-login", "--event", "-",
+              stdin='{"user": {"email": "x@cymmetri.io"}}')
+    assert expect(res, EXIT_ALLOW)["state"] == {"tag-account-tier": {"tier": "enterprise"}}
+
+
+def test_secrets_reach_event_secrets(tmp_path: Path) -> None:
+    action = write(tmp_path, "show_secrets.py",
+                   "def on_execute(event, api):\n    api.state.set('secrets', event.secrets.to_dict())\n")
+    res = cli("run", action, "--trigger", "post-login", "--event", "-", "--secret", "API_KEY=s3cr=t",
+              "--secret", "EMPTY=", "--secret", "API_KEY2=two", stdin="{}")
+    data = expect(res, EXIT_ALLOW)
+    assert data["state"] == {"show-secrets": {"secrets": {"API_KEY": "s3cr=t", "EMPTY": "", "API_KEY2": "two"}}}
+
+
+def test_timeout_kills_an_infinite_loop(tmp_path: Path) -> None:
+    action = write(tmp_path, "spin.py", "def on_execute(event, api):\n    while True:\n        pass\n")
+    data = expect(cli("run", action, "--trigger", "post-login", "--event", "-", "--timeout", "0.5", stdin="{}"),
+                  EXIT_DENY)
+    assert data["denial"]["kind"] == "timeout"
+    assert data["denial"]["action"] == "spin"
+    assert statuses(data) == [("spin", "failed")]
+
+
+def test_memory_mb_is_accepted() -> None:
+    data = expect(run_example("tag_account_tier", "post-login", "--memory-mb", "96"), EXIT_ALLOW)
+    assert data["state"] == {"tag-account-tier": {"tier": "enterprise"}}
+
+
+def test_compact_prints_one_line() -> None:
+    res = run_example("tag_account_tier", "post-login", "--compact")
+    expect(res, EXIT_ALLOW)
+    assert res.stdout.count("\n") == 1
+
+
+# ------------------------------------------------------------------ bad input: exit 2, a clear message, no JSON
+
+
+def _usage_error(res: Cli, *fragments: str) -> None:
+    assert res.rc == EXIT_USAGE, f"exit {res.rc}\nstdout:\n{res.stdout}\nstderr:\n{res.stderr}"
+    assert res.stdout == ""
+    assert "Traceback" not in res.stderr, res.stderr
+    for f in fragments:
+        assert f in res.stderr, f"{f!r} not in stderr:\n{res.stderr}"
+
+
+def test_missing_action_file() -> None:
+    res = cli("run", EXAMPLES / "no_such_action.py", "--trigger", "post-login",
+              "--event", EXAMPLES / "tag_account_tier.event.json")
+    _usage_error(res, "actionpool: error:", "action file not found", "no_such_action.py")
+
+
+def test_missing_event_file(tmp_path: Path) -> None:
+    res = cli("run", EXAMPLES / "tag_account_tier.py", "--trigger", "post-login", "--event", tmp_path / "nope.json")
+    _usage_error(res, "actionpool: error:", "cannot read event", "nope.json")
+
+
+@pytest.mark.parametrize("text", ["{not json", "", '{"user": {}} trailing', "\xff"])
+def test_event_not_json(tmp_path: Path, text: str) -> None:
+    event = tmp_path / "bad.json"
+    event.write_bytes(text.encode("latin-1"))
+    res = cli("run", EXAMPLES / "tag_account_tier.py", "--trigger", "post-login", "--event", event)
+    _usage_error(res, "actionpool: error:", "is not valid JSON")
+
+
+def test_event_not_json_on_stdin() -> None:
+    res = cli("run", EXAMPLES / "tag_account_tier.py", "--trigger", "post-login", "--event", "-", stdin="[1,")
+    _usage_error(res, "event - is not valid JSON")
+
+
+@pytest.mark.parametrize("text,kind", [("[1, 2]", "list"), ('"user"', "str"), ("42", "int"), ("null", "NoneType")])
+def test_event_not_an_object(text: str, kind: str) -> None:
+    res = cli("run", EXAMPLES / "tag_account_tier.py", "--trigger", "post-login", "--event", "-", stdin=text)
+    _usage_error(res, "must be a JSON object", f"got {kind}")
+
+
+def test_unknown_trigger() -> None:
+    res = cli("run", EXAMPLES / "tag_account_tier.py", "--trigger", "post-logout",
+              "--event", EXAMPLES / "tag_account_tier.event.json")
+    _usage_error(res, "--trigger", "invalid choice: 'post-logout'", "post-login")
+
+
+def test_trigger_is_required() -> None:
+    res = cli("run", EXAMPLES / "tag_account_tier.py", "--event", EXAMPLES / "tag_account_tier.event.json")
+    _usage_error(res, "--trigger")
+
+
+@pytest.mark.parametrize("secret", ["NO_EQUALS_SIGN", "=value", ""])
+def test_bad_secret(secret: str) -> None:
+    res = run_example("tag_account_tier", "post-login", "--secret", secret)
+    _usage_error(res, "--secret expects KEY=VALUE")
+
+
+@pytest.mark.parametrize("value,fragment", [("0", "must be positive"), ("-1", "must be positive"),
+                                            ("abc", "expected a float"), ("nan", "must be positive"),
+                                            ("inf", "action_timeout_s")])
+def test_bad_timeout(value: str, fragment: str) -> None:
+    res = run_example("tag_account_tier", "post-login", "--timeout", value)
+    _usage_error(res, fragment)
+
+
+@pytest.mark.parametrize("value,fragment", [("0", "--memory-mb"), ("abc", "--memory-mb"), ("1.5", "--memory-mb"),
+                                            ("16", "memory_mb must be at least 32")])
+def test_bad_memory_mb(value: str, fragment: str) -> None:
+    _usage_error(run_example("tag_account_tier", "post-login", "--memory-mb", value), fragment)
+
+
+@pytest.mark.parametrize("url", ["ftp://127.0.0.1/", "127.0.0.1:6379", "redis://127.0.0.1:notaport/0",
+                                 "redis://127.0.0.1:6379/not-a-db"])
+def test_bad_cache_url(url: str) -> None:
+    res = run_example("tag_account_tier", "post-login", "--cache", url)
+    _usage_error(res, "actionpool: error:", "cache_url")
+
+
+def test_no_command_is_a_usage_error() -> None:
+    res = cli()
+    assert res.rc == EXIT_USAGE
+    assert "usage: actionpool" in res.stderr
+
+
+def test_help_exits_zero() -> None:
+    res = cli("run", "--help")
+    assert res.rc == 0
+    assert "--allow-host" in res.stdout and "--secret" in res.stdout
+
+
+def test_readme_names_only_existing_example_files() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    named = set(re.findall(r"examples/[a-z_]+(?:\.event\.json|\.py)", readme))
+    assert "examples/tag_account_tier.py" in named
+    missing = sorted(n for n in named if not (ROOT / n).is_file())
+    assert not missing, f"README.md names example files that do not exist: {missing}"
