@@ -36,19 +36,19 @@ class Services:
         try:
             return await self.cache.get(cache_scope(tenant, trigger), key)
         except Exception as exc:  # backend down: the action sees an error it may handle
-            raise ApiFailure("cache_error", f"cache unavailable: {type(exc).__name__}") from exc
+            raise ApiFailure("cache_unavailable", f"cache unavailable: {type(exc).__name__}") from exc
 
     async def cache_set(self, tenant: str, trigger: str, key: str, value: str, options: dict[str, Any] | None) -> Any:
         try:
             return await self.cache.set(cache_scope(tenant, trigger), key, value, options)
         except Exception as exc:
-            return {"type": "error", "code": "CacheUnavailable", "message": type(exc).__name__}
+            return {"type": "error", "code": "CacheUnavailable"}
 
     async def cache_delete(self, tenant: str, trigger: str, key: str) -> Any:
         try:
             return await self.cache.delete(cache_scope(tenant, trigger), key)
         except Exception as exc:
-            return {"type": "error", "code": "CacheUnavailable", "message": type(exc).__name__}
+            return {"type": "error", "code": "CacheUnavailable"}
 
     async def fetch(self, tenant: str, url: str, init: dict[str, Any] | None, budget_s: float) -> Any:
         from ._fetch import FetchError

@@ -20,6 +20,7 @@ import enum
 import os
 import signal
 import time
+from random import SystemRandom
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
@@ -35,6 +36,9 @@ from protocol import (
 )
 
 from ._spawn import Spawned
+
+
+_randbits = SystemRandom().getrandbits
 
 
 class State(enum.Enum):
@@ -125,13 +129,13 @@ class WorkerHandle(asyncio.Protocol):
         self._ready: asyncio.Future[dict[str, Any]] = self._loop.create_future()
         self._exited: asyncio.Future[int] = self._loop.create_future()
         self._running: _Running | None = None
-        self._next_id = 0
         self._rtransport: asyncio.ReadTransport | None = None
         self._wtransport: asyncio.WriteTransport | None = None
         self._pidfd: int | None = None
         self._pipes: list[Any] = []
         self.on_exit: list[Callable[[], None]] = []   # cleanups once the process is gone (its cgroup)
         self._raw_closed = False
+        self._answered: tuple[_Running, dict[str, Any] | None] | None = None
 
     # -- life cycle ------------------------------------------------------------
     async def start(self, configure: dict[str, Any], timeout: float) -> dict[str, Any]:
@@ -197,9 +201,9 @@ class WorkerHandle(asyncio.Protocol):
         """Send one execute request; the future resolves exactly once with its Outcome."""
         assert self.state is State.IDLE, self.state
         self.state = State.BUSY
-        self._next_id = self._next_id + 1 if self._next_id < 2**32 - 1 else 1
+        # An unpredictable id: a blind forgery of the answer from inside the worker names no pending request.
         fut: asyncio.Future[Outcome] = self._loop.create_future()
-        run = _Running(self._next_id, handler, fut, time.perf_counter(), max_output)
+        run = _Running(_randbits(32), handler, fut, time.perf_counter(), max_output)
         self._running = run
         self.executions += 1
         run.timer = self._loop.call_later(timeout, self._on_timeout, run, timeout_kind, timeout)
@@ -252,15 +256,26 @@ class WorkerHandle(asyncio.Protocol):
                 if self.state is State.DEAD:
                     return
         except ProtocolError as exc:
+            self._answered = None
             self._violation("protocol_error", f"{type(exc).__name__}: {exc}")
         except Violation as exc:
+            self._answered = None
             self._violation(exc.kind, str(exc))
+        else:
+            # An answer counts only if nothing after it in the same read broke the rules
+            # (a forged answer followed by anything else is a protocol violation).
+            answered = self._answered
+            if answered is not None:
+                self._answered = None
+                self._complete(*answered)
 
     def _dispatch(self, msg: Any) -> None:
         state = self.state
         if state is State.BUSY:
             run = self._running
             assert run is not None
+            if self._answered is not None:
+                raise Violation("protocol_error", f"{type(msg).__name__} after the execution's answer")
             t = type(msg)
             if t is Notification:
                 run.handler.notify(msg.method, msg.params)
@@ -289,6 +304,8 @@ class WorkerHandle(asyncio.Protocol):
             raise Violation("protocol_error", f"unexpected {type(msg).__name__} from an idle worker")
 
     def _on_answer(self, run: _Running, msg: Response) -> None:
+        if self._answered is not None:
+            raise Violation("protocol_error", "a second answer to the same execution")
         error = msg.error
         if error is not None:
             if type(error) is not dict or not all(type(k) is str and type(v) is str for k, v in error.items()):
@@ -296,8 +313,12 @@ class WorkerHandle(asyncio.Protocol):
             kind = error.get("kind")
             if kind not in ("uncaught_error", "memory_limit"):
                 raise Violation("protocol_error", f"worker reported an unknown error kind {kind!r:.40}")
+        self._answered = (run, error)
+
+    def _complete(self, run: _Running, error: dict[str, Any] | None) -> None:
         if self.memory_check is not None and self.memory_check():
-            error = {"kind": "memory_limit", "message": "worker exceeded its memory limit", **({} if error is None else {"type": error.get("type", "")})}
+            error = {"kind": "memory_limit", "message": "worker exceeded its memory limit",
+                     **({} if error is None else {"type": error.get("type", "")})}
         self._finish(run, error, error is None)
         if error is not None:
             self.kill(f"execution failed: {error.get('kind')}")

@@ -23,7 +23,7 @@ class ApiError(Exception):
     """An api call the supervisor refused or that failed on the trusted side.
 
     ``error_kind`` is machine-readable (``http_fetch_denied``,
-    ``http_fetch_timeout``, ``http_fetch_error``, ``cache_error``, ...).
+    ``http_fetch_timeout``, ``http_fetch_error``, ``cache_unavailable``, ...).
     """
 
     def __init__(self, error_kind: str, message: str) -> None:

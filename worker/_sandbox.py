@@ -15,6 +15,13 @@ but itself. Each layer stands on its own so a hole in one is caught by another:
     rlimits    address space, CPU, files, file size 0, no core, no processes
     seccomp    a syscall allowlist; sockets, exec, fork, ptrace... get EPERM
 
+Spec keys (all optional): mode ("strict" | "degraded" | "off"), require, keep_fds,
+memory_bytes, cpu_seconds, max_open_files, file_size (0), workdir, read_paths,
+network_namespace, drop_uid, drop_gid, and two knobs for tests and troubleshooting:
+landlock_max_abi (use at most this ABI; 0 = behave as on a kernel without Landlock)
+and skip (do not apply these of netns/landlock/seccomp; refused when required).
+Unknown keys are an error, so a typo cannot silently weaken the sandbox.
+
 Every name above is a key of the returned report (a bool), so the supervisor
 can check ``report[name]`` for each required protection. The policy (which
 protections are required, which limits) is the supervisor's: it arrives in
