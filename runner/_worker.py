@@ -407,6 +407,13 @@ class WorkerHandle(asyncio.Protocol):
             os.killpg(self.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+        if self.memory_check is not None:
+            # Read the OOM verdict now: the cleanups below remove the cgroup that holds it.
+            try:
+                verdict = self.memory_check()
+            except Exception:
+                verdict = False
+            self.memory_check = lambda: verdict
         for fn in self.on_exit:
             try:
                 fn()

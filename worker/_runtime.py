@@ -101,6 +101,11 @@ class Runtime:
         finally:
             ex.active = False
             self.current = None
+            # An action that replaced builtins must not break the next one (same tenant, other action).
+            d = builtins.__dict__
+            if d != self._pristine_builtins:
+                d.clear()
+                d.update(self._pristine_builtins)
 
     def _find_handler(self, ns: dict[str, Any], trigger: str, filename: str) -> Any:
         for name in handler_names(trigger):
