@@ -1,0 +1,442 @@
+"""actionpool itself, measured on the workloads the baselines stand in for.
+
+    S1  trivial post-login action (state.set, log, setCustomClaim), one client: latency
+    S2  the same, 64 flows in flight on 2 workers: throughput (against pebble's)
+    S3  a flow of three such actions: latency
+    S4  an action awaiting a fetch of a 127.0.0.1 server that answers after 50 ms, N flows at
+        once: throughput, peak workers, supervisor RSS and supervisor + workers RSS
+    S5  cold start (no idle worker -> finished flow), and a timeout kill -> next flow finished
+    S6  RSS/USS of idle warm workers, a pool of 2 and a pool of many
+
+Every await is bounded by the phase deadline; a flow that is denied when it
+should be allowed fails its row (with the first denial quoted) but the
+figures of the others are still reported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, AsyncIterator
+
+import psutil
+
+from ._harness import (
+    Deadline, PhaseTimeout, Recorder, RssSampler, async_closed_loop, descendants, memory_full, raise_nofile_limit,
+)
+from ._stats import mib, summarize
+from .baselines import EVENT
+
+TENANT = "t1"
+TRIGGER = "post-login"
+
+SRC_TRIVIAL = '''
+def on_execute_post_login(event, api):
+    api.state.set("tier", "enterprise")
+    api.log("info", "tagged account tier")
+    api.session.setCustomClaim("tier", "enterprise")
+'''
+
+SRC_FETCH = '''
+async def on_execute_post_login(event, api):
+    res = await api.fetch(%r, {"method": "GET"})
+    api.state.set("upstream_status", res["status"])
+'''  # %% the upstream's URL
+
+SRC_SPIN = '''
+def on_execute_post_login(event, api):
+    while True:
+        pass
+'''
+
+CLOSE_TIMEOUT_S = 20.0
+
+
+def _api() -> Any:
+    """The runner's public API, imported late so a missing runner costs rows, not the harness."""
+    import runner
+
+    return runner
+
+
+def _config(knobs: dict[str, Any], **kw: Any) -> Any:
+    rn = _api()
+    cfg = rn.RunnerConfig(**kw)
+    if knobs.get("sandbox"):
+        cfg = dataclasses.replace(cfg, sandbox=dataclasses.replace(cfg.sandbox, mode=knobs["sandbox"]))
+    return cfg
+
+
+@contextlib.asynccontextmanager
+async def _runner(cfg: Any, deadline: Deadline) -> AsyncIterator[Any]:
+    """A started Runner whose start and close are both bounded (a benchmark must never hang)."""
+    r = _api().Runner(cfg)
+    try:
+        await asyncio.wait_for(r.start(), deadline.left("runner start"))
+        yield r
+    finally:
+        await asyncio.wait_for(r.close(), CLOSE_TIMEOUT_S)
+
+
+def _leaked(exclude: frozenset[int] = frozenset()) -> int:
+    """Descendants still alive shortly after a Runner closed: workers close() failed to reap."""
+    left = descendants(exclude)
+    _, alive = psutil.wait_procs(left, timeout=2)
+    return len(alive)
+
+
+def _describe_failure(x: Any) -> str:
+    if isinstance(x, BaseException):
+        return f"{type(x).__name__}: {x}"[:200]
+    d = getattr(x, "denial", None) or {}
+    return f"denied kind={d.get('kind')!r} reason={str(d.get('reason'))[:160]!r}"
+
+
+def _fill(row: dict[str, Any], lat: list[float], elapsed: float, results: list[Any], expect: str = "allow") -> None:
+    """Summarize a closed loop into ``row``; any flow that did not end in ``expect`` fails the row."""
+    bad = [x for x in results if isinstance(x, BaseException) or getattr(x, "outcome", None) != expect]
+    if len(bad) < len(results):
+        row.update(summarize(lat, elapsed))
+    row["extra"]["flows"] = len(results)
+    if bad:
+        row["extra"]["failed_flows"] = len(bad)
+        row["error"] = f"{len(bad)}/{len(results)} flows not {expect}, first: {_describe_failure(bad[0])}"
+
+
+async def _flows(r: Any, actions: list[Any], n: int, concurrency: int,
+                 deadline: Deadline) -> tuple[list[float], float, list[Any]]:
+    def one(_: int) -> Any:
+        return r.run_flow(trigger=TRIGGER, actions=actions, event=EVENT, tenant=TENANT)
+
+    return await async_closed_loop(one, n, concurrency, deadline.left("flows"))
+
+
+async def _warm(r: Any, actions: list[Any], deadline: Deadline, n: int = 20) -> dict[str, Any]:
+    """Run a few flows before the clock; check once that the api calls really took effect."""
+    _, _, results = await _flows(r, actions, n, 2, deadline)
+    bad = [x for x in results if isinstance(x, BaseException) or x.outcome != "allow"]
+    if bad:
+        raise RuntimeError(f"warm-up: {len(bad)}/{n} flows failed, first: {_describe_failure(bad[0])}")
+    d = results[-1].to_dict()
+    if "enterprise" not in json.dumps(d.get("state")) or "enterprise" not in json.dumps(d.get("claims")):
+        raise RuntimeError(f"warm-up: the action's state/claim did not land: state={d.get('state')!r:.120}")
+    return d
+
+
+def _run(coro_fn: Any, knobs: dict[str, Any], rec: Recorder, deadline: Deadline) -> None:
+    asyncio.run(asyncio.wait_for(coro_fn(knobs, rec, deadline), deadline.left("phase")))
+
+
+def _trivial(slug: str = "tag") -> Any:
+    return _api().Action(slug=slug, source=SRC_TRIVIAL)
+
+
+# -- S1, S2, S3 ----------------------------------------------------------------------------------
+
+
+async def _s1(knobs: dict[str, Any], rec: Recorder, deadline: Deadline) -> None:
+    with rec.row("s1.latency") as row:
+        actions = [_trivial()]
+        async with _runner(_config(knobs, pool_size=2, max_workers=2), deadline) as r:
+            await _warm(r, actions, deadline)
+            _fill(row, *await _flows(r, actions, knobs["iterations"], 1, deadline))
+            row["extra"]["stats"] = r.stats()
+            row["extra"]["sandbox"] = r.sandbox_report
+        row["extra"]["leaked_processes"] = _leaked()
+
+
+async def _s2(knobs: dict[str, Any], rec: Recorder, deadline: Deadline) -> None:
+    with rec.row("s2.throughput") as row:
+        actions = [_trivial()]
+        async with _runner(_config(knobs, pool_size=2, max_workers=2), deadline) as r:
+            await _warm(r, actions, deadline)
+            _fill(row, *await _flows(r, actions, knobs["tasks"], knobs["concurrency"], deadline))
+            row["extra"]["stats"] = r.stats()
+        row["extra"]["leaked_processes"] = _leaked()
+
+
+async def _s3(knobs: dict[str, Any], rec: Recorder, deadline: Deadline) -> None:
+    with rec.row("s3.latency") as row:
+        actions = [_trivial("tag-a"), _trivial("tag-b"), _trivial("tag-c")]
+        async with _runner(_config(knobs, pool_size=2, max_workers=2), deadline) as r:
+            await _warm(r, actions, deadline)
+            _fill(row, *await _flows(r, actions, knobs["iterations"], 1, deadline))
+            row["extra"]["stats"] = r.stats()
+        row["extra"]["leaked_processes"] = _leaked()
+
+
+def phase_s1(knobs: dict[str, Any], rec: Recorder, deadline: Deadline) -> None:
+    _run(_s1, knobs, rec, deadline)
+
+
+def phase_s2(knobs: dict[str, Any], rec: Recorder, deadline: Deadline) -> None:
+    _run(_s2, knobs, rec, deadline)
+
+
+def phase_s3(knobs: dict[str, Any], rec: Recorder, deadline: Deadline) -> None:
+    _run(_s3, knobs, rec, deadline)
+
+
+# -- S4: I/O-bound flows -------------------------------------------------------------------------
+
+
+class _Upstream:
+    """The delayed HTTP server, in a child process; stopped by closing its stdin."""
+
+    def __init__(self, delay_s: float, deadline: Deadline) -> None:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+        self.proc = subprocess.Popen([sys.executable, "-m", "benchmarks._http_server", "--delay", str(delay_s)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        assert self.proc.stdout is not None
+        import selectors
+
+        sel = selectors.DefaultSelector()
+        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        if not sel.select(timeout=min(10.0, deadline.left("http server start"))):
+            self.stop()
+            raise PhaseTimeout("the local HTTP server did not report its port within 10 s")
+        line = self.proc.stdout.readline().strip()
+        if not line.isdigit():
+            self.stop()
+            raise RuntimeError(f"the local HTTP server failed to start: {line!r}")
+        self.port = int(line)
+        self.url = f"http://127.0.0.1:{self.port}/score"
+
+    def stop(self) -> None:
+        with contextlib.suppress(OSError):
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+
+
+async def _peak_live(r: Any, stop: asyncio.Event, out: dict[str, int]) -> None:
+    """Highest ``stats()['live']`` seen while flows run (stats() is a cheap dict build)."""
+    while not stop.is_set():
+        s = r.stats()
+        out["live"] = max(out.get("live", 0), int(s.get("live", 0)) + int(s.get("starting", 0)))
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), 0.005)
+
+
+async def _io_round(r: Any, row: dict[str, Any], actions: list[Any], n: int, deadline: Deadline,
+                    exclude: frozenset[int], delay_s: float) -> None:
+    spawned_before = int(r.stats().get("spawned", 0))
+    stop = asyncio.Event()
+    peak: dict[str, int] = {}
+    poller = asyncio.ensure_future(_peak_live(r, stop, peak))
+    with RssSampler(0.1, exclude) as rss:
+        try:
+            result = await _flows(r, actions, n, n, deadline)
+        finally:
+            stop.set()
+            await poller
+    _fill(row, *result)
+    ok = [x for x in result[2] if not isinstance(x, BaseException) and x.outcome == "allow"]
+    if ok and ok[0].to_dict()["state"].get("fetch", {}).get("upstream_status") != 200:
+        row["error"] = row["error"] or f"upstream status not 200: {ok[0].to_dict()['state']!r:.120}"
+    s = r.stats()
+    row["extra"].update({
+        "upstream_delay_ms": delay_s * 1000,
+        "peak_live_workers": peak.get("live", 0),
+        "peak_processes": rss.peak_children,
+        "supervisor_rss_mib_peak": round(mib(rss.peak_supervisor), 1),
+        "total_rss_mib_peak": round(mib(rss.peak_total), 1),
+        "rss_samples": rss.samples,
+        "workers_spawned": int(s.get("spawned", 0)) - spawned_before,  # a "warm" round that spawns was not warm
+        "stats": s,
+    })
+    row["note"] = (f"peak workers {peak.get('live', 0)} ({row['extra']['workers_spawned']} spawned), supervisor RSS {mib(rss.peak_supervisor):.0f} MiB, "
+                   f"supervisor+workers RSS {mib(rss.peak_total):.0f} MiB (peaks)")
+    if "p50_ms" in row:
+        # Against an ideal runner, every flow would take the upstream's delay and no more.
+        row["extra"]["p50_over_upstream_delay"] = row["p50_ms"] / (delay_s * 1000)
+        row["extra"]["throughput_over_ideal"] = row["throughput_per_s"] / (n / delay_s)
+        row["note"] = f"p50 {row['p50_ms'] / (delay_s * 1000):.1f}x the {delay_s * 1000:.0f} ms upstream; " + row["note"]
+
+
+async def _s4(knobs: dict[str, Any], rec: Recorder, deadline: Deadline) -> None:
+    nofile = raise_nofile_limit()
+    n = knobs["io_flows"]
+    delay = knobs["io_delay_s"]
+    upstream: _Upstream | None = None
+    try:
+        with rec.row("s4.io_cold") as row:
+            rn = _api()
+            upstream = _Upstream(delay, deadline)
+            exclude = frozenset({upstream.proc.pid})
+            actions = [rn.Action(slug="fetch", source=SRC_FETCH % upstream.url)]
+            cfg = _config(knobs, max_workers=n, fetch=rn.FetchConfig(allow_hosts=("127.0.0.1",)))
+            row["extra"]["nofile_limit"] = nofile[0]
+            async with _runner(cfg, deadline) as r:
+                await _io_round(r, row, actions, n, deadline, exclude, delay)
+                with rec.row("s4.io_warm") as row2:
+                    row2["extra"]["nofile_limit"] = nofile[0]
+                    await _io_round(r, row2, actions, n, deadline, exclude, delay)
+                    procs = [psutil.Process(p) for p in r.worker_pids]
+                    mem = await asyncio.get_running_loop().run_in_executor(None, memory_full, procs)
+                    if mem:
+                        uss = sum(m["uss"] for m in mem)
+                        row2["extra"]["workers_uss_mib_total_after"] = round(mib(uss), 1)
+                        row2["extra"]["supervisor_rss_mib_after"] = round(mib(psutil.Process().memory_info().rss), 1)
+                        row2["note"] += f"; workers USS total {mib(uss):.0f} MiB after"
+            row["extra"]["leaked_processes"] = _leaked(exclude)
+    finally:
+        if upstream is not None:
+            upstream.stop()
+    if not any(r["id"] == "s4.io_warm" for r in rec.rows):
+        with rec.row("s4.io_warm") as row:
+            row["error"] = "not run: the cold round failed before it"
+
+
+def phase_s4(knobs: dict[str, Any], rec: Recorder, deadline: Deadline) -> None:
+    _run(_s4, knobs, rec, deadline)
+
+
+# -- S5: cold start and replacement after a kill -------------------------------------------------
+
+
+async def _s5(knobs: dict[str, Any], rec: Recorder, deadline: Deadline) -> None:
+    reps = knobs["cold_iterations"]
+    with rec.row("s5.cold_start") as row:
+        # A fresh Runner with pool_size=0 per sample: the flow itself must spawn its worker.
+        # (Runner.start's sandbox probe worker is gone by then and is outside the clock.)
+        actions = [_trivial()]
+        lat, results, spawned = [], [], []
+        t_all = time.perf_counter()
+        for _ in range(reps):
+            async with _runner(_config(knobs, pool_size=0, max_workers=1), deadline) as r:
+                before = r.stats().get("spawned", 0)
+                t0 = time.perf_counter()
+                res = await asyncio.wait_for(
+                    r.run_flow(trigger=TRIGGER, actions=actions, event=EVENT, tenant=TENANT), deadline.left("cold"))
+                lat.append(time.perf_counter() - t0)
+                results.append(res)
+                spawned.append(r.stats().get("spawned", 0) - before)
+        _fill(row, lat, time.perf_counter() - t_all, results)
+        row.pop("throughput_per_s", None)  # includes runner start/close: not a rate of anything
+        row["extra"]["workers_spawned_per_flow"] = spawned
+        if any(s != 1 for s in spawned):
+            row["error"] = row["error"] or f"expected one spawn per cold flow, saw {spawned}"
+        row["extra"]["leaked_processes"] = _leaked()
+
+    kill_lat: list[float] = []
+    repl_lat: list[float] = []
+    kills: list[Any] = []
+    repls: list[Any] = []
+    problem: str | None = None
+    try:
+        rn = _api()
+        spin = rn.Action(slug="spin", source=SRC_SPIN, limits={"action_timeout_s": 0.2})
+        actions = [_trivial()]
+        async with _runner(_config(knobs, pool_size=1, max_workers=1), deadline) as r:
+            await _warm(r, actions, deadline, n=3)
+            before = dict(r.stats())
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                res = await asyncio.wait_for(r.run_flow(trigger=TRIGGER, actions=[spin], event=EVENT, tenant=TENANT),
+                                             deadline.left("timeout kill"))
+                t1 = time.perf_counter()
+                res2 = await asyncio.wait_for(r.run_flow(trigger=TRIGGER, actions=actions, event=EVENT,
+                                                         tenant=TENANT), deadline.left("replacement"))
+                t2 = time.perf_counter()
+                kill_lat.append(t1 - t0)
+                repl_lat.append(t2 - t1)
+                kills.append(res)
+                repls.append(res2)
+            after = dict(r.stats())
+    except Exception as exc:  # reported on both rows below
+        problem = f"{type(exc).__name__}: {exc}"[:300]
+    with rec.row("s5.timeout_kill") as row:
+        if kill_lat:
+            _fill(row, kill_lat, sum(kill_lat), kills, expect="deny")
+            row.pop("throughput_per_s", None)
+            kinds = sorted({str((k.denial or {}).get("kind")) for k in kills if not isinstance(k, BaseException)})
+            row["extra"]["denial_kinds"] = kinds
+            row["extra"]["action_timeout_ms"] = 200
+            row["note"] = f"denial kind {', '.join(kinds)}; includes the 200 ms budget"
+        row["error"] = row.get("error") or problem
+    with rec.row("s5.replacement") as row:
+        if repl_lat:
+            _fill(row, repl_lat, sum(repl_lat), repls)
+            row.pop("throughput_per_s", None)
+            row["extra"]["stats_before"] = before
+            row["extra"]["stats_after"] = after
+            row["note"] = "kill -> replacement spawned -> trivial flow finished (max_workers=1)"
+        row["error"] = row.get("error") or problem
+        row["extra"]["leaked_processes"] = _leaked()
+
+
+def phase_s5(knobs: dict[str, Any], rec: Recorder, deadline: Deadline) -> None:
+    _run(_s5, knobs, rec, deadline)
+
+
+# -- S6: memory of warm workers ------------------------------------------------------------------
+
+
+async def _wait_idle(r: Any, want: int, deadline: Deadline) -> None:
+    """Poll stats() until ``want`` workers are idle (each has said hello)."""
+    while int(r.stats().get("idle", 0)) < want:
+        if deadline.remaining() <= 0:
+            raise PhaseTimeout(f"only {r.stats().get('idle', 0)} of {want} workers idle at the deadline")
+        await asyncio.sleep(0.02)
+
+
+async def _memory_row(row: dict[str, Any], knobs: dict[str, Any], pool: int, deadline: Deadline) -> None:
+    t0 = time.perf_counter()
+    async with _runner(_config(knobs, pool_size=pool, max_workers=pool), deadline) as r:
+        await _wait_idle(r, pool, deadline)
+        warm_s = time.perf_counter() - t0
+        pids = set(r.worker_pids)
+        kids = descendants()
+        procs = [p for p in kids if p.pid in pids]
+        mem = await asyncio.get_running_loop().run_in_executor(None, memory_full, procs)
+        sup = psutil.Process().memory_full_info()
+    row["extra"]["leaked_processes"] = _leaked()
+    if not mem:
+        raise RuntimeError(f"no worker memory could be read (pids {sorted(pids)[:5]}...)")
+    rss = [m["rss"] for m in mem]
+    uss = [m["uss"] for m in mem]
+    pss = [m["pss"] for m in mem]
+    row["n"] = len(mem)
+    row["extra"].update({
+        "workers": len(mem),
+        "other_descendants": len(kids) - len(procs),
+        "worker_rss_mib_median": round(mib(statistics.median(rss)), 2),
+        "worker_rss_mib_max": round(mib(max(rss)), 2),
+        "worker_uss_mib_median": round(mib(statistics.median(uss)), 2),
+        "worker_uss_mib_max": round(mib(max(uss)), 2),
+        "worker_pss_mib_median": round(mib(statistics.median(pss)), 2),
+        "workers_rss_mib_total": round(mib(sum(rss)), 1),
+        "workers_uss_mib_total": round(mib(sum(uss)), 1),
+        "supervisor_rss_mib": round(mib(sup.rss), 1),
+        "supervisor_uss_mib": round(mib(sup.uss), 1),
+        "total_rss_mib": round(mib(sup.rss + sum(rss)), 1),
+        "start_to_all_idle_s": round(warm_s, 3),
+    })
+    row["note"] = (f"per worker RSS {mib(statistics.median(rss)):.1f} MiB, USS {mib(statistics.median(uss)):.1f} MiB "
+                   f"(median); {len(mem)} workers: RSS {mib(sum(rss)):.0f} MiB, USS {mib(sum(uss)):.0f} MiB; "
+                   f"supervisor RSS {mib(sup.rss):.0f} MiB; all warm in {warm_s:.2f}s")
+
+
+async def _s6(knobs: dict[str, Any], rec: Recorder, deadline: Deadline) -> None:
+    raise_nofile_limit()
+    with rec.row("s6.memory_idle") as row:
+        await _memory_row(row, knobs, 2, deadline)
+    with rec.row("s6.memory_many") as row:
+        await _memory_row(row, knobs, knobs["warm_workers"], deadline)
+
+
+def phase_s6(knobs: dict[str, Any], rec: Recorder, deadline: Deadline) -> None:
+    _run(_s6, knobs, rec, deadline)
