@@ -126,10 +126,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if argv and argv[0] in ("bench", "stress"):  # their own parsers take every option
-        if argv[0] == "bench":
-            from benchmarks.bench import main as sub_main
-        else:
-            from benchmarks.stress import main as sub_main
+        try:
+            if argv[0] == "bench":
+                from benchmarks.bench import main as sub_main
+            else:
+                from benchmarks.stress import main as sub_main
+        except ImportError as exc:
+            print(f"actionpool: error: {argv[0]} is not available in this build ({exc})", file=sys.stderr)
+            return EXIT_USAGE
         try:
             return int(sub_main(argv[1:]) or 0)
         except KeyboardInterrupt:
