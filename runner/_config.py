@@ -107,6 +107,7 @@ class RunnerConfig:
     fetch: FetchConfig = field(default_factory=FetchConfig)
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     python: str | None = None                # interpreter for workers; default sys.executable
+    fork_template: bool = True               # fork workers from a clean template (fast); False: spawn each
 
     def validate(self) -> "RunnerConfig":
         self.limits.validate()

@@ -33,6 +33,7 @@ from ._flow import Action, FlowResult, FlowState
 from ._pool import Overloaded, Pool, PoolClosed
 from ._services import Services
 from ._spawn import WORKER_RFD, WORKER_WFD, spawn_worker
+from ._template import Template
 from ._triggers import TriggerProfile, profile
 from ._worker import WorkerHandle
 
@@ -61,6 +62,7 @@ class Runner:
         self._methods: dict[str, list[str]] = {}
         self.sandbox_report: dict[str, Any] = {}
         self._cgroups: CgroupManager | None = None
+        self._template: Template | None = None
         self.flows = 0
 
     # -- life cycle ------------------------------------------------------------------
@@ -83,6 +85,14 @@ class Runner:
                             "memory is capped by RLIMIT_AS alone, and a caught MemoryError goes unnoticed")
         self._workdir = tempfile.mkdtemp(prefix="actionpool-")
         os.chmod(self._workdir, 0o555)
+        if cfg.fork_template:
+            self._template = Template(cfg.python, cfg.worker_start_timeout_s)
+            try:
+                await self._template.start()
+            except Exception as exc:
+                log.warning("actionpool: fork template unavailable (%s); spawning each worker", exc)
+                await self._template.close()
+                self._template = None
         limits = cfg.limits
         self._pool = Pool(self._launch, pool_size=cfg.pool_size, max_workers=cfg.max_workers,
                           max_queue=cfg.max_queue, max_executions=cfg.max_executions_per_worker,
@@ -108,7 +118,10 @@ class Runner:
         cfg = self.config
         memory_mb, cpu_seconds, max_open_files = wprofile
         sb = cfg.sandbox
-        spawned = spawn_worker(cfg.python)
+        if self._template is not None:
+            spawned = await self._template.fork()
+        else:
+            spawned = spawn_worker(cfg.python)
         w = WorkerHandle(spawned, max_frame=cfg.limits.max_frame_bytes)
         w.profile = wprofile  # type: ignore[attr-defined]
         memory = memory_mb << 20
@@ -168,6 +181,8 @@ class Runner:
         if self._services is not None:
             await self._services.aclose()
             self._services = None
+        if self._template is not None:
+            await self._template.close()
         if self._workdir:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
@@ -181,6 +196,8 @@ class Runner:
     def stats(self) -> dict[str, Any]:
         s = self._pool.stats() if self._pool else {}
         s["flows"] = self.flows
+        if self._template is not None:
+            s.update(self._template.stats())
         return s
 
     @property

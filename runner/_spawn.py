@@ -33,6 +33,12 @@ _BOOTSTRAP = (
     "from worker.__main__ import main;"
     "main(sys.argv[1:3])"
 )
+_TEMPLATE_BOOTSTRAP = (
+    "import sys;"
+    "sys.path[:] = sys.argv[2].split('\\x1f');"
+    "from worker._template import main;"
+    "main(sys.argv[1:2])"
+)
 
 WORKER_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
 
@@ -44,26 +50,48 @@ class Spawned:
     wfd: int  # supervisor writes requests here
 
 
-def spawn_worker(python: str | None = None) -> Spawned:
-    """Start one worker process; returns its pid and the supervisor's pipe ends."""
+def _paths() -> str:
+    return "\x1f".join([_PKG_ROOT, *[p for p in _site_paths() if p != _PKG_ROOT]])
+
+
+def _spawn(python: str | None, code: str, args: list[str], fds: dict[int, int]) -> int:
+    """posix_spawn a clean interpreter running ``code`` with ``fds`` (target -> source) in place."""
     exe = python or sys.executable
-    to_worker_r, to_worker_w = os.pipe()
-    from_worker_r, from_worker_w = os.pipe()
-    paths = "\x1f".join([_PKG_ROOT, *[p for p in _site_paths() if p != _PKG_ROOT]])
-    argv = [exe, "-I", "-S", "-B", "-X", "utf8", "-c", _BOOTSTRAP, str(WORKER_RFD), str(WORKER_WFD), paths]
+    argv = [exe, "-I", "-S", "-B", "-X", "utf8", "-c", code, *args]
     actions = [
         (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
         (os.POSIX_SPAWN_OPEN, 1, "/dev/null", os.O_WRONLY, 0),
         (os.POSIX_SPAWN_OPEN, 2, "/dev/null", os.O_WRONLY, 0),
-        (os.POSIX_SPAWN_DUP2, to_worker_r, WORKER_RFD),
-        (os.POSIX_SPAWN_DUP2, from_worker_w, WORKER_WFD),
+        *((os.POSIX_SPAWN_DUP2, src, target) for target, src in fds.items()),
     ]
+    return os.posix_spawn(exe, argv, WORKER_ENV, file_actions=actions, setsid=True)
+
+
+def worker_pipes() -> tuple[tuple[int, int], tuple[int, int]]:
+    """``((worker_rfd, worker_wfd), (supervisor_rfd, supervisor_wfd))`` for one new worker."""
+    to_worker_r, to_worker_w = os.pipe()
+    from_worker_r, from_worker_w = os.pipe()
+    return (to_worker_r, from_worker_w), (from_worker_r, to_worker_w)
+
+
+def spawn_worker(python: str | None = None) -> Spawned:
+    """Start one worker process from scratch; returns its pid and the supervisor's pipe ends."""
+    (wr, ww), (sr, sw) = worker_pipes()
     try:
-        pid = os.posix_spawn(exe, argv, WORKER_ENV, file_actions=actions, setsid=True)
+        pid = _spawn(python, _BOOTSTRAP, [str(WORKER_RFD), str(WORKER_WFD), _paths()],
+                     {WORKER_RFD: wr, WORKER_WFD: ww})
     except BaseException:
-        for fd in (to_worker_r, to_worker_w, from_worker_r, from_worker_w):
+        for fd in (wr, ww, sr, sw):
             os.close(fd)
         raise
-    os.close(to_worker_r)
-    os.close(from_worker_w)
-    return Spawned(pid, from_worker_r, to_worker_w)
+    os.close(wr)
+    os.close(ww)
+    return Spawned(pid, sr, sw)
+
+
+TEMPLATE_FD = 3
+
+
+def spawn_template(python: str | None, ctl_fd: int) -> int:
+    """Start the fork template with its end of the control socket at fd 3; returns its pid."""
+    return _spawn(python, _TEMPLATE_BOOTSTRAP, [str(TEMPLATE_FD), _paths()], {TEMPLATE_FD: ctl_fd})
