@@ -97,7 +97,8 @@ def check_json(value: Any, where: str, max_depth: int = MAX_JSON_DEPTH) -> None:
             continue
         if t is int:
             if not -(2**63) <= v < 2**64:
-                raise TypeError(f"{path}: integer {v} does not fit in 64 bits (like BigInt, it cannot be serialised)")
+                raise TypeError(f"{path}: integer of {v.bit_length()} bits does not fit in 64 bits "
+                                "(like BigInt, it cannot be serialised)")
             continue
         if t is float:
             if not math.isfinite(v):
@@ -114,7 +115,7 @@ def check_json(value: Any, where: str, max_depth: int = MAX_JSON_DEPTH) -> None:
             if t is dict:
                 for k, item in v.items():
                     if type(k) is not str:
-                        raise TypeError(f"{path}: object key {k!r:.40} is not a string")
+                        raise TypeError(f"{path}: object key of type {type(k).__name__} is not a string")
                     stack.append((item, f"{path}[{k!r:.40}]", depth + 1))
             else:
                 for i, item in enumerate(v):

@@ -2,7 +2,8 @@
 
 Only plain data crosses the wire: nil, bool, int, float, str, bin, array and
 map. Extension types are refused (``ext_hook`` raises) and nothing is ever
-unpickled. Map keys must be strings.
+unpickled. Map keys must be strings or bytes (msgpack's ``strict_map_key``);
+the supervisor's parameter checks (``check_json``) refuse bytes keys.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ def unpack(data: bytes, max_size: int = DEFAULT_MAX_FRAME) -> Any:
     The ``max_*_len`` caps bound what a single frame may make us allocate, so a
     short frame announcing a 2**32-element array cannot exhaust memory.
     """
+    # No container or string can announce more elements than the frame has bytes:
+    # capping by len(data) refuses a 5-byte "array of a million" before allocating it.
+    n = max(1, min(max_size, len(data)))
     try:
         return msgpack.unpackb(
             data,
@@ -41,10 +45,10 @@ def unpack(data: bytes, max_size: int = DEFAULT_MAX_FRAME) -> Any:
             strict_map_key=True,
             use_list=True,
             ext_hook=_refuse_ext,
-            max_str_len=max_size,
-            max_bin_len=max_size,
-            max_array_len=max_size // 1 or 1,
-            max_map_len=max_size // 2 or 1,
+            max_str_len=n,
+            max_bin_len=n,
+            max_array_len=n,
+            max_map_len=max(1, n // 2),
             max_ext_len=0,
         )
     except MalformedFrame:

@@ -57,9 +57,18 @@ class Notification(NamedTuple):
 Message = Request | Response | Notification
 
 
+def _describe(value: Any) -> str:
+    """Bounded and non-recursive: a 1000-deep list must not become a RecursionError here."""
+    if type(value) in (int, float, bool) or value is None:
+        return repr(value)[:40]
+    if type(value) is str:
+        return repr(value[:20])
+    return type(value).__name__
+
+
 def _msgid(value: Any) -> int:
     if type(value) is not int or not 0 <= value <= MAX_MSGID:
-        raise InvalidMessage(f"message id must be an integer in [0, {MAX_MSGID}], got {value!r:.40}")
+        raise InvalidMessage(f"message id must be an integer in [0, {MAX_MSGID}], got {_describe(value)}")
     return value
 
 
@@ -92,7 +101,7 @@ def parse_message(obj: Any) -> Message:
         if len(obj) != 3:
             raise InvalidMessage("notification must have 3 elements")
         return Notification(_method(obj[1]), _params(obj[2]))
-    raise InvalidMessage(f"unknown message type {kind!r:.20}")
+    raise InvalidMessage(f"unknown message type {_describe(kind)}")
 
 
 def hello(pid: int, info: dict[str, Any] | None = None) -> Notification:

@@ -97,9 +97,13 @@ class Pool:
         t.add_done_callback(self._tasks.discard)
 
     # -- spawning ------------------------------------------------------------------------
-    async def _new_worker(self, key: Key) -> WorkerHandle:
+    def _reserve(self) -> None:
+        """Count a start against the caps *before* its task runs (so one pass cannot overshoot)."""
         self.starting += 1
         self.peak_workers = max(self.peak_workers, self.total)
+
+    async def _new_worker(self, key: Key) -> WorkerHandle:
+        """Start one worker; the caller has reserved its slot with :meth:`_reserve`."""
         t0 = time.monotonic()
         try:
             w = await self._launch(key[1])
@@ -121,9 +125,12 @@ class Pool:
         return w
 
     async def start(self) -> None:
+        for _ in range(self.pool_size):
+            self._reserve()
         await asyncio.gather(*(self._warm_one() for _ in range(self.pool_size)))
 
     async def _warm_one(self) -> None:
+        """Start one unassigned warm worker (slot already reserved)."""
         try:
             w = await self._new_worker((None, self.default_profile))
         except PoolClosed:
@@ -142,6 +149,7 @@ class Pool:
         while have < self.pool_size and self.total < self.max_workers and not self.waiters:
             have += 1
             self._warming += 1
+            self._reserve()
             self._spawn_task(self._warm_then_count())
 
     _warming = 0
@@ -247,6 +255,7 @@ class Pool:
             if self.total >= self.max_workers and not self._retire_other_idle(key):
                 return
             self._spawning[key] = self._spawning.get(key, 0) + 1
+            self._reserve()
             self._spawn_task(self._spawn_for_waiters(key))
 
     def _release_beats_spawn(self, busy: int, position: int) -> bool:
