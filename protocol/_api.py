@@ -83,6 +83,9 @@ def check_json(value: Any, where: str, max_depth: int = MAX_JSON_DEPTH) -> None:
     raise, mirroring "functions, Date objects, BigInt and circular references
     throw at call time".
     """
+    t = type(value)
+    if t is str or t is bool or value is None:  # the common case, without building a walk
+        return
     stack: list[tuple[Any, str, int]] = [(value, where, 0)]
     on_path: set[int] = set()
     # Iterative walk with an explicit exit marker so cycles are detected on the

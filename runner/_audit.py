@@ -22,12 +22,18 @@ FLOW_EVENT = "custom_action.flow_completed"
 class AuditSink(Protocol):
     def emit(self, event: dict[str, Any]) -> None: ...
 
+    # Optional: ``enabled`` (bool property). When present and False, no events are built at all.
+
 
 class LoggingAuditSink:
     """JSON lines on the ``actionpool.audit`` logger (serialised only when the logger is enabled)."""
 
     def __init__(self, logger: logging.Logger | None = None) -> None:
         self.logger = logger or logging.getLogger("actionpool.audit")
+
+    @property
+    def enabled(self) -> bool:
+        return self.logger.isEnabledFor(logging.INFO)
 
     def emit(self, event: dict[str, Any]) -> None:
         if self.logger.isEnabledFor(logging.INFO):
@@ -46,6 +52,8 @@ class MemoryAuditSink:
 
 def audit_flow(sink: AuditSink, result: Any) -> None:
     """Emit the audit events of one finished flow."""
+    if not getattr(sink, "enabled", True):
+        return
     base = {"tenant": result.tenant, "trigger": result.trigger, "flow_id": result.flow_id}
     for entry in result.logs:
         sink.emit({"type": LOG_EVENT, **base, **entry})

@@ -99,6 +99,7 @@ class RunnerConfig:
     queue_timeout_s: float = 10.0            # how long a flow may wait for a worker
     spawn_concurrency: int = 2               # workers starting at once on behalf of waiting flows
     idle_timeout_s: float = 60.0             # idle workers beyond pool_size are retired after this
+    min_idle_per_tenant: int = 0             # idle workers kept bound to each tenant that has flows
     worker_start_timeout_s: float = 10.0     # spawn to hello
     kill_grace_s: float = 2.0                # close(): in-flight flows get this long before SIGKILL
     denial_message: str = "Access denied."   # what the user sees when an action gives none
@@ -111,7 +112,7 @@ class RunnerConfig:
 
     def validate(self) -> "RunnerConfig":
         self.limits.validate()
-        for name in ("pool_size", "max_queue"):
+        for name in ("pool_size", "max_queue", "min_idle_per_tenant"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ConfigError(f"{name} must be a non-negative integer, got {v!r}")

@@ -13,7 +13,6 @@ import hashlib
 import os
 import re
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -127,7 +126,7 @@ class FlowState:
 
     def __init__(self, *, tenant: str, trigger: str, event: dict[str, Any], actions: list[Action], limits: Limits,
                  flow_timeout_s: float, denial_message: str, flow_id: str | None = None) -> None:
-        self.flow_id = flow_id or uuid.uuid4().hex
+        self.flow_id = flow_id or os.urandom(16).hex()
         self.tenant = tenant
         self.trigger = trigger
         self.event = event

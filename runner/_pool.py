@@ -40,7 +40,7 @@ class PoolClosed(Exception):
 class Pool:
     def __init__(self, launch: Callable[[tuple[Any, ...]], Awaitable[WorkerHandle]], *, pool_size: int,
                  max_workers: int, max_queue: int, max_executions: int, default_profile: tuple[Any, ...],
-                 spawn_concurrency: int = 2, idle_timeout_s: float = 60.0) -> None:
+                 spawn_concurrency: int = 2, idle_timeout_s: float = 60.0, min_idle_per_tenant: int = 0) -> None:
         self._launch = launch
         self.pool_size = pool_size
         self.max_workers = max_workers
@@ -48,6 +48,8 @@ class Pool:
         self.max_executions = max_executions
         self.default_profile = default_profile
         self.spawn_concurrency = spawn_concurrency
+        self.min_idle_per_tenant = min_idle_per_tenant
+        self._tenant_warming: dict[Key, int] = {}
         self.idle_timeout_s = idle_timeout_s
         self._spawning: dict[Key, int] = {}              # spawns in flight on behalf of waiters, by key
         self._last_sweep = time.monotonic()
@@ -129,16 +131,35 @@ class Pool:
             self._reserve()
         await asyncio.gather(*(self._warm_one() for _ in range(self.pool_size)))
 
-    async def _warm_one(self) -> None:
-        """Start one unassigned warm worker (slot already reserved)."""
+    async def _warm_one(self, key: Key | None = None) -> None:
+        """Start one idle worker for ``key`` (default: unassigned warm); slot already reserved."""
+        key = key or (None, self.default_profile)
         try:
-            w = await self._new_worker((None, self.default_profile))
+            w = await self._new_worker(key)
         except PoolClosed:
             return
         except Exception as exc:
             log.error("could not start a warm worker: %s", exc)
             return
-        self._offer(w, (None, self.default_profile))
+        self._offer(w, key)
+
+    def _keep_tenant_warm(self, key: Key) -> None:
+        """Keep ``min_idle_per_tenant`` idle workers bound to a tenant that has flows, capacity allowing."""
+        want = self.min_idle_per_tenant
+        if not want or self.closed or key[0] is None:
+            return
+        have = len(self.idle.get(key, ())) + self._tenant_warming.get(key, 0)
+        while have < want and self.total < self.max_workers:
+            have += 1
+            self._tenant_warming[key] = self._tenant_warming.get(key, 0) + 1
+            self._reserve()
+            self._spawn_task(self._warm_tenant(key))
+
+    async def _warm_tenant(self, key: Key) -> None:
+        try:
+            await self._warm_one(key)
+        finally:
+            self._tenant_warming[key] -= 1
 
     def _replenish(self) -> None:
         """Keep ``pool_size`` unassigned warm workers, capacity allowing."""
@@ -202,6 +223,7 @@ class Pool:
         if w is not None:
             self._sweep()
             self._held_since[w] = time.monotonic()
+            self._keep_tenant_warm(key)
             return w
         if len(self.waiters) >= self.max_queue:
             raise Overloaded(f"all {self.max_workers} workers busy and {self.max_queue} flows already waiting")
@@ -293,7 +315,7 @@ class Pool:
         self._last_sweep = now
         cutoff = now - self.idle_timeout_s
         for k, lst in list(self.idle.items()):
-            keep = self.pool_size if k[0] is None else 0
+            keep = self.pool_size if k[0] is None else self.min_idle_per_tenant
             for w in list(lst[: max(0, len(lst) - keep)]):
                 if w.last_used < cutoff:
                     w.kill("idle timeout")

@@ -97,6 +97,7 @@ class Runner:
         self._pool = Pool(self._launch, pool_size=cfg.pool_size, max_workers=cfg.max_workers,
                           max_queue=cfg.max_queue, max_executions=cfg.max_executions_per_worker,
                           spawn_concurrency=cfg.spawn_concurrency, idle_timeout_s=cfg.idle_timeout_s,
+                          min_idle_per_tenant=cfg.min_idle_per_tenant,
                           default_profile=(limits.memory_mb, limits.cpu_seconds, limits.max_open_files))
         # The first worker doubles as the sandbox probe: strict mode refuses to start without it.
         try:

@@ -316,9 +316,8 @@ class WorkerHandle(asyncio.Protocol):
         self._answered = (run, error)
 
     def _complete(self, run: _Running, error: dict[str, Any] | None) -> None:
-        if self.memory_check is not None and self.memory_check():
-            error = {"kind": "memory_limit", "message": "worker exceeded its memory limit",
-                     **({} if error is None else {"type": error.get("type", "")})}
+        # No cgroup read here: a worker that answered was not OOM-killed (it is the only task in
+        # its cgroup); the verdict is read on the crash path, where it matters.
         self._finish(run, error, error is None)
         if error is not None:
             self.kill(f"execution failed: {error.get('kind')}")

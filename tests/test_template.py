@@ -102,3 +102,17 @@ async def test_global_max_respected_and_tenants_kept_apart() -> None:
     for i, a in enumerate(tenants):
         for b in tenants[i + 1:]:
             assert not (by_tenant[a] & by_tenant[b])
+
+
+async def test_min_idle_per_tenant_keeps_warm_workers_bound_to_the_tenant() -> None:
+    cfg = RunnerConfig(pool_size=0, max_workers=6, min_idle_per_tenant=2)
+    async with make_runner(cfg) as r:
+        await run(r, "def on_execute(event, api): pass", tenant="acme")
+        await run(r, "def on_execute(event, api): pass", tenant="acme")  # binds via idle, triggers warm-up
+        deadline = asyncio.get_running_loop().time() + 10
+        pool = r._pool  # noqa: SLF001 - the test inspects the idle lists
+        while len(pool.idle.get(("acme", pool.default_profile), ())) < 2:
+            assert asyncio.get_running_loop().time() < deadline, r.stats()
+            await asyncio.sleep(0.02)
+        assert all(w.tenant == "acme" for w in pool.idle[("acme", pool.default_profile)])
+        assert r.stats()["live"] <= 6
