@@ -221,6 +221,23 @@ class Cgroup:
             os.close(self._peak_fd)
         self._peak_fd = fd
 
+    def try_remove(self) -> bool:
+        """One non-blocking attempt: True once every directory is gone, False while the kernel is busy."""
+        if self._peak_fd is not None:
+            os.close(self._peak_fd)
+            self._peak_fd = None
+        for d in self.dirs:
+            try:
+                os.rmdir(d)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                if exc.errno == errno.EBUSY:
+                    return False
+                raise CgroupError(exc.errno, f"cannot remove cgroup {d}: {exc.strerror}") from None
+        self.removed = True
+        return True
+
     def remove(self) -> None:
         """rmdir (after the processes died); retries briefly while the kernel reaps them."""
         if self._peak_fd is not None:

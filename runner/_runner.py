@@ -136,7 +136,7 @@ class Runner:
                 w.kill("cgroup setup failed")
                 raise RuntimeError(f"cannot put worker in a memory cgroup: {exc}") from exc
             w.memory_check = cg.oom_killed
-            w.on_exit.append(cg.remove)
+            w.on_exit.append(lambda: self._remove_cgroup(cg))
             w.cgroup = cg  # type: ignore[attr-defined]
             # The cgroup is the cap (uncatchable OOM kill); RLIMIT_AS only stops absurd reservations.
             address_space = memory * sb.address_space_factor + (256 << 20)
@@ -163,6 +163,16 @@ class Runner:
             w.kill("failed to start")
             raise
         return w
+
+    def _remove_cgroup(self, cg: Any, attempt: int = 0) -> None:
+        """Remove a dead worker's cgroup without blocking the loop: the kernel may need a moment."""
+        try:
+            if cg.try_remove() or attempt >= 100:
+                return
+        except OSError as exc:
+            log.warning("actionpool: could not remove cgroup: %s", exc)
+            return
+        asyncio.get_running_loop().call_later(0.02, self._remove_cgroup, cg, attempt + 1)
 
     async def close(self, grace: float | None = None) -> None:
         """Finish in-flight flows within ``grace`` seconds, then kill what is left."""

@@ -51,6 +51,9 @@ def serve(rfd: int, wfd: int) -> None:
     try:
         from . import _sandbox
 
+        sandbox_spec["keep_fds"] = [*sandbox_spec["keep_fds"], *_sandbox.loop_fds(loop)]
+        sandbox_spec["scan_loops"] = False
+
         info["sandbox"] = _sandbox.apply(sandbox_spec)
     except Exception as exc:  # SandboxError in strict mode, or anything unexpected
         ch.send(hello(os.getpid(), {"sandbox_error": f"{type(exc).__name__}: {exc}"}).wire())

@@ -60,6 +60,7 @@ _DEFAULT_REQUIRE = ("fds", "no_new_privs", "rlimits", "landlock", "seccomp")
 _SPEC_KEYS = frozenset({
     "mode", "require", "keep_fds", "memory_bytes", "cpu_seconds", "max_open_files", "file_size",
     "workdir", "read_paths", "network_namespace", "drop_uid", "drop_gid", "landlock_max_abi", "skip",
+    "scan_loops",
 })
 _SKIPPABLE = ("netns", "landlock", "seccomp")
 _NPROC = 1  # RLIMIT_NPROC: counts every process of the real uid, so 1 means "create none"
@@ -528,6 +529,15 @@ def _code_paths() -> list[str]:
     return out
 
 
+_CODE_PATHS: list[str] = []
+
+
+def prepare() -> None:
+    """Precompute what every sandboxed child needs (the fork template calls this once)."""
+    global _CODE_PATHS
+    _CODE_PATHS = _code_paths()
+
+
 def _stdlib_paths() -> list[str]:
     """What a dropped uid must be able to read for lazy imports to keep working."""
     out = [os.path.dirname(os.__file__)]
@@ -680,6 +690,7 @@ def _parse(spec: dict[str, Any]) -> dict[str, Any]:
         "landlock_max_abi": _opt_int(spec, "landlock_max_abi", None),
         # Debugging/testing knob: do not apply these layers (reported in errors; refused if required).
         "skip": set(skip),
+        "scan_loops": bool(spec.get("scan_loops", True)),
     }
 
 
@@ -774,11 +785,13 @@ def apply(spec: dict) -> dict:  # type: ignore[type-arg]
     sandboxing = mode != "off"
 
     # 1. descriptors: only what the caller keeps (plus its event loops), 0/1/2 on /dev/null
-    keep = set(s["keep_fds"]) | set(_live_loop_fds())
+    # The gc scan for event loops costs milliseconds; a caller that passes loop_fds() itself skips it.
+    keep = set(s["keep_fds"]) | (set(_live_loop_fds()) if s["scan_loops"] else set())
     report["kept_fds"] = sorted(keep)
     step("fds", lambda: _close_fds(keep))
     report["fds_closed"] = report["fds"]
-    code_paths = _code_paths() if sandboxing else []  # before chdir: "" on sys.path means the start directory
+    # before chdir: "" on sys.path means the start directory
+    code_paths = (_CODE_PATHS or _code_paths()) if sandboxing else []
     if s["workdir"] is not None:
         try:
             os.chdir(s["workdir"])

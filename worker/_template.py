@@ -83,6 +83,7 @@ def serve(ctl_fd: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     sock = socket.socket(fileno=ctl_fd)
     sock.setblocking(True)
+    _sandbox.prepare()
     gc.collect()
     gc.freeze()  # keep the GC from touching (and so copying) the shared pages in every child
     sock.send(msgpack.packb(["ready", os.getpid()]))
