@@ -277,10 +277,11 @@ def main(argv: list[str] | None = None) -> int:
             doc["errors"]["plot"] = error_text(exc)
     _write_json(json_path, doc)
     print(render_table(doc["rows"], doc["ratios"]))
-    busy = [la[0] for la in (doc["meta"]["loadavg_start"], doc["meta"]["loadavg_end"]) if la]
-    if busy and max(busy) > (os.cpu_count() or 1):
-        print(f"\nnote: the machine was busy (1-min load average up to {max(busy):.1f} on {os.cpu_count()} cpus); "
-              "figures are noisy, compare ratios within this run only")
+    # Only the load before the run says something about others: S4/S6 raise it themselves.
+    load = doc["meta"]["loadavg_start"]
+    if load and load[0] > (os.cpu_count() or 1):
+        print(f"\nnote: the machine was busy before the run (1-min load average {load[0]:.1f} on {os.cpu_count()} "
+              "cpus); figures are noisy, compare ratios within this run only")
     print(f"\nfigures: {json_path}" + (f"   plot: {doc['plot']}" if doc["plot"] else "")
           + f"   ({doc['meta']['duration_s']}s)")
     return 1 if doc["errors"] else 0

@@ -401,7 +401,9 @@ async def _memory_row(row: dict[str, Any], knobs: dict[str, Any], pool: int, dea
         pids = set(r.worker_pids)
         kids = descendants()
         procs = [p for p in kids if p.pid in pids]
+        others = [p for p in kids if p.pid not in pids]  # e.g. a fork template: part of the footprint
         mem = await asyncio.get_running_loop().run_in_executor(None, memory_full, procs)
+        other_mem = await asyncio.get_running_loop().run_in_executor(None, memory_full, others)
         sup = psutil.Process().memory_full_info()
     row["extra"]["leaked_processes"] = _leaked()
     if not mem:
@@ -410,9 +412,12 @@ async def _memory_row(row: dict[str, Any], knobs: dict[str, Any], pool: int, dea
     uss = [m["uss"] for m in mem]
     pss = [m["pss"] for m in mem]
     row["n"] = len(mem)
+    total_pss = getattr(sup, "pss", 0) + sum(pss) + sum(m["pss"] for m in other_mem)
     row["extra"].update({
         "workers": len(mem),
-        "other_descendants": len(kids) - len(procs),
+        "other_descendants": len(others),
+        "other_descendants_rss_mib": round(mib(sum(m["rss"] for m in other_mem)), 1),
+        "other_descendants_uss_mib": round(mib(sum(m["uss"] for m in other_mem)), 1),
         "worker_rss_mib_median": round(mib(statistics.median(rss)), 2),
         "worker_rss_mib_max": round(mib(max(rss)), 2),
         "worker_uss_mib_median": round(mib(statistics.median(uss)), 2),
@@ -422,12 +427,14 @@ async def _memory_row(row: dict[str, Any], knobs: dict[str, Any], pool: int, dea
         "workers_uss_mib_total": round(mib(sum(uss)), 1),
         "supervisor_rss_mib": round(mib(sup.rss), 1),
         "supervisor_uss_mib": round(mib(sup.uss), 1),
-        "total_rss_mib": round(mib(sup.rss + sum(rss)), 1),
+        "total_rss_mib": round(mib(sup.rss + sum(rss) + sum(m["rss"] for m in other_mem)), 1),
+        # PSS shares each shared page among its users: the sum is the honest total footprint.
+        "total_pss_mib": round(mib(total_pss), 1),
         "start_to_all_idle_s": round(warm_s, 3),
     })
     row["note"] = (f"per worker RSS {mib(statistics.median(rss)):.1f} MiB, USS {mib(statistics.median(uss)):.1f} MiB "
                    f"(median); {len(mem)} workers: RSS {mib(sum(rss)):.0f} MiB, USS {mib(sum(uss)):.0f} MiB; "
-                   f"supervisor RSS {mib(sup.rss):.0f} MiB; all warm in {warm_s:.2f}s")
+                   f"supervisor RSS {mib(sup.rss):.0f} MiB; total PSS {mib(total_pss):.0f} MiB; all warm in {warm_s:.2f}s")
 
 
 async def _s6(knobs: dict[str, Any], rec: Recorder, deadline: Deadline) -> None:
