@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from typing import Any, Awaitable, Callable
@@ -59,7 +60,11 @@ class Pool:
         self.workers: set[WorkerHandle] = set()
         self.idle: dict[Key, list[WorkerHandle]] = {}
         self.starting = 0                                # spawns in flight (they count against max_workers)
-        self.waiters: deque[tuple[Key, asyncio.Future[WorkerHandle]]] = deque()
+        # Waiting flows, FIFO per key; the sequence number orders them across keys.
+        self.waiting: dict[Key, deque[tuple[int, asyncio.Future[WorkerHandle]]]] = {}
+        self.n_waiting = 0
+        self._wseq = 0
+        self._busy: dict[str | None, int] = {}           # workers handed out, by tenant
         self.closed = False
         self.spawned = 0
         self.discarded = 0
@@ -78,7 +83,7 @@ class Pool:
             "live": len(self.workers), "starting": self.starting, "idle": idle,
             "busy": sum(1 for w in self.workers if w.state is State.BUSY),
             "warm_unassigned": sum(len(v) for k, v in self.idle.items() if k[0] is None),
-            "waiting": len(self.waiters), "spawned": self.spawned, "discarded": self.discarded,
+            "waiting": self.n_waiting, "spawned": self.spawned, "discarded": self.discarded,
             "peak_workers": self.peak_workers,
         }
 
@@ -167,7 +172,7 @@ class Pool:
             return
         key: Key = (None, self.default_profile)
         have = len(self.idle.get(key, ())) + self._warming
-        while have < self.pool_size and self.total < self.max_workers and not self.waiters:
+        while have < self.pool_size and self.total < self.max_workers and not self.n_waiting:
             have += 1
             self._warming += 1
             self._reserve()
@@ -222,22 +227,24 @@ class Pool:
                 self._replenish()
         if w is not None:
             self._sweep()
-            self._held_since[w] = time.monotonic()
+            self._hold(w)
             self._keep_tenant_warm(key)
             return w
-        if len(self.waiters) >= self.max_queue:
+        if self.n_waiting >= self.max_queue:
             raise Overloaded(f"all {self.max_workers} workers busy and {self.max_queue} flows already waiting")
         fut: asyncio.Future[WorkerHandle] = asyncio.get_running_loop().create_future()
-        entry = (key, fut)
-        self.waiters.append(entry)
+        self._wseq += 1
+        entry = (self._wseq, fut)
+        self.waiting.setdefault(key, deque()).append(entry)
+        self.n_waiting += 1
         self._grow()
         try:
             w = await asyncio.wait_for(asyncio.shield(fut), timeout)
-            self._held_since[w] = time.monotonic()
+            self._hold(w)
             return w
         except asyncio.TimeoutError:
             if fut.done() and not fut.cancelled() and fut.exception() is None:
-                self._held_since[fut.result()] = time.monotonic()
+                self._hold(fut.result())
                 return fut.result()  # handed over in the same instant the wait expired
             fut.cancel()
             if fut.cancelled() and self.total >= self.max_workers:
@@ -249,48 +256,62 @@ class Pool:
             fut.cancel()
             raise
         finally:
-            try:
-                self.waiters.remove(entry)
-            except ValueError:
-                pass
+            dq = self.waiting.get(key)
+            if dq is not None:
+                try:
+                    dq.remove(entry)
+                    self.n_waiting -= 1
+                except ValueError:
+                    pass
+                if not dq:
+                    del self.waiting[key]
+
+    def _hold(self, w: WorkerHandle) -> None:
+        self._held_since[w] = time.monotonic()
+        self._busy[w.tenant] = self._busy.get(w.tenant, 0) + 1
+
+    def _pop_waiter(self, key: Key) -> asyncio.Future[WorkerHandle] | None:
+        """The oldest live waiter of ``key`` (dropping ones that gave up), or None."""
+        dq = self.waiting.get(key)
+        while dq:
+            _, fut = dq.popleft()
+            self.n_waiting -= 1
+            if not fut.done():
+                if not dq:
+                    del self.waiting[key]
+                return fut
+        if dq is not None:
+            del self.waiting[key]
+        return None
 
     def _grow(self) -> None:
-        """Start workers for waiters no spawn in flight will serve, within both caps."""
-        if self.closed or not self.waiters or self.starting >= self.spawn_concurrency:
-            return
-        covered = dict(self._spawning)
-        ahead: dict[Key, int] = {}
-        busy: dict[str | None, int] = {}
-        for held in self._held_since:
-            busy[held.tenant] = busy.get(held.tenant, 0) + 1
-        for key, fut in list(self.waiters):
-            if fut.done():
-                continue
-            if covered.get(key, 0) > 0:
-                covered[key] -= 1
-                continue
-            ahead[key] = ahead.get(key, 0) + 1
-            if self._release_beats_spawn(busy.get(key[0], 0), ahead[key]):
-                continue
-            if self.starting >= self.spawn_concurrency:
-                return
-            if self.total >= self.max_workers and not self._retire_other_idle(key):
-                return
-            self._spawning[key] = self._spawning.get(key, 0) + 1
-            self._reserve()
-            self._spawn_task(self._spawn_for_waiters(key))
+        """Start workers for waiters no spawn in flight will serve, within both caps.
 
-    def _release_beats_spawn(self, busy: int, position: int) -> bool:
-        """Will a busy worker of this key free up sooner than a new one could start?
-
-        Short actions on a busy pool are served faster by waiting for a
-        release than by paying a process start, and the pool stays at the size
-        the CPU can actually use. Long (I/O-bound) actions make the estimate
-        exceed the start time, and the pool grows.
+        Per key, the first ``ceil(spawn_time * busy / hold_time) - 1`` waiters
+        will be served by releases before a new worker could start; only the
+        rest are worth a start. O(number of waiting keys), not of waiters.
         """
-        if busy == 0:
-            return False
-        return self.exec_ema_s * position / busy < self.spawn_ema_s
+        if self.closed or not self.n_waiting or self.starting >= self.spawn_concurrency:
+            return
+        for key, dq in list(self.waiting.items()):
+            uncovered = len(dq) - self._spawning.get(key, 0)
+            if uncovered <= 0:
+                continue
+            busy = self._busy.get(key[0], 0)
+            if busy:
+                if self.exec_ema_s <= 0:
+                    continue
+                limit = self.spawn_ema_s * busy / self.exec_ema_s
+                uncovered -= max(0, math.ceil(limit) - 1)
+            while uncovered > 0:
+                if self.starting >= self.spawn_concurrency:
+                    return
+                if self.total >= self.max_workers and not self._retire_other_idle(key):
+                    return
+                uncovered -= 1
+                self._spawning[key] = self._spawning.get(key, 0) + 1
+                self._reserve()
+                self._spawn_task(self._spawn_for_waiters(key))
 
     async def _spawn_for_waiters(self, key: Key) -> None:
         try:
@@ -298,10 +319,9 @@ class Pool:
         except BaseException as exc:
             self._spawning[key] -= 1
             # Nobody waits on a particular spawn; fail the oldest waiter of this key so errors surface.
-            for k, fut in self.waiters:
-                if k == key and not fut.done():
-                    fut.set_exception(exc if isinstance(exc, Exception) else PoolClosed("cancelled"))
-                    break
+            fut = self._pop_waiter(key)
+            if fut is not None:
+                fut.set_exception(exc if isinstance(exc, Exception) else PoolClosed("cancelled"))
             return
         self._spawning[key] -= 1
         self._offer(w, key)
@@ -325,6 +345,7 @@ class Pool:
         held = self._held_since.pop(w, None)
         if held is not None:
             self.exec_ema_s = 0.9 * self.exec_ema_s + 0.1 * (now - held)
+            self._busy[w.tenant] -= 1
         w.last_used = now
         if not reusable or not w.alive or w.executions >= self.max_executions or self.closed:
             if w.alive:
@@ -332,7 +353,7 @@ class Pool:
             return
         key: Key = (w.tenant, self._profile_of(w))
         self._offer(w, key)
-        if self.waiters:
+        if self.n_waiting:
             self._grow()
 
     def _profile_of(self, w: WorkerHandle) -> tuple[Any, ...]:
@@ -342,17 +363,19 @@ class Pool:
         """An idle worker: hand it to a waiter of its key, or make room for another waiter, or park it."""
         if not w.alive:
             return
-        for entry in self.waiters:
-            k, fut = entry
-            if fut.done():
-                continue
-            if k == key or (key[0] is None and key[1] == k[1]):
-                if key[0] is None:
+        fut = self._pop_waiter(key)
+        if fut is None and key[0] is None:
+            # An unassigned warm worker serves the oldest waiter of any tenant with its profile.
+            heads = [(dq[0][0], k) for k, dq in self.waiting.items() if dq and k[1] == key[1]]
+            for _, k in sorted(heads):
+                fut = self._pop_waiter(k)
+                if fut is not None:
                     w.tenant = k[0]
-                self.waiters.remove(entry)
-                fut.set_result(w)
-                return
-        if any(not f.done() for _, f in self.waiters) and self.total >= self.max_workers:
+                    break
+        if fut is not None:
+            fut.set_result(w)
+            return
+        if self.n_waiting and self.total >= self.max_workers:
             w.kill("retired to serve a waiting flow of another tenant")  # frees capacity -> _grow
             return
         self.idle.setdefault(key, []).append(w)
@@ -364,9 +387,8 @@ class Pool:
     # -- shutdown ------------------------------------------------------------------------------
     async def close(self, grace: float) -> None:
         self.closed = True
-        while self.waiters:
-            _, fut = self.waiters.popleft()
-            if not fut.done():
+        for key in list(self.waiting):
+            while (fut := self._pop_waiter(key)) is not None:
                 fut.set_exception(PoolClosed("pool closed"))
         for t in list(self._tasks):
             t.cancel()
