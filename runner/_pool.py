@@ -30,6 +30,15 @@ log = logging.getLogger("actionpool.pool")
 Key = tuple[str | None, tuple[Any, ...]]   # (tenant or None for unassigned warm workers, worker profile)
 
 
+class _Expired(Exception):
+    """A waiting flow's queue timeout passed."""
+
+
+def _expire(fut: "asyncio.Future[Any]") -> None:
+    if not fut.done():
+        fut.set_exception(_Expired())
+
+
 class Overloaded(Exception):
     """No worker could be had within the queue bounds."""
 
@@ -238,24 +247,22 @@ class Pool:
         self.waiting.setdefault(key, deque()).append(entry)
         self.n_waiting += 1
         self._grow()
+        # A plain timer instead of wait_for(shield(...)): no extra task or future per waiting flow.
+        timer = fut.get_loop().call_later(timeout, _expire, fut)
         try:
-            w = await asyncio.wait_for(asyncio.shield(fut), timeout)
+            w = await fut
             self._hold(w)
             return w
-        except asyncio.TimeoutError:
-            if fut.done() and not fut.cancelled() and fut.exception() is None:
-                self._hold(fut.result())
-                return fut.result()  # handed over in the same instant the wait expired
-            fut.cancel()
-            if fut.cancelled() and self.total >= self.max_workers:
+        except _Expired:
+            if self.total >= self.max_workers:
                 raise Overloaded(f"all {self.max_workers} workers busy; none became free within {timeout:.3g}s") from None
             raise Overloaded(f"no worker could be started within {timeout:.3g}s") from None
         except asyncio.CancelledError:
             if fut.done() and not fut.cancelled() and fut.exception() is None:
-                self.release(fut.result(), True)
-            fut.cancel()
+                self.release(fut.result(), True)  # handed over just as the caller gave up
             raise
         finally:
+            timer.cancel()
             dq = self.waiting.get(key)
             if dq is not None:
                 try:
