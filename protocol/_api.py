@@ -62,6 +62,16 @@ del P
 LOG_LEVELS = ("debug", "info", "warn", "error")
 
 
+def truncate_utf8(text: str, limit: int) -> str:
+    """At most ``limit`` UTF-8 bytes, never splitting a character (log messages: 4096 bytes)."""
+    if len(text) * 4 <= limit:
+        return text
+    raw = text.encode("utf-8", "surrogatepass")
+    if len(raw) <= limit:
+        return text
+    return raw[:limit].decode("utf-8", "ignore")
+
+
 def snake_case(name: str) -> str:
     """``setAppMetadata`` -> ``set_app_metadata``; ``idToken`` -> ``id_token``."""
     return re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", name).lower()

@@ -13,7 +13,7 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
-from protocol import LOG_LEVELS, METHODS, check_params
+from protocol import LOG_LEVELS, METHODS, check_params, truncate_utf8
 
 from ._worker import ApiFailure, CallHandler, Violation
 
@@ -22,15 +22,6 @@ if TYPE_CHECKING:
     from ._services import Services
     from ._triggers import TriggerProfile
 
-
-def truncate_utf8(text: str, limit: int) -> str:
-    """At most ``limit`` UTF-8 bytes, never splitting a character."""
-    if len(text) * 4 <= limit:
-        return text
-    raw = text.encode("utf-8", "surrogatepass")
-    if len(raw) <= limit:
-        return text
-    return raw[:limit].decode("utf-8", "ignore")
 
 
 class ExecutionContext(CallHandler):

@@ -19,7 +19,7 @@ import pytest
 
 from conftest import make_runner, run
 from runner._spawn import Spawned, _spawn, worker_pipes
-from runner._worker import State, WorkerHandle
+from runner._worker import State, Violation, WorkerHandle
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -71,15 +71,13 @@ CASES: list[tuple[str, str, str, str]] = [
 
 
 class _NullHandler:
-    def notify(self, method: str, params: list[Any]) -> None:
-        from runner._worker import Violation
+    """A flow that offers nothing: every api call from a fake worker is a violation."""
 
+    def notify(self, method: str, params: list[Any]) -> None:
         raise Violation("protocol_error", f"fake worker called {method}")
 
     async def request(self, method: str, params: list[Any]) -> Any:
-        from runner._worker import Violation
-
-        raise Violation("protocol_error", f"fake worker called {method}")
+        self.notify(method, params)
 
 
 def spawn_fake(body: str) -> Spawned:

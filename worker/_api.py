@@ -13,7 +13,7 @@ import logging
 import sys
 from typing import Any, Callable
 
-from protocol import LOG_LEVELS, METHODS, ApiMethod, check_json, check_params, snake_case
+from protocol import LOG_LEVELS, METHODS, ApiMethod, check_json, check_params, snake_case, truncate_utf8
 
 from ._channel import Channel, notification
 from ._event import view
@@ -44,15 +44,6 @@ class ApiClosed(Exception):
 for _cls in (ApiError, ApiNotAvailable, ApiClosed):
     _cls.__module__ = "api"
 
-
-def truncate_utf8(text: str, limit: int) -> str:
-    """At most ``limit`` UTF-8 bytes, never splitting a character."""
-    if len(text) * 4 <= limit:
-        return text
-    raw = text.encode("utf-8", "surrogatepass")
-    if len(raw) <= limit:
-        return text
-    return raw[:limit].decode("utf-8", "ignore")
 
 
 class Execution:
