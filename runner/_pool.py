@@ -135,7 +135,7 @@ class Pool:
             raise PoolClosed("pool closed while a worker was starting")
         w.tenant = key[0]
         self.workers.add(w)
-        w._on_dead = self._on_dead  # noqa: SLF001 - the pool owns its handles
+        w.on_dead = self._on_dead
         if not w.alive:  # died between hello and now
             self._on_dead(w)
         return w
@@ -358,13 +358,10 @@ class Pool:
             if w.alive:
                 w.kill("retired" if reusable else "not reusable after its execution")
             return
-        key: Key = (w.tenant, self._profile_of(w))
+        key: Key = (w.tenant, w.profile or self.default_profile)
         self._offer(w, key)
         if self.n_waiting:
             self._grow()
-
-    def _profile_of(self, w: WorkerHandle) -> tuple[Any, ...]:
-        return getattr(w, "profile", self.default_profile)
 
     def _offer(self, w: WorkerHandle, key: Key) -> None:
         """An idle worker: hand it to a waiter of its key, or make room for another waiter, or park it."""

@@ -123,8 +123,7 @@ class Runner:
             spawned = await self._template.fork()
         else:
             spawned = spawn_worker(cfg.python)
-        w = WorkerHandle(spawned, max_frame=cfg.limits.max_frame_bytes)
-        w.profile = wprofile  # type: ignore[attr-defined]
+        w = WorkerHandle(spawned, max_frame=cfg.limits.max_frame_bytes, profile=wprofile)
         memory = memory_mb << 20
         address_space = memory
         if self._cgroups is not None:
@@ -137,7 +136,6 @@ class Runner:
                 raise RuntimeError(f"cannot put worker in a memory cgroup: {exc}") from exc
             w.memory_check = cg.oom_killed
             w.on_exit.append(lambda: self._remove_cgroup(cg))
-            w.cgroup = cg  # type: ignore[attr-defined]
             # The cgroup is the cap (uncatchable OOM kill); RLIMIT_AS only stops absurd reservations.
             address_space = memory * sb.address_space_factor + (256 << 20)
         configure = {

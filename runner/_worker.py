@@ -109,8 +109,10 @@ def describe_exit(returncode: int | None) -> str:
 
 
 class WorkerHandle(asyncio.Protocol):
-    def __init__(self, spawned: Spawned, *, max_frame: int, on_dead: Callable[["WorkerHandle"], None] | None = None) -> None:
+    def __init__(self, spawned: Spawned, *, max_frame: int, on_dead: Callable[["WorkerHandle"], None] | None = None,
+                 profile: tuple[Any, ...] = ()) -> None:
         self.pid = spawned.pid
+        self.profile = profile          # (memory_mb, cpu_seconds, max_open_files) the worker was started with
         self._spawned = spawned
         self.state = State.STARTING
         self.info: dict[str, Any] = {}
@@ -124,7 +126,7 @@ class WorkerHandle(asyncio.Protocol):
         self.memory_check: Callable[[], bool] | None = None  # True when the worker exceeded its memory cap
         self._max_frame = max_frame
         self._decoder = FrameDecoder(max_frame)
-        self._on_dead = on_dead
+        self.on_dead = on_dead
         self._loop = asyncio.get_running_loop()
         self._ready: asyncio.Future[dict[str, Any]] = self._loop.create_future()
         self._exited: asyncio.Future[int] = self._loop.create_future()
@@ -163,8 +165,8 @@ class WorkerHandle(asyncio.Protocol):
         if self.state is not State.DEAD:
             self.death_reason = self.death_reason or reason
             self.state = State.DEAD
-            if self._on_dead is not None:
-                self._on_dead(self)
+            if self.on_dead is not None:
+                self.on_dead(self)
         try:
             os.killpg(self.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
