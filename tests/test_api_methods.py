@@ -270,3 +270,24 @@ def on_execute(event, api):
     assert res["state"]["a"] == {"missing": None, "set": {"type": "success"}, "value": "v1", "has_expiry": True}
     assert other["state"]["a"]["other_tenant"] is None
     assert same["state"]["a"]["v"] == "v1"
+
+
+async def test_event_views_can_be_passed_back_and_bad_strings_raise_type_error() -> None:
+    src = '''
+def on_execute(event, api):
+    api.state.set("user", event.user)
+    api.user.setAppMetadata({"address": {**event.user.app_metadata.address, "country": "IN"}})
+    api.session.setCustomClaim("ids", event.user.identities)
+    try:
+        api.state.set("bad", "x" + chr(0xD800))
+    except TypeError as exc:
+        api.state.set("error", str(exc))
+'''
+    event = {"user": {"app_metadata": {"address": {"zip": "1"}}, "identities": [{"p": "g"}]}}
+    async with make_runner() as r:
+        res = await run(r, src, event=event)
+    assert res["outcome"] == "allow", res["denial"]
+    assert res["state"]["a"]["user"] == event["user"]
+    assert res["app_metadata"] == {"address": {"zip": "1", "country": "IN"}}
+    assert res["claims"]["access_token"] == {"ids": [{"p": "g"}]}
+    assert "lone surrogate" in res["state"]["a"]["error"]

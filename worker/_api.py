@@ -14,9 +14,10 @@ import sys
 from typing import Any, Callable
 
 from protocol import LOG_LEVELS, METHODS, ApiMethod, check_json, check_params, snake_case, truncate_utf8
+from protocol._api import MAX_JSON_DEPTH
 
 from ._channel import Channel, notification
-from ._event import view
+from ._event import FrozenDict, FrozenList, thaw, view
 
 
 class ApiError(Exception):
@@ -74,6 +75,31 @@ def _response(resp: Any) -> Any:
     return view(resp.result)
 
 
+def _plain_value(v: Any, path: frozenset[int] = frozenset()) -> Any:
+    """Replace event views inside ``v`` by plain copies; anything else is left for ``check_json`` to judge.
+
+    A container already on the path (a cycle) or past the depth limit is returned as it is, so the
+    check that follows reports "circular reference" or "nested deeper" instead of recursing here.
+    """
+    t = type(v)
+    if t is FrozenDict or t is FrozenList:
+        return thaw(v)  # views come from a decoded event: finite and acyclic
+    if t is dict or t is list or t is tuple:
+        i = id(v)
+        if i in path or len(path) > MAX_JSON_DEPTH:
+            return v
+        inner = path | {i}
+        if t is dict:
+            return {k: _plain_value(x, inner) for k, x in v.items()}
+        return [_plain_value(x, inner) for x in v]
+    return v
+
+
+def _plain(args: list[Any]) -> list[Any]:
+    """Views of the event passed back to the api (``api.state.set("u", event.user)``) become plain data."""
+    return [_plain_value(a) if type(a) in (FrozenDict, FrozenList, dict, list, tuple) else a for a in args]
+
+
 def _make_method(m: ApiMethod) -> Callable[..., Any]:
     """One api method as a plain function of its namespace object (``self._ex`` is the execution)."""
     name = m.name
@@ -90,7 +116,7 @@ def _make_method(m: ApiMethod) -> Callable[..., Any]:
                 patch = {key_or_patch: value[0]}
             else:
                 patch = key_or_patch
-            ex.channel.queue(notification(name, check_params(m, [patch])))
+            ex.channel.queue(notification(name, check_params(m, _plain([patch]))))
         return set_metadata
 
     if name == "log":
@@ -107,7 +133,7 @@ def _make_method(m: ApiMethod) -> Callable[..., Any]:
         async def fetch(self: Any, url: Any, init: Any = None) -> Any:
             ex: Execution = self._ex
             ex.check(m)
-            args = check_params(m, [url, init])
+            args = check_params(m, _plain([url, init]))
             return _response(await ex.channel.call_async(name, args))
         return fetch
 
@@ -115,13 +141,13 @@ def _make_method(m: ApiMethod) -> Callable[..., Any]:
         def call(self: Any, *params: Any) -> Any:
             ex: Execution = self._ex
             ex.check(m)
-            return _response(ex.channel.call(name, check_params(m, list(params))))
+            return _response(ex.channel.call(name, check_params(m, _plain(list(params)))))
         return call
 
     def notify(self: Any, *params: Any) -> None:
         ex: Execution = self._ex
         ex.check(m)
-        ex.channel.queue(notification(name, check_params(m, list(params))))
+        ex.channel.queue(notification(name, check_params(m, _plain(list(params)))))
     return notify
 
 

@@ -39,7 +39,12 @@ class Channel:
     # -- writing -------------------------------------------------------------
     def queue(self, wire: list[Any]) -> None:
         """Buffer one message; it is written at the next flush."""
-        self.out += encode_frame(wire, self.max_frame)
+        try:
+            frame = encode_frame(wire, self.max_frame)
+        except UnicodeEncodeError:
+            # Raised inside the action at call time, like any other value that cannot be serialised.
+            raise TypeError("a string argument is not valid UTF-8 (it contains a lone surrogate)") from None
+        self.out += frame
         if not self.coalesce or len(self.out) >= FLUSH_AT:
             self.flush()
 
