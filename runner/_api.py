@@ -128,7 +128,10 @@ class ExecutionContext(CallHandler):
 
     async def _fetch(self, a: list[Any]) -> Any:
         now = time.monotonic()
-        budget = min(self.action_deadline, self.flow.deadline) - now
+        remaining = min(self.action_deadline, self.flow.deadline) - now
+        # Leave the action a moment after its fetch times out, so the fetch's own verdict
+        # (http_fetch_timeout) comes first instead of racing the action's kill timer.
+        budget = remaining - min(0.1, remaining * 0.1)
         if self._fetch_slots is None:
             self._fetch_slots = asyncio.Semaphore(self.services.fetch_config.max_concurrent_per_execution)
         async with self._fetch_slots:
