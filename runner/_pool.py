@@ -65,6 +65,7 @@ class Pool:
         self._last_sweep = time.monotonic()
         self.exec_ema_s = 0.0          # how long a worker is held per acquire (moving average)
         self.spawn_ema_s = 0.05        # how long a new worker takes to say hello (moving average)
+        self.reuse_ema = 1.0           # share of releases that give back a reusable worker
         self._held_since: dict[WorkerHandle, float] = {}
         self.workers: set[WorkerHandle] = set()
         self.idle: dict[Key, list[WorkerHandle]] = {}
@@ -304,8 +305,9 @@ class Pool:
             uncovered = len(dq) - self._spawning.get(key, 0)
             if uncovered <= 0:
                 continue
-            busy = self._busy.get(key[0], 0)
-            if busy:
+            # Only releases that give a worker back can serve a waiter (crashing actions give none).
+            busy = self._busy.get(key[0], 0) * self.reuse_ema
+            if busy >= 1:
                 if self.exec_ema_s <= 0:
                     continue
                 limit = self.spawn_ema_s * busy / self.exec_ema_s
@@ -354,9 +356,12 @@ class Pool:
             self.exec_ema_s = 0.9 * self.exec_ema_s + 0.1 * (now - held)
             self._busy[w.tenant] -= 1
         w.last_used = now
+        self.reuse_ema = 0.9 * self.reuse_ema + (0.1 if reusable and w.alive else 0.0)
         if not reusable or not w.alive or w.executions >= self.max_executions or self.closed:
             if w.alive:
                 w.kill("retired" if reusable else "not reusable after its execution")
+            if self.n_waiting:
+                self._grow()  # this hold ended without a worker to hand on
             return
         key: Key = (w.tenant, w.profile or self.default_profile)
         self._offer(w, key)

@@ -267,6 +267,18 @@ class Runner:
             return f"event of {size} bytes exceeds the {self.config.limits.max_frame_bytes // 2}-byte limit"
         return None
 
+    async def _acquire_live(self, flow: FlowState, action: Action, wprofile: tuple[Any, ...]) -> WorkerHandle:
+        """A live idle worker; one that died between hand-over and use is replaced (a few times at most)."""
+        assert self._pool is not None
+        for _ in range(3):
+            remaining = flow.deadline - time.monotonic()
+            w = await self._pool.acquire(flow.tenant, action.digest, wprofile,
+                                         min(self.config.queue_timeout_s, max(remaining, 0.001)))
+            if w.alive and w.state.value == "idle":
+                return w
+            self._pool.release(w, False)
+        raise RuntimeError("workers kept dying before they could be used")
+
     def _methods_for(self, prof: TriggerProfile) -> list[str]:
         m = self._methods.get(prof.name)
         if m is None:
@@ -288,8 +300,7 @@ class Runner:
                 break
             wprofile = (limits.memory_mb, limits.cpu_seconds, limits.max_open_files)
             try:
-                w = await pool.acquire(flow.tenant, action.digest, wprofile,
-                                       min(self.config.queue_timeout_s, remaining))
+                w = await self._acquire_live(flow, action, wprofile)
             except Overloaded as exc:
                 flow.deny(action.slug, "overloaded", str(exc), None)
                 rec.status = "failed"

@@ -143,15 +143,17 @@ class WorkerHandle(asyncio.Protocol):
     async def start(self, configure: dict[str, Any], timeout: float) -> dict[str, Any]:
         """Connect the pipes, send the configuration, wait for the hello."""
         loop = self._loop
-        try:
-            self._pidfd = os.pidfd_open(self.pid)
-            loop.add_reader(self._pidfd, self._on_exit)
-        except OSError:  # the process is already gone; waitpid below finds its status
-            self._pidfd = None
-            self._reap()
+        # Pipes first, death watch second: a worker that dies at once must not close the pipe
+        # ends under a half-connected transport (its death is seen right after, through the pidfd).
         self._pipes = [os.fdopen(self._spawned.rfd, "rb", buffering=0), os.fdopen(self._spawned.wfd, "wb", buffering=0)]
         self._rtransport, _ = await loop.connect_read_pipe(lambda: self, self._pipes[0])
         self._wtransport, _ = await loop.connect_write_pipe(asyncio.Protocol, self._pipes[1])
+        try:
+            self._pidfd = os.pidfd_open(self.pid)
+            loop.add_reader(self._pidfd, self._on_exit)
+        except OSError:  # the process is already gone; waitpid finds its status
+            self._pidfd = None
+            self._reap()
         self._write(Notification("configure", [configure]).wire())
         try:
             self.info = await asyncio.wait_for(asyncio.shield(self._ready), timeout)
@@ -201,10 +203,15 @@ class WorkerHandle(asyncio.Protocol):
     def execute(self, params: dict[str, Any], handler: CallHandler, timeout: float, timeout_kind: str,
                 max_output: int) -> asyncio.Future[Outcome]:
         """Send one execute request; the future resolves exactly once with its Outcome."""
-        assert self.state is State.IDLE, self.state
+        if self.state is not State.IDLE:
+            # Died between being handed out and being used (an OOM kill, an external SIGKILL).
+            fut: asyncio.Future[Outcome] = self._loop.create_future()
+            fut.set_result(Outcome({"kind": "worker_crash", "message": f"worker died before the execution started: "
+                                    f"{self.death_reason or describe_exit(self.returncode)}"}, 0.0, False))
+            return fut
         self.state = State.BUSY
         # An unpredictable id: a blind forgery of the answer from inside the worker names no pending request.
-        fut: asyncio.Future[Outcome] = self._loop.create_future()
+        fut = self._loop.create_future()
         run = _Running(_randbits(32), handler, fut, time.perf_counter(), max_output)
         self._running = run
         self.executions += 1
