@@ -16,6 +16,7 @@ from typing import Any, Literal
 from ._errors import ConfigError
 
 SandboxMode = Literal["strict", "degraded", "off"]
+WorkerBinding = Literal["action", "tenant"]
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,8 @@ class RunnerConfig:
 
     pool_size: int = 2                       # warm idle workers kept ready
     max_workers: int = 64                    # hard cap on live workers
-    max_executions_per_worker: int = 1000    # recycle a worker after this many executions (same tenant only)
+    max_executions_per_worker: int = 1000    # recycle a worker after this many executions; 1 = a fresh process each
+    worker_binding: WorkerBinding = "action" # a worker serves one action of one tenant ("action") or any of its tenant's
     max_queue: int = 1000                    # flows waiting for a worker before new ones are refused
     queue_timeout_s: float = 10.0            # how long a flow may wait for a worker
     spawn_concurrency: int = 2               # workers starting at once on behalf of waiting flows
@@ -126,6 +128,8 @@ class RunnerConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ConfigError(f"{name} must be a non-negative number, got {v!r}")
+        if self.worker_binding not in ("action", "tenant"):
+            raise ConfigError(f"worker_binding must be 'action' or 'tenant', got {self.worker_binding!r}")
         if self.sandbox.mode not in ("strict", "degraded", "off"):
             raise ConfigError(f"sandbox.mode must be strict, degraded or off, got {self.sandbox.mode!r}")
         if not isinstance(self.denial_message, str) or not self.denial_message:

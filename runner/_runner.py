@@ -270,9 +270,11 @@ class Runner:
     async def _acquire_live(self, flow: FlowState, action: Action, wprofile: tuple[Any, ...]) -> WorkerHandle:
         """A live idle worker; one that died between hand-over and use is replaced (a few times at most)."""
         assert self._pool is not None
+        # The pool keeps workers apart by owner: the tenant, or the tenant and the action's source.
+        owner = flow.tenant if self.config.worker_binding == "tenant" else f"{flow.tenant}\x00{action.digest}"
         for _ in range(3):
             remaining = flow.deadline - time.monotonic()
-            w = await self._pool.acquire(flow.tenant, action.digest, wprofile,
+            w = await self._pool.acquire(owner, action.digest, wprofile,
                                          min(self.config.queue_timeout_s, max(remaining, 0.001)))
             if w.alive and w.state.value == "idle":
                 return w

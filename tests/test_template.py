@@ -105,7 +105,7 @@ async def test_global_max_respected_and_tenants_kept_apart() -> None:
 
 
 async def test_min_idle_per_tenant_keeps_warm_workers_bound_to_the_tenant() -> None:
-    cfg = RunnerConfig(pool_size=0, max_workers=6, min_idle_per_tenant=2)
+    cfg = RunnerConfig(pool_size=0, max_workers=6, min_idle_per_tenant=2, worker_binding="tenant")
     async with make_runner(cfg) as r:
         await run(r, "def on_execute(event, api): pass", tenant="acme")
         await run(r, "def on_execute(event, api): pass", tenant="acme")  # binds via idle, triggers warm-up
@@ -116,3 +116,14 @@ async def test_min_idle_per_tenant_keeps_warm_workers_bound_to_the_tenant() -> N
             await asyncio.sleep(0.02)
         assert all(w.tenant == "acme" for w in pool.idle[("acme", pool.default_profile)])
         assert r.stats()["live"] <= 6
+
+
+async def test_worker_binding_keeps_actions_of_one_tenant_apart() -> None:
+    pid = "import os\ndef on_execute(event, api):\n    api.state.set('pid', os.getpid())\n"
+    a = Action(slug="a", source=pid)
+    b = Action(slug="b", source=pid + "# another action\n")
+    for binding, shared in (("action", False), ("tenant", True)):
+        async with make_runner(RunnerConfig(pool_size=0, max_workers=4, worker_binding=binding)) as r:
+            first = (await r.run_flow(trigger="post-login", actions=[a], event={}, tenant="t")).state["a"]["pid"]
+            second = (await r.run_flow(trigger="post-login", actions=[b], event={}, tenant="t")).state["b"]["pid"]
+        assert (first == second) is shared, binding

@@ -15,6 +15,8 @@ When the protection that stops an attack is not active on the host (see
 
 from __future__ import annotations
 
+import dataclasses
+
 import asyncio
 import errno
 import json
@@ -335,7 +337,7 @@ KNOWN_FAILURES: dict[str, Callable[[Runner], str | None]] = {
     "forged_answer_then_deny": lambda r: (
         "design limit: the first well-formed Response carrying the execute msgid ends the execution as allowed; "
         "the action can read that msgid off its own stack, forge the answer, and keep running (its later "
-        "deny arrives after the flow was allowed)"),
+        "deny arrives after the flow was allowed). No privilege is gained: the action could have returned"),
 }
 
 
@@ -429,15 +431,19 @@ async def test_hostile_action(attack: Attack, targets: Targets, caplog: pytest.L
     assert await fds_settle(fds_before + FD_SLACK) <= fds_before + FD_SLACK
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "design limit: after a forged answer the supervisor thinks the worker idle and reuses it for the tenant's next "
-    "flow; the still-running action waits for that flow's execute request (it could read it, secrets included) "
-    "and its notifications are charged to the next flow"))
-async def test_a_forged_answer_cannot_act_in_the_next_flow(targets: Targets) -> None:
+@pytest.mark.parametrize("binding", [
+    "action",
+    pytest.param("tenant", marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+        "design limit of worker_binding='tenant': after a forged answer the supervisor thinks the worker idle and "
+        "reuses it for another action of the tenant; the still-running action waits for that execute request "
+        "(it could read it, secrets included) and its notifications are charged to the next flow"))),
+])
+async def test_a_forged_answer_cannot_act_in_the_next_flow(targets: Targets, binding: str) -> None:
+    """With the default worker_binding='action', a hijacker can only ever meet its own later executions."""
     fds_before = psutil.Process().num_fds()
     source = (ACTIONS / "forged_answer_hijacks_next_flow.py").read_text()
     attacker = Action(slug="hijacker", source=source, filename="forged_answer_hijacks_next_flow.py")
-    async with make_runner(CONFIG) as r:
+    async with make_runner(dataclasses.replace(CONFIG, worker_binding=binding)) as r:
         first = await flow(r, attacker, targets.event())
         nxt = await flow(r, NORMAL, {"user": {}})
         later = await flow(r, NORMAL, {"user": {}})
