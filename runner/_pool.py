@@ -66,7 +66,9 @@ class Pool:
         self.exec_ema_s = 0.0          # how long a worker is held per acquire (moving average)
         self.spawn_ema_s = 0.05        # how long a new worker takes to say hello (moving average)
         self.reuse_ema = 1.0           # share of releases that give back a reusable worker
-        self._held_since: dict[WorkerHandle, float] = {}
+        self._held: dict[str | None, dict[WorkerHandle, float]] = {}  # handed-out workers by owner, oldest first
+        self._recheck: asyncio.TimerHandle | None = None
+        self._in_grow = False          # _grow retiring a worker must not re-enter itself through _on_dead
         self.workers: set[WorkerHandle] = set()
         self.idle: dict[Key, list[WorkerHandle]] = {}
         self.starting = 0                                # spawns in flight (they count against max_workers)
@@ -74,7 +76,6 @@ class Pool:
         self.waiting: dict[Key, deque[tuple[int, asyncio.Future[WorkerHandle]]]] = {}
         self.n_waiting = 0
         self._wseq = 0
-        self._busy: dict[str | None, int] = {}           # workers handed out, by tenant
         self.closed = False
         self.spawned = 0
         self.discarded = 0
@@ -275,8 +276,7 @@ class Pool:
                     del self.waiting[key]
 
     def _hold(self, w: WorkerHandle) -> None:
-        self._held_since[w] = time.monotonic()
-        self._busy[w.tenant] = self._busy.get(w.tenant, 0) + 1
+        self._held.setdefault(w.tenant, {})[w] = time.monotonic()
 
     def _pop_waiter(self, key: Key) -> asyncio.Future[WorkerHandle] | None:
         """The oldest live waiter of ``key`` (dropping ones that gave up), or None."""
@@ -299,19 +299,36 @@ class Pool:
         will be served by releases before a new worker could start; only the
         rest are worth a start. O(number of waiting keys), not of waiters.
         """
-        if self.closed or not self.n_waiting or self.starting >= self.spawn_concurrency:
+        if self.closed or not self.n_waiting or self._in_grow:
             return
+        if self.starting >= self.spawn_concurrency:
+            # Every start slot is busy (perhaps warming spares); look again when one finishes.
+            return
+        self._in_grow = True
+        try:
+            self._grow_pass()
+        finally:
+            self._in_grow = False
+
+    def _grow_pass(self) -> None:
+        now = time.monotonic()
+        deferred = False
         for key, dq in list(self.waiting.items()):
             uncovered = len(dq) - self._spawning.get(key, 0)
             if uncovered <= 0:
                 continue
-            # Only releases that give a worker back can serve a waiter (crashing actions give none).
-            busy = self._busy.get(key[0], 0) * self.reuse_ema
-            if busy >= 1:
-                if self.exec_ema_s <= 0:
-                    continue
-                limit = self.spawn_ema_s * busy / self.exec_ema_s
-                uncovered -= max(0, math.ceil(limit) - 1)
+            held = self._held.get(key[0])
+            if held:
+                # How long a hold lasts: the moving average, or longer if the oldest current hold
+                # already took longer (a cold pool, or actions that just became slow).
+                hold_s = max(self.exec_ema_s, now - next(iter(held.values())))
+                # Only releases that give a worker back can serve a waiter (crashing actions give none).
+                releasers = len(held) * self.reuse_ema
+                if releasers >= 1 and hold_s > 0:
+                    served = max(0, math.ceil(self.spawn_ema_s * releasers / hold_s) - 1)
+                    if served:
+                        deferred = True
+                    uncovered -= served
             while uncovered > 0:
                 if self.starting >= self.spawn_concurrency:
                     return
@@ -321,6 +338,13 @@ class Pool:
                 self._spawning[key] = self._spawning.get(key, 0) + 1
                 self._reserve()
                 self._spawn_task(self._spawn_for_waiters(key))
+        if deferred and self._recheck is None:
+            # Holds age while flows wait: look again once a start would have been worth it.
+            self._recheck = asyncio.get_running_loop().call_later(self.spawn_ema_s, self._recheck_growth)
+
+    def _recheck_growth(self) -> None:
+        self._recheck = None
+        self._grow()
 
     async def _spawn_for_waiters(self, key: Key) -> None:
         try:
@@ -334,7 +358,6 @@ class Pool:
             return
         self._spawning[key] -= 1
         self._offer(w, key)
-        self._grow()
 
     def _sweep(self) -> None:
         """Retire workers idle for longer than ``idle_timeout_s`` (at most once a second)."""
@@ -351,10 +374,12 @@ class Pool:
 
     def release(self, w: WorkerHandle, reusable: bool) -> None:
         now = time.monotonic()
-        held = self._held_since.pop(w, None)
+        owned = self._held.get(w.tenant)
+        held = owned.pop(w, None) if owned is not None else None
         if held is not None:
             self.exec_ema_s = 0.9 * self.exec_ema_s + 0.1 * (now - held)
-            self._busy[w.tenant] -= 1
+            if not owned:
+                del self._held[w.tenant]
         w.last_used = now
         self.reuse_ema = 0.9 * self.reuse_ema + (0.1 if reusable and w.alive else 0.0)
         if not reusable or not w.alive or w.executions >= self.max_executions or self.closed:
@@ -365,8 +390,6 @@ class Pool:
             return
         key: Key = (w.tenant, w.profile or self.default_profile)
         self._offer(w, key)
-        if self.n_waiting:
-            self._grow()
 
     def _offer(self, w: WorkerHandle, key: Key) -> None:
         """An idle worker: hand it to a waiter of its key, or make room for another waiter, or park it."""
@@ -383,19 +406,26 @@ class Pool:
                     break
         if fut is not None:
             fut.set_result(w)
-            return
-        if self.n_waiting and self.total >= self.max_workers:
+        elif self.n_waiting and self.total >= self.max_workers:
             w.kill("retired to serve a waiting flow of another tenant")  # frees capacity -> _grow
             return
-        self.idle.setdefault(key, []).append(w)
+        else:
+            self.idle.setdefault(key, []).append(w)
+        if self.n_waiting:
+            self._grow()  # a start slot or a worker just came free: do the waiters need more?
 
     def _after_capacity_freed(self) -> None:
+        if self._in_grow:
+            return  # the _grow that retired this worker uses the slot itself
         self._grow()
         self._replenish()
 
     # -- shutdown ------------------------------------------------------------------------------
     async def close(self, grace: float) -> None:
         self.closed = True
+        if self._recheck is not None:
+            self._recheck.cancel()
+            self._recheck = None
         for key in list(self.waiting):
             while (fut := self._pop_waiter(key)) is not None:
                 fut.set_exception(PoolClosed("pool closed"))
