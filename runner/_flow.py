@@ -151,7 +151,7 @@ class FlowState:
         return self._limits[slug]
 
     # -- written by the api ------------------------------------------------------------
-    def deny(self, slug: str, kind: str, reason: str, user_message: str | None, error_code: str | None = None,
+    def deny(self, slug: str | None, kind: str, reason: str, user_message: str | None, error_code: str | None = None,
              **extra: Any) -> None:
         if self.denial is None:
             self.denial = {"action": slug, "kind": kind, "reason": reason,

@@ -69,6 +69,7 @@ class Pool:
         self._held: dict[str | None, dict[WorkerHandle, float]] = {}  # handed-out workers by owner, oldest first
         self._recheck: asyncio.TimerHandle | None = None
         self._in_grow = False          # _grow retiring a worker must not re-enter itself through _on_dead
+        self._spawn_failures = 0       # consecutive failed starts
         self.workers: set[WorkerHandle] = set()
         self.idle: dict[Key, list[WorkerHandle]] = {}
         self.starting = 0                                # spawns in flight (they count against max_workers)
@@ -351,11 +352,16 @@ class Pool:
             w = await self._new_worker(key)
         except BaseException as exc:
             self._spawning[key] -= 1
-            # Nobody waits on a particular spawn; fail the oldest waiter of this key so errors surface.
+            self._spawn_failures += 1
+            if self._spawn_failures < 3 and isinstance(exc, Exception) and not self.closed:
+                self._grow()  # a passing failure: the waiters still have time, try again
+                return
+            # Starts keep failing: fail the oldest waiter of this key so the error surfaces.
             fut = self._pop_waiter(key)
             if fut is not None:
                 fut.set_exception(exc if isinstance(exc, Exception) else PoolClosed("cancelled"))
             return
+        self._spawn_failures = 0
         self._spawning[key] -= 1
         self._offer(w, key)
 

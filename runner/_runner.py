@@ -236,7 +236,7 @@ class Runner:
         try:
             problem = self._check_event(event)
             if problem is not None:
-                flow.deny(actions[0].slug if actions else "", "invalid_event", problem, None)
+                flow.deny(None, "invalid_event", problem, None)  # no action ran
             else:
                 await self._run_actions(flow, prof, actions)
         finally:

@@ -55,6 +55,8 @@ class Template:
         await asyncio.shield(self._starting)
 
     async def _start(self) -> None:
+        if self.pid is not None:
+            self.respawns += 1  # counted once per actual start, however many forks were waiting on it
         loop = asyncio.get_running_loop()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
@@ -145,8 +147,6 @@ class Template:
             if self._closed:
                 raise TemplateError("template closed")
             if self._sock is None:
-                if self.pid is not None:
-                    self.respawns += 1
                 await self.start()
             try:
                 return await self._fork_once()
