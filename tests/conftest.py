@@ -46,14 +46,10 @@ def children() -> set[int]:
 
 def wait_gone(pids: set[int], timeout: float = 5.0) -> set[int]:
     """Pids still alive (not zombies) after waiting up to ``timeout`` seconds."""
-    procs = []
-    for pid in pids:
-        try:
-            procs.append(psutil.Process(pid))
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
-    return {p.pid for p in alive if p.status() != psutil.STATUS_ZOMBIE}
+    from benchmarks.stress import _survivors  # the stress report's own leak check
+
+    alive, _zombies = _survivors(pids, timeout)
+    return set(alive)
 
 
 TEST_CONFIG = RunnerConfig(pool_size=1, max_workers=8)
