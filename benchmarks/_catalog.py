@@ -30,44 +30,44 @@ class Phase:
 C = "concurrency"  # knob name; the row specs below name the knob, the report fills the number
 
 PHASES: tuple[Phase, ...] = (
-    Phase("direct", "baselines", "benchmarks.baselines:phase_direct", (
+    Phase("direct", "baselines", "actionpool.benchmarks.baselines:phase_direct", (
         RowSpec("direct.latency", "direct in-process call (the floor)", "latency"),
     )),
-    Phase("ppe", "baselines", "benchmarks.baselines:phase_ppe", (
+    Phase("ppe", "baselines", "actionpool.benchmarks.baselines:phase_ppe", (
         RowSpec("ppe.latency", "ProcessPoolExecutor(2) round trip", "latency"),
         RowSpec("ppe.throughput", "ProcessPoolExecutor(2), 64 in flight", "load", C),
     )),
-    Phase("pebble", "baselines", "benchmarks.baselines:phase_pebble", (
+    Phase("pebble", "baselines", "actionpool.benchmarks.baselines:phase_pebble", (
         RowSpec("pebble.latency", "pebble.ProcessPool(2) + timeout", "latency"),
         RowSpec("pebble.throughput", "pebble.ProcessPool(2) + timeout, 64 in flight", "load", C),
     )),
-    Phase("subprocess", "baselines", "benchmarks.baselines:phase_subprocess", (
+    Phase("subprocess", "baselines", "actionpool.benchmarks.baselines:phase_subprocess", (
         RowSpec("subprocess.latency", "fresh python subprocess per call (codejail way)", "latency"),
         RowSpec("subprocess.throughput", "fresh python subprocess per call, 64 in flight", "load", C),
     ), aliases=("codejail",)),
-    Phase("pipe", "baselines", "benchmarks.baselines:phase_pipe", (
+    Phase("pipe", "baselines", "actionpool.benchmarks.baselines:phase_pipe", (
         RowSpec("pipe.latency", "raw os.pipe echo RTT, 64 B (physical limit)", "latency"),
         RowSpec("pipe.throughput", "raw os.pipe echo, 64 messages in flight", "load", C),
     )),
-    Phase("1", "scenarios", "benchmarks.scenarios:phase_s1", (
+    Phase("1", "scenarios", "actionpool.benchmarks.scenarios:phase_s1", (
         RowSpec("s1.latency", "S1 trivial post-login action (3 api calls), 1 client", "latency"),
     ), aliases=("s1",)),
-    Phase("2", "scenarios", "benchmarks.scenarios:phase_s2", (
+    Phase("2", "scenarios", "actionpool.benchmarks.scenarios:phase_s2", (
         RowSpec("s2.throughput", "S2 trivial action, 64 concurrent flows, 2 workers", "load", C),
     ), aliases=("s2",)),
-    Phase("3", "scenarios", "benchmarks.scenarios:phase_s3", (
+    Phase("3", "scenarios", "actionpool.benchmarks.scenarios:phase_s3", (
         RowSpec("s3.latency", "S3 flow of three actions, 1 client", "latency"),
     ), aliases=("s3",)),
-    Phase("4", "scenarios", "benchmarks.scenarios:phase_s4", (
+    Phase("4", "scenarios", "actionpool.benchmarks.scenarios:phase_s4", (
         RowSpec("s4.io_cold", "S4 fetch of a 50 ms server, N flows at once, cold pool", "load", "io_flows"),
         RowSpec("s4.io_warm", "S4 same again, workers already spawned", "load", "io_flows"),
     ), aliases=("s4",)),
-    Phase("5", "scenarios", "benchmarks.scenarios:phase_s5", (
+    Phase("5", "scenarios", "actionpool.benchmarks.scenarios:phase_s5", (
         RowSpec("s5.cold_start", "S5 cold start: no idle worker -> finished flow", "once"),
         RowSpec("s5.timeout_kill", "S5 flow of a spinning action (timeout 0.2 s)", "once"),
         RowSpec("s5.replacement", "S5 timeout kill -> next flow finished", "once"),
     ), aliases=("s5",)),
-    Phase("6", "scenarios", "benchmarks.scenarios:phase_s6", (
+    Phase("6", "scenarios", "actionpool.benchmarks.scenarios:phase_s6", (
         RowSpec("s6.memory_idle", "S6 memory of idle warm workers (pool of 2)", "memory"),
         RowSpec("s6.memory_many", "S6 memory of many warm workers", "memory", "warm_workers"),
     ), aliases=("s6",)),

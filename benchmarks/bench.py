@@ -156,7 +156,7 @@ def run_phase_process(phase: Phase, knobs: dict[str, Any], verbose: bool) -> tup
     log_fd, log = tempfile.mkstemp(prefix=f"bench-{phase.name}-", suffix=".log")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
                PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "benchmarks.bench", "--_phase", phase.name, "--_knobs", json.dumps(knobs),
+    cmd = [sys.executable, "-m", "actionpool.benchmarks.bench", "--_phase", phase.name, "--_knobs", json.dumps(knobs),
            "--_out", out]
     why: str | None = None
     try:

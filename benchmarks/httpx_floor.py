@@ -18,7 +18,7 @@ import httpx
 
 
 async def _run(n: int) -> None:
-    srv = subprocess.Popen([sys.executable, "-m", "benchmarks._http_server", "--delay", "0.05"],
+    srv = subprocess.Popen([sys.executable, "-m", "actionpool.benchmarks._http_server", "--delay", "0.05"],
                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
         assert srv.stdout is not None

@@ -61,7 +61,7 @@ CLOSE_TIMEOUT_S = 20.0
 
 def _api() -> Any:
     """The runner's public API, imported late so a missing runner costs rows, not the harness."""
-    import runner
+    from .. import runner
 
     return runner
 
@@ -193,7 +193,7 @@ class _Upstream:
     def __init__(self, delay_s: float, deadline: Deadline) -> None:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
-        self.proc = subprocess.Popen([sys.executable, "-m", "benchmarks._http_server", "--delay", str(delay_s)],
+        self.proc = subprocess.Popen([sys.executable, "-m", "actionpool.benchmarks._http_server", "--delay", str(delay_s)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         assert self.proc.stdout is not None
         import selectors

@@ -39,7 +39,7 @@ from typing import Any, Callable, TextIO
 
 import psutil
 
-from runner import Action, FetchConfig, Limits, Runner, RunnerConfig, SandboxConfig
+from ..runner import Action, FetchConfig, Limits, Runner, RunnerConfig, SandboxConfig
 
 # --------------------------------------------------------------------------------------------
 # the flows, and what each must answer

@@ -2,7 +2,7 @@
 
 Public API::
 
-    from runner import Runner, Action, RunnerConfig, Limits
+    from . import Runner, Action, RunnerConfig, Limits
 """
 
 from ._audit import AuditSink, LoggingAuditSink, MemoryAuditSink

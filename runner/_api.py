@@ -13,7 +13,7 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
-from protocol import LOG_LEVELS, METHODS, check_params, truncate_utf8
+from ..protocol import LOG_LEVELS, METHODS, check_params, truncate_utf8
 
 from ._worker import ApiFailure, CallHandler, Violation
 

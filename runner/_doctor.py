@@ -13,7 +13,7 @@ import json
 import sys
 from typing import Any
 
-from worker._sandbox import host_capabilities
+from ..worker._sandbox import host_capabilities
 
 from ._cgroup import CgroupManager
 from ._config import RunnerConfig, SandboxConfig

@@ -22,7 +22,7 @@ from typing import Any, Iterable
 
 import orjson
 
-from protocol import check_json
+from ..protocol import check_json
 
 from ._api import ExecutionContext
 from ._cgroup import CgroupManager

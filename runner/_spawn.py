@@ -13,32 +13,44 @@ import os
 import sys
 from dataclasses import dataclass
 
-import worker
-
 WORKER_RFD = 3
 WORKER_WFD = 4
 
-# The package root is put on sys.path explicitly so the worker runs with -I -S
-# (no site, no user site, no PYTHON* variables, no cwd on the path).
-_PKG_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(worker.__file__)))
+# The ``actionpool`` package's own directory. The worker runs with -I -S (no site,
+# no user site, no PYTHON* variables, no cwd on the path), so the editable-install
+# finder of site-packages is not there: the bootstrap registers the package from
+# this directory explicitly, and the directory itself is never put on sys.path
+# (its subpackages must not be importable under a second, top-level name).
+PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _site_paths() -> list[str]:
-    return [p for p in sys.path if p and os.path.isdir(p)]
+    pkg = os.path.realpath(PKG_DIR)
+    return [p for p in sys.path if p and os.path.isdir(p) and os.path.realpath(p) != pkg]
 
 
-_BOOTSTRAP = (
-    "import sys;"
-    "sys.path[:] = sys.argv[3].split('\\x1f');"
-    "from worker.__main__ import main;"
-    "main(sys.argv[1:3])"
-)
-_TEMPLATE_BOOTSTRAP = (
-    "import sys;"
-    "sys.path[:] = sys.argv[2].split('\\x1f');"
-    "from worker._template import main;"
-    "main(sys.argv[1:2])"
-)
+def register_code(pkg_dir: str = PKG_DIR) -> str:
+    """Python source that makes ``actionpool`` importable from ``pkg_dir`` in a ``-I -S`` interpreter."""
+    return (
+        "import sys, importlib.util as _u;"
+        f"_s = _u.spec_from_file_location('actionpool', {pkg_dir + '/__init__.py'!r}, submodule_search_locations=[{pkg_dir!r}]);"
+        "_m = _u.module_from_spec(_s); sys.modules['actionpool'] = _m; _s.loader.exec_module(_m);"
+    )
+
+
+def _bootstrap(entry: str, nargs: int) -> str:
+    """``python -c`` code: set sys.path from argv, register ``actionpool``, call ``entry``'s main."""
+    return (
+        "import sys;"
+        f"sys.path[:] = sys.argv[{nargs + 1}].split('\\x1f');"
+        + register_code()
+        + f"from {entry} import main;"
+        f"main(sys.argv[1:{nargs + 1}])"
+    )
+
+
+_BOOTSTRAP = _bootstrap("actionpool.worker.__main__", 2)
+_TEMPLATE_BOOTSTRAP = _bootstrap("actionpool.worker._template", 1)
 
 WORKER_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
 
@@ -51,7 +63,7 @@ class Spawned:
 
 
 def _paths() -> str:
-    return "\x1f".join([_PKG_ROOT, *[p for p in _site_paths() if p != _PKG_ROOT]])
+    return "\x1f".join(_site_paths())
 
 
 def _spawn(python: str | None, code: str, args: list[str], fds: dict[int, int]) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from protocol import METHODS
+from ..protocol import METHODS
 
 from ._errors import ConfigError
 

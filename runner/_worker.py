@@ -24,7 +24,7 @@ from random import SystemRandom
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
-from protocol import (
+from ..protocol import (
     FrameDecoder,
     Notification,
     ProtocolError,

@@ -128,9 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in ("bench", "stress"):  # their own parsers take every option
         try:
             if argv[0] == "bench":
-                from benchmarks.bench import main as sub_main
+                from ..benchmarks.bench import main as sub_main
             else:
-                from benchmarks.stress import main as sub_main
+                from ..benchmarks.stress import main as sub_main
         except ImportError as exc:
             print(f"actionpool: error: {argv[0]} is not available in this build ({exc})", file=sys.stderr)
             return EXIT_USAGE

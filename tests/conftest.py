@@ -18,11 +18,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 import psutil
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-from runner import Action, MemoryAuditSink, Runner, RunnerConfig  # noqa: E402
+from actionpool.runner import Action, MemoryAuditSink, Runner, RunnerConfig  # noqa: E402
 
 try:  # fixtures of the fetch/cache suites (a real HTTP server, a real redis-server)
     from net_fixtures import *  # noqa: F401,F403,E402
@@ -46,7 +42,7 @@ def children() -> set[int]:
 
 def wait_gone(pids: set[int], timeout: float = 5.0) -> set[int]:
     """Pids still alive (not zombies) after waiting up to ``timeout`` seconds."""
-    from benchmarks.stress import _survivors  # the stress report's own leak check
+    from actionpool.benchmarks.stress import _survivors  # the stress report's own leak check
 
     alive, _zombies = _survivors(pids, timeout)
     return set(alive)

@@ -15,8 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from protocol import METHODS, ApiMethod, Kind, Param, check_json, check_params, pack, snake_case
-from protocol._api import MAX_JSON_DEPTH
+from actionpool.protocol import METHODS, ApiMethod, Kind, Param, check_json, check_params, pack, snake_case
+from actionpool.protocol._api import MAX_JSON_DEPTH
 
 
 def nested_list(levels: int) -> Any:

@@ -8,7 +8,7 @@ import orjson
 import pytest
 
 from conftest import TEST_CONFIG, run
-from runner import Action, LoggingAuditSink, MemoryAuditSink, Runner, SyncRunner
+from actionpool.runner import Action, LoggingAuditSink, MemoryAuditSink, Runner, SyncRunner
 
 
 async def test_audit_events_for_logs_denials_and_failures() -> None:

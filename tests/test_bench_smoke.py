@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import bench
+from actionpool.benchmarks import bench
 
 BASELINE_ROWS = (
     "direct.latency", "ppe.latency", "ppe.throughput", "pebble.latency", "pebble.throughput",

@@ -13,8 +13,8 @@ from typing import Any, Awaitable, Callable
 
 import pytest
 
-from runner._cache import CacheBackend, CacheLimits, CacheUnavailable, MemoryCache, open_cache, resolve_expiry
-from runner._errors import ConfigError
+from actionpool.runner._cache import CacheBackend, CacheLimits, CacheUnavailable, MemoryCache, open_cache, resolve_expiry
+from actionpool.runner._errors import ConfigError
 from net_fixtures import *  # noqa: F401,F403  (fixtures and helper classes)
 
 HOUR = 3600 * 1000

@@ -11,11 +11,8 @@ from typing import Iterator
 
 import pytest
 
-ROOT = str(Path(__file__).resolve().parent.parent)
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
-from runner._cgroup import Cgroup, CgroupError, CgroupManager  # noqa: E402
+from actionpool.runner._cgroup import Cgroup, CgroupError, CgroupManager  # noqa: E402
 
 MiB = 1 << 20
 ROOT_NAME = "actionpool-test"

@@ -25,9 +25,9 @@ import psutil
 import pytest
 
 from conftest import children, make_runner, wait_gone
-from runner import Action, FetchConfig, Limits, RunnerClosed, RunnerConfig
+from actionpool.runner import Action, FetchConfig, Limits, RunnerClosed, RunnerConfig
 
-from benchmarks.stress import NORMAL_KINDS, Kind, LocalServer, event_for, mismatches
+from actionpool.benchmarks.stress import NORMAL_KINDS, Kind, LocalServer, event_for, mismatches
 from test_stress import Gate, wait_for_condition
 
 FLOW_BOUND_S = 30.0

@@ -51,7 +51,7 @@ class Cli:
 
 def cli(*args: str | os.PathLike[str], stdin: str | None = None) -> Cli:
     proc = subprocess.run(
-        [sys.executable, "-m", "runner.cli", *map(str, args)],
+        [sys.executable, "-m", "actionpool.runner.cli", *map(str, args)],
         cwd=ROOT, input=stdin if stdin is not None else "", capture_output=True, text=True, encoding="utf-8",
         timeout=CLI_TIMEOUT_S,
     )

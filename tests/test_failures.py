@@ -7,7 +7,7 @@ import asyncio
 import psutil
 
 from conftest import make_runner, run
-from runner import Action, Limits, RunnerConfig
+from actionpool.runner import Action, Limits, RunnerConfig
 
 OK = "def on_execute(event, api):\n    api.state.set('ok', True)\n"
 

@@ -18,15 +18,14 @@ import psutil
 import pytest
 
 from conftest import make_runner, run
-from runner._spawn import Spawned, _spawn, worker_pipes
-from runner._worker import State, Violation, WorkerHandle
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from actionpool.runner._spawn import Spawned, _site_paths, _spawn, register_code, worker_pipes
+from actionpool.runner._worker import State, Violation, WorkerHandle
 
 PRELUDE = f"""
 import os, sys, time, struct
-sys.path[:] = {[ROOT, *[p for p in sys.path if p and os.path.isdir(p)]]!r}
-from protocol import encode_frame, FrameDecoder, parse_message, PROTOCOL_VERSION
+sys.path[:] = {_site_paths()!r}
+{register_code()}
+from actionpool.protocol import encode_frame, FrameDecoder, parse_message, PROTOCOL_VERSION
 def send(obj): os.write(4, encode_frame(obj))
 def send_raw(b): os.write(4, b)
 def recv():

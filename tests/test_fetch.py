@@ -15,9 +15,9 @@ import httpcore
 import httpx
 import pytest
 
-from runner._config import FetchConfig
-from runner._fetch import FetchDenied, FetchError, Fetcher, FetchTimeout, check_allow_hosts, host_allowed
-from runner._errors import ConfigError
+from actionpool.runner._config import FetchConfig
+from actionpool.runner._fetch import FetchDenied, FetchError, Fetcher, FetchTimeout, check_allow_hosts, host_allowed
+from actionpool.runner._errors import ConfigError
 from net_fixtures import *  # noqa: F401,F403  (fixtures and helper classes)
 
 
@@ -117,7 +117,7 @@ async def test_named_host_is_pinned_to_the_vetted_address(http_server: LocalHTTP
 
 @async_test
 async def test_backend_refuses_to_connect_without_a_pin(http_server: LocalHTTPServer) -> None:
-    from runner._fetch import _PinnedBackend
+    from actionpool.runner._fetch import _PinnedBackend
 
     with pytest.raises(httpcore.ConnectError, match="no vetted address"):
         await _PinnedBackend().connect_tcp("127.0.0.1", http_server.port)

@@ -6,7 +6,7 @@ import asyncio
 from typing import Any
 
 from conftest import make_runner, run
-from runner import Action, FetchConfig, Limits, RunnerConfig
+from actionpool.runner import Action, FetchConfig, Limits, RunnerConfig
 
 FETCH = '''
 import json

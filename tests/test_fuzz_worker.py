@@ -30,8 +30,8 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from conftest import make_runner
-from protocol import METHODS
-from runner import Action, Limits, Runner, RunnerConfig
+from actionpool.protocol import METHODS
+from actionpool.runner import Action, Limits, Runner, RunnerConfig
 
 FLOW_BOUND_S = 30.0
 EVENT_MAX_DEPTH = 64         # runner: containers nested this deep in an event are refused

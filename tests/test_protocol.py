@@ -13,8 +13,8 @@ import msgpack
 import msgpack.fallback
 import pytest
 
-import protocol
-from protocol import (
+from actionpool import protocol
+from actionpool.protocol import (
     DEFAULT_MAX_FRAME,
     HEADER_SIZE,
     HELLO,
@@ -38,7 +38,7 @@ from protocol import (
     parse_message,
     unpack,
 )
-from protocol import _codec
+from actionpool.protocol import _codec
 
 MAX_MSGID = 2**32 - 1
 

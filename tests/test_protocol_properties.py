@@ -12,7 +12,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from protocol import (
+from actionpool.protocol import (
     FrameDecoder,
     InvalidMessage,
     Notification,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import make_runner, run
-from runner import Action
+from actionpool.runner import Action
 
 
 async def test_trigger_handler_preferred_then_generic() -> None:

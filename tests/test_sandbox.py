@@ -24,20 +24,18 @@ from typing import Any, Iterator
 
 import pytest
 
-ROOT = str(Path(__file__).resolve().parent.parent)
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-from worker import _sandbox  # noqa: E402
+from actionpool.runner._spawn import _site_paths, register_code  # noqa: E402
+from actionpool.worker import _sandbox  # noqa: E402
 
 CAPS = _sandbox.host_capabilities()
 IS_ROOT = os.geteuid() == 0
+TESTS_DIR = str(Path(__file__).resolve().parent)
 pytestmark = pytest.mark.skipif(
     not CAPS["seccomp"] or CAPS["landlock_abi"] < 1,
     reason=f"host lacks seccomp or Landlock: {CAPS}",
 )
 GiB = 1 << 30
-CHILD_PATH = json.dumps([ROOT] + [p for p in sys.path if p and p != ROOT and os.path.isdir(p)])
+CHILD_PATH = json.dumps(_site_paths())
 
 PRELUDE = """
 import asyncio, json, os, sys
@@ -46,10 +44,11 @@ IN = os.dup(0)
 def emit(**kw):
     os.write(OUT, (json.dumps(kw) + "\\n").encode())
 sys.path[:] = json.loads(sys.argv[1])   # like the real worker: -I -S and an explicit path
+""" + register_code() + """
 SPEC = json.loads(sys.argv[2])
 ARGS = json.loads(sys.argv[3])
 loop = asyncio.new_event_loop()      # before the sandbox: it owns an epoll fd and a socketpair
-from worker import _sandbox
+from actionpool.worker import _sandbox
 STRAY = os.open("/dev/null", os.O_RDONLY)   # must be closed by apply()
 NULL_RDEV = os.stat("/dev/null").st_rdev
 SPEC.setdefault("keep_fds", [OUT, IN] + _sandbox.loop_fds(loop))
@@ -124,7 +123,7 @@ def run_child(body: str, spec: dict[str, Any], args: dict[str, Any] | None = Non
     if via_parent:
         argv = [sys.executable, "-I", "-c", PARENT, *argv]
     proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          env=env, cwd=ROOT, timeout=timeout)
+                          env=env, cwd=TESTS_DIR, timeout=timeout)
     out: dict[str, Any] = {"rc": proc.returncode, "results": {}, "stderr": proc.stderr.decode(errors="replace")}
     for line in proc.stdout.decode().splitlines():
         msg = json.loads(line)
@@ -335,7 +334,7 @@ def test_kernel_view_of_the_sandboxed_process(tmp: Path) -> None:
     """Independent of the report: what /proc/<pid>/status says about the sandboxed worker."""
     script = PRELUDE + textwrap.dedent(KERNEL_VIEW)
     argv = [sys.executable, "-I", "-S", "-c", script, CHILD_PATH, json.dumps(full_spec(tmp)), "{}"]
-    with subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT,
+    with subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=TESTS_DIR,
                           env={"PATH": "/usr/bin:/bin"}) as proc:
         assert proc.stdout is not None and proc.stdin is not None
         report = json.loads(proc.stdout.readline())["report"]

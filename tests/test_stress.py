@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 
 from conftest import make_runner
-from runner import Action, FetchConfig, Limits, RunnerConfig
+from actionpool.runner import Action, FetchConfig, Limits, RunnerConfig
 
-from benchmarks.stress import HOSTILE_KINDS, main as stress_main, run_stress
+from actionpool.benchmarks.stress import HOSTILE_KINDS, main as stress_main, run_stress
 
 RSS_GROWTH_BOUND_MB = 64   # supervisor RSS after the run (and close) minus before it
 FD_SLACK = 3
@@ -51,7 +51,7 @@ async def test_bounded_stress_run() -> None:
 
 def test_stress_command_line(tmp_path: Any, capsys: Any) -> None:
     """``actionpool stress`` and ``python -m benchmarks.stress`` share ``main``; it writes the JSON report."""
-    from runner.cli import main as cli_main
+    from actionpool.runner.cli import main as cli_main
 
     out = tmp_path / "stress.json"
     rc = cli_main(["stress", "--executions", "60", "--concurrency", "8", "--hostile-share", "0.2",

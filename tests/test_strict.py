@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from conftest import make_runner, run
-from runner import RunnerConfig, SandboxConfig, SandboxUnavailable
-from worker._sandbox import PROTECTIONS
+from actionpool.runner import RunnerConfig, SandboxConfig, SandboxUnavailable
+from actionpool.worker._sandbox import PROTECTIONS
 
 
 async def _degraded_report() -> dict:

@@ -9,7 +9,7 @@ import signal
 import psutil
 
 from conftest import make_runner, run
-from runner import Action, Limits, RunnerConfig
+from actionpool.runner import Action, Limits, RunnerConfig
 
 PIDS = '''
 import os, resource

@@ -20,7 +20,7 @@ import signal
 import sys
 from typing import Any
 
-from protocol import DEFAULT_MAX_FRAME, Notification, Request, Response, hello
+from ..protocol import DEFAULT_MAX_FRAME, Notification, Request, Response, hello
 
 from ._channel import Channel, PipeClosed
 from ._runtime import Runtime

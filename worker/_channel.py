@@ -14,8 +14,8 @@ import os
 from collections import deque
 from typing import Any
 
-from protocol import FrameDecoder, InvalidMessage, Notification, Request, Response, encode_frame, parse_message
-from protocol._framing import HEADER
+from ..protocol import FrameDecoder, InvalidMessage, Notification, Request, Response, encode_frame, parse_message
+from ..protocol._framing import HEADER
 
 FLUSH_AT = 64 * 1024
 

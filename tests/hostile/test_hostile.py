@@ -35,7 +35,7 @@ import psutil
 import pytest
 
 from conftest import make_runner
-from runner import Action, Limits, MemoryAuditSink, Runner, RunnerConfig, SandboxConfig
+from actionpool.runner import Action, Limits, MemoryAuditSink, Runner, RunnerConfig, SandboxConfig
 
 ACTIONS = Path(__file__).resolve().parent / "actions"
 CONFIG = RunnerConfig(pool_size=1, max_workers=4, limits=Limits(action_timeout_s=1.0, memory_mb=128),

@@ -1,5 +1,5 @@
 """Rewrites the api proxy's execution so it offers every method, then calls one post-login does not offer."""
-from protocol import METHODS
+from actionpool.protocol import METHODS
 
 
 def on_execute(event, api):

@@ -5,7 +5,7 @@ import struct
 import sys
 import time
 
-from protocol import Request, encode_frame
+from actionpool.protocol import Request, encode_frame
 
 FIONREAD = 0x541B
 

@@ -1,7 +1,7 @@
 """Blindly forges "ok" answers for msgids 1..5 on the reply pipe, then denies: a forgery must never allow the flow."""
 import os
 
-from protocol import encode_frame
+from actionpool.protocol import encode_frame
 
 
 def on_execute(event, api):

@@ -2,7 +2,7 @@
 import os
 import sys
 
-from protocol import Request, encode_frame
+from actionpool.protocol import Request, encode_frame
 
 
 def current_msgid():
