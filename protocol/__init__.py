@@ -4,7 +4,7 @@ Pure code: no processes, no I/O, no policy. Both the untrusted worker and the
 trusted supervisor import it; neither trusts what the other sends.
 """
 
-from ._api import LOG_LEVELS, METHODS, ApiMethod, Kind, Param, check_json, check_params, snake_case, truncate_utf8
+from ._schema import LOG_LEVELS, METHODS, ApiMethod, Kind, Param, check_json, check_params, snake_case, truncate_utf8
 from ._codec import DEFAULT_MAX_FRAME, pack, unpack
 from ._errors import FrameTooLarge, InvalidMessage, MalformedFrame, ProtocolError, VersionMismatch
 from ._framing import HEADER_SIZE, FrameDecoder, encode_frame

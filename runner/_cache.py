@@ -35,6 +35,7 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from ._errors import ConfigError
+from ._errors import CacheUnavailable
 
 __all__ = ["CacheBackend", "CacheLimits", "CacheUnavailable", "MemoryCache", "RedisCache", "open_cache"]
 
@@ -59,12 +60,6 @@ class CacheLimits:
     scope_bytes: int = 8192                 # keys + values of the live entries of one scope
     max_ttl_ms: int = 24 * 3600 * 1000
     default_ttl_ms: int = 24 * 3600 * 1000
-
-
-class CacheUnavailable(Exception):
-    """The backend itself failed (e.g. redis unreachable); not the action's fault."""
-
-    error_kind = "cache_unavailable"
 
 
 class CacheBackend(Protocol):

@@ -27,14 +27,12 @@ import os
 import time
 from dataclasses import dataclass
 
+from ._errors import CgroupError
+
 __all__ = ["Cgroup", "CgroupManager", "CgroupError"]
 
 _serial = itertools.count(1)
 _REMOVE_WAIT_S = 2.0  # rmdir answers EBUSY until the kernel finished tearing down the dead tasks
-
-
-class CgroupError(OSError):
-    """A cgroup operation failed (cannot create, configure or join)."""
 
 
 def _read(path: str) -> str:

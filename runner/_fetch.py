@@ -40,6 +40,7 @@ import idna
 
 from ._config import FetchConfig
 from ._errors import ConfigError
+from ._errors import FetchDenied, FetchError, FetchTimeout
 
 __all__ = ["FetchError", "FetchDenied", "FetchTimeout", "Fetcher", "host_allowed", "check_allow_hosts"]
 
@@ -66,24 +67,6 @@ METADATA_ADDRESSES = frozenset({
 MAX_URL_CHARS = 16384
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
-
-
-class FetchError(Exception):
-    """A fetch that failed; ``error_kind`` is what the action sees."""
-
-    error_kind = "http_fetch_error"
-
-
-class FetchDenied(FetchError):
-    """Refused by policy (scheme, allowlist, SSRF); no request was made."""
-
-    error_kind = "http_fetch_denied"
-
-
-class FetchTimeout(FetchError):
-    """The fetch did not finish within its budget."""
-
-    error_kind = "http_fetch_timeout"
 
 
 # ---------------------------------------------------------------- host policy

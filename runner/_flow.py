@@ -18,16 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from ._config import Limits
-from ._errors import ActionError, ConfigError
+from ._errors import DENIAL_KINDS, ActionError, ConfigError, DenialKind  # noqa: F401  (re-exported)
 
 SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 
-DENIAL_KINDS = (
-    "denied", "validation_error", "uncaught_error", "timeout", "memory_limit", "worker_crash",
-    "protocol_error", "flow_timeout", "http_fetch_denied", "http_fetch_timeout",
-    # beyond the core contract: output floods, back-pressure, an unusable event
-    "output_limit", "overloaded", "invalid_event",
-)
 
 
 @dataclass(frozen=True)

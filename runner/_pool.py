@@ -24,6 +24,7 @@ from collections import deque
 from typing import Any, Awaitable, Callable
 
 from ._worker import State, WorkerHandle
+from ._errors import Overloaded, PoolClosed
 
 log = logging.getLogger("actionpool.pool")
 
@@ -37,14 +38,6 @@ class _Expired(Exception):
 def _expire(fut: "asyncio.Future[Any]") -> None:
     if not fut.done():
         fut.set_exception(_Expired())
-
-
-class Overloaded(Exception):
-    """No worker could be had within the queue bounds."""
-
-
-class PoolClosed(Exception):
-    """The pool is shutting down."""
 
 
 class Pool:

@@ -24,7 +24,7 @@ import orjson
 
 from ..protocol import check_json
 
-from ._api import ExecutionContext
+from ._handlers import ExecutionContext
 from ._cgroup import CgroupManager
 from ._audit import AuditSink, LoggingAuditSink, audit_flow
 from ._config import RunnerConfig

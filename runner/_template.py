@@ -22,10 +22,7 @@ from typing import Any
 import msgpack
 
 from ._spawn import Spawned, spawn_template, worker_pipes
-
-
-class TemplateError(RuntimeError):
-    """The template could not fork a worker."""
+from ._errors import TemplateError
 
 
 class Template:

@@ -36,6 +36,7 @@ from ..protocol import (
 )
 
 from ._spawn import Spawned
+from ._errors import Violation
 
 
 _randbits = SystemRandom().getrandbits
@@ -48,14 +49,6 @@ class State(enum.Enum):
     DEAD = "dead"
 
 
-class Violation(Exception):
-    """A worker broke a rule; it is killed and its execution denied with ``kind``."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
-
-
 class ApiFailure(Exception):
     """A value-returning api call failed; the action sees an exception, the worker lives."""
 
@@ -65,7 +58,7 @@ class ApiFailure(Exception):
 
 
 class CallHandler:
-    """What a BUSY worker's api calls are dispatched to (``runner._api.ExecutionContext``)."""
+    """What a BUSY worker's api calls are dispatched to (``runner._handlers.ExecutionContext``)."""
 
     def notify(self, method: str, params: list[Any]) -> None:  # pragma: no cover - interface
         raise NotImplementedError

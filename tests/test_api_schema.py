@@ -1,4 +1,4 @@
-"""The API schema in protocol/_api.py: JSON checks, per-method arity/types, snake_case aliases."""
+"""The API schema in protocol/_schema.py: JSON checks, per-method arity/types, snake_case aliases."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from actionpool.protocol import METHODS, ApiMethod, Kind, Param, check_json, check_params, pack, snake_case
-from actionpool.protocol._api import MAX_JSON_DEPTH
+from actionpool.protocol._schema import MAX_JSON_DEPTH
 
 
 def nested_list(levels: int) -> Any:

@@ -19,7 +19,7 @@ from collections import OrderedDict
 from types import CodeType, TracebackType
 from typing import Any
 
-from ._api import ApiNotAvailable, Console, Execution, LogStream, build_api, install_output_capture
+from ._proxy import ApiNotAvailable, Console, Execution, LogStream, build_api, install_output_capture
 from ._channel import Channel
 from ._event import view
 

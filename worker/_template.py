@@ -25,7 +25,7 @@ import sys
 
 import msgpack
 
-from . import _api, _channel, _event, _runtime, _sandbox  # noqa: F401  (imported to be shared COW)
+from . import _channel, _proxy, _event, _runtime, _sandbox  # noqa: F401  (imported to be shared COW)
 from .__main__ import main as worker_main
 
 CLONE_PARENT = 0x00008000

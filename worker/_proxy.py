@@ -14,7 +14,7 @@ import sys
 from typing import Any, Callable
 
 from ..protocol import LOG_LEVELS, METHODS, ApiMethod, check_json, check_params, snake_case, truncate_utf8
-from ..protocol._api import MAX_JSON_DEPTH
+from ..protocol._schema import MAX_JSON_DEPTH
 
 from ._channel import Channel, notification
 from ._event import FrozenDict, FrozenList, thaw, view
