@@ -216,7 +216,7 @@ def check_write_tmp(seen: Seen) -> None:
 def check_write_cwd(seen: Seen) -> None:
     errno_recorded(seen)
     cwd = seen.state["cwd"]
-    assert cwd == seen.runner._workdir  # noqa: SLF001 - the sandbox's working directory
+    assert cwd == seen.runner._launcher.workdir  # noqa: SLF001 - the sandbox's working directory
     assert not os.path.exists(os.path.join(cwd, "dropped-in-cwd"))
 
 
@@ -328,10 +328,10 @@ ATTACKS = [
 
 # Cases that fail today; strict, so a fix turns them into a failure that asks for the marker's removal.
 KNOWN_FAILURES: dict[str, Callable[[Runner], str | None]] = {
-    "deep_recursion_unlimited": lambda r: None if r._cgroups is not None else (  # noqa: SLF001
+    "deep_recursion_unlimited": lambda r: None if r._launcher.cgroups is not None else (  # noqa: SLF001
         "without a memory cgroup RLIMIT_AS raises MemoryError a million frames deep and the worker is still "
         "unwinding it when the 1s timer fires: the flow ends as timeout"),
-    "memory_catch": lambda r: None if r._cgroups is not None else (  # noqa: SLF001
+    "memory_catch": lambda r: None if r._launcher.cgroups is not None else (  # noqa: SLF001
         "without a memory cgroup only RLIMIT_AS caps memory, and a MemoryError the action catches is invisible "
         "to the supervisor: the flow is allowed"),
     "forged_answer_then_deny": lambda r: (

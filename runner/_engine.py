@@ -1,0 +1,141 @@
+"""The flow engine: runs one flow's actions in order, one worker execution each.
+
+``Runner`` is the façade (life cycle, the public ``run_flow``); this module
+holds what happens between "the event is accepted" and "the FlowState has its
+answer": the event check, acquiring a live worker, the ``execute`` request,
+and turning each execution's outcome into the flow's records and denial.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import orjson
+
+from ..protocol import check_json
+
+from ._config import RunnerConfig
+from ._errors import Overloaded, PoolClosed
+from ._flow import Action, FlowState
+from ._handlers import ExecutionContext
+from ._pool import Pool
+from ._services import Services
+from ._triggers import TriggerProfile
+from ._worker import WorkerHandle
+
+MAX_EVENT_DEPTH = 64
+
+
+class FlowEngine:
+    """Runs flows against one pool and one set of services."""
+
+    def __init__(self, config: RunnerConfig, pool: Pool, services: Services) -> None:
+        self.config = config
+        self._pool = pool
+        self._services = services
+        self._methods: dict[str, list[str]] = {}
+
+    def check_event(self, event: Any) -> str | None:
+        if type(event) is not dict:
+            return f"event must be a JSON object, got {type(event).__name__}"
+        try:
+            check_json(event, "event", max_depth=MAX_EVENT_DEPTH)
+        except TypeError as exc:
+            return str(exc)
+        except RecursionError:
+            return "event nested too deeply"
+        try:  # strings must be valid UTF-8 (lone surrogates cannot cross the wire)
+            size = len(orjson.dumps(event))
+        except (TypeError, orjson.JSONEncodeError) as exc:
+            return f"event is not serialisable: {exc}"
+        if size > self.config.limits.max_frame_bytes // 2:
+            return f"event of {size} bytes exceeds the {self.config.limits.max_frame_bytes // 2}-byte limit"
+        return None
+
+    async def _acquire_live(self, flow: FlowState, action: Action, wprofile: tuple[Any, ...]) -> WorkerHandle:
+        """A live idle worker; one that died between hand-over and use is replaced (a few times at most)."""
+        # The pool keeps workers apart by owner: the tenant, or the tenant and the action's source.
+        owner = flow.tenant if self.config.worker_binding == "tenant" else f"{flow.tenant}\x00{action.digest}"
+        for _ in range(3):
+            remaining = flow.deadline - time.monotonic()
+            w = await self._pool.acquire(owner, action.digest, wprofile,
+                                         min(self.config.queue_timeout_s, max(remaining, 0.001)))
+            if w.alive and w.state.value == "idle":
+                return w
+            self._pool.release(w, False)
+        raise RuntimeError("workers kept dying before they could be used")
+
+    def _methods_for(self, prof: TriggerProfile) -> list[str]:
+        m = self._methods.get(prof.name)
+        if m is None:
+            m = self._methods[prof.name] = sorted(prof.methods)
+        return m
+
+    async def run_actions(self, flow: FlowState, prof: TriggerProfile, actions: list[Action]) -> None:
+        pool = self._pool
+        for i, action in enumerate(actions):
+            if flow.denial is not None:
+                break
+            rec = flow.records[i]
+            limits = flow.limits_for(action.slug)
+            now = time.monotonic()
+            remaining = flow.deadline - now
+            if remaining <= 0:
+                flow.deny(action.slug, "flow_timeout", "flow exceeded its time limit before this action started", None)
+                break
+            wprofile = (limits.memory_mb, limits.cpu_seconds, limits.max_open_files)
+            try:
+                w = await self._acquire_live(flow, action, wprofile)
+            except Overloaded as exc:
+                flow.deny(action.slug, "overloaded", str(exc), None)
+                rec.status = "failed"
+                break
+            except PoolClosed:
+                flow.deny(action.slug, "worker_crash", "runner is shutting down", None)
+                rec.status = "failed"
+                break
+            except Exception as exc:
+                flow.deny(action.slug, "worker_crash", f"worker could not start: {exc}", None)
+                rec.status = "failed"
+                break
+            remaining = flow.deadline - time.monotonic()
+            if limits.action_timeout_s <= remaining:
+                timeout, kind = limits.action_timeout_s, "timeout"
+            else:
+                timeout, kind = max(remaining, 0.001), "flow_timeout"
+            ctx = ExecutionContext(flow, action.slug, prof, self._services, time.monotonic() + timeout)
+            params = {
+                "trigger": prof.name,
+                "filename": action.filename,
+                "hash": action.digest,
+                "event": flow.event_for(action),
+                "methods": self._methods_for(prof),
+                "max_log_bytes": limits.max_log_message_bytes,
+            }
+            if action.digest not in w.compiled:
+                params["source"] = action.source
+            fut = w.execute(params, ctx, timeout, kind, limits.max_output_bytes)
+            try:
+                outcome = await fut
+            except asyncio.CancelledError:
+                w.kill("flow cancelled by the caller")
+                pool.release(w, False)
+                raise
+            if outcome.error is None:
+                w.compiled.add(action.digest)
+            pool.release(w, outcome.reusable)
+            rec.duration_ms = outcome.duration_ms
+            if outcome.error is not None:
+                err = outcome.error
+                ekind = err.get("kind", "worker_crash")
+                etype = err.get("type") or None
+                reason = f"{etype}: {err.get('message', '')}" if etype else err.get("message", ekind)
+                extra = {"traceback": err["traceback"]} if err.get("traceback") else {}
+                flow.deny(action.slug, ekind, reason, None, error_code=etype, **extra)
+                rec.status = "failed"
+            elif ctx.denied_here:
+                rec.status = "denied" if flow.denial and flow.denial["kind"] in ("denied", "validation_error") else "failed"
+            else:
+                rec.status = "ok"

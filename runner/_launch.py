@@ -1,0 +1,124 @@
+"""Worker launch: one configured, sandboxed, hello-checked worker per call.
+
+The ``Launcher`` owns what every worker start shares: the fork template, the
+memory cgroups and the read-only working directory. ``Pool`` calls
+``launch(profile)`` whenever it needs a worker; nothing here decides *when*.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import tempfile
+from typing import Any
+
+from ._cgroup import CgroupManager
+from ._config import RunnerConfig
+from ._spawn import WORKER_RFD, WORKER_WFD, spawn_worker
+from ._template import Template
+from ._worker import WorkerHandle
+
+log = logging.getLogger("actionpool")
+
+
+class Launcher:
+    """Starts workers for one runner: template fork (or spawn), cgroup, configure, hello."""
+
+    def __init__(self, config: RunnerConfig) -> None:
+        self.config = config
+        self.template: Template | None = None
+        self.cgroups: CgroupManager | None = None
+        self.workdir: str | None = None
+
+    async def start(self) -> None:
+        cfg = self.config
+        if cfg.sandbox.cgroups and cfg.sandbox.mode != "off":
+            self.cgroups = CgroupManager.detect()
+            if self.cgroups is None:
+                log.warning("actionpool: no memory cgroups on this host (needs root or a delegated subtree); "
+                            "memory is capped by RLIMIT_AS alone, and a caught MemoryError goes unnoticed")
+        self.workdir = tempfile.mkdtemp(prefix="actionpool-")
+        os.chmod(self.workdir, 0o555)
+        if cfg.fork_template:
+            self.template = Template(cfg.python, cfg.worker_start_timeout_s)
+            try:
+                await self.template.start()
+            except Exception as exc:
+                log.warning("actionpool: fork template unavailable (%s); spawning each worker", exc)
+                await self.template.close()
+                self.template = None
+
+    async def launch(self, wprofile: tuple[Any, ...]) -> WorkerHandle:
+        cfg = self.config
+        memory_mb, cpu_seconds, max_open_files = wprofile
+        sb = cfg.sandbox
+        if self.template is not None:
+            spawned = await self.template.fork()
+        else:
+            spawned = spawn_worker(cfg.python)
+        w = WorkerHandle(spawned, max_frame=cfg.limits.max_frame_bytes, profile=wprofile)
+        memory = memory_mb << 20
+        address_space = memory
+        if self.cgroups is not None:
+            # The worker blocks reading its configuration, so it is in the cgroup before any action code.
+            try:
+                cg = self.cgroups.create(f"w{spawned.pid}", memory_bytes=memory, pids_max=4)
+                cg.add(spawned.pid)
+            except OSError as exc:
+                w.kill("cgroup setup failed")
+                raise RuntimeError(f"cannot put worker in a memory cgroup: {exc}") from exc
+            w.memory_check = cg.oom_killed
+            w.on_exit.append(lambda: self._remove_cgroup(cg))
+            # The cgroup is the cap (uncatchable OOM kill); RLIMIT_AS only stops absurd reservations.
+            address_space = memory * sb.address_space_factor + (256 << 20)
+        configure = {
+            "max_frame": cfg.limits.max_frame_bytes,
+            "coalesce": True,
+            "sandbox": {
+                "mode": sb.mode,
+                "require": list(sb.require) if sb.mode == "strict" else [],
+                "keep_fds": [WORKER_RFD, WORKER_WFD],
+                "memory_bytes": address_space,
+                "cpu_seconds": cpu_seconds,
+                "max_open_files": max_open_files,
+                "file_size": 0,
+                "workdir": self.workdir,
+                "network_namespace": sb.network_namespace,
+                "drop_uid": sb.drop_uid,
+                "drop_gid": sb.drop_gid,
+            },
+        }
+        try:
+            await w.start(configure, cfg.worker_start_timeout_s)
+        except BaseException:
+            w.kill("failed to start")
+            raise
+        return w
+
+    def _remove_cgroup(self, cg: Any, attempt: int = 0) -> None:
+        """Remove a dead worker's cgroup without blocking the loop: the kernel may need a moment."""
+        try:
+            if cg.try_remove() or attempt >= 100:
+                return
+        except OSError as exc:
+            log.warning("actionpool: could not remove cgroup: %s", exc)
+            return
+        asyncio.get_running_loop().call_later(0.02, self._remove_cgroup, cg, attempt + 1)
+
+    async def close(self) -> None:
+        if self.template is not None:
+            await self.template.close()
+        if self.workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
+        if self.cgroups is not None:
+            try:
+                self.cgroups.cleanup()
+            except OSError as exc:
+                log.warning("actionpool: could not remove worker cgroups: %s", exc)
+            self.cgroups = None
+
+    def stats(self) -> dict[str, Any]:
+        return self.template.stats() if self.template is not None else {}
