@@ -96,7 +96,10 @@ class RunnerConfig:
     pool_size: int = 2                       # warm idle workers kept ready
     max_workers: int = 64                    # hard cap on live workers
     max_executions_per_worker: int = 1000    # recycle a worker after this many executions; 1 = a fresh process each
-    worker_binding: WorkerBinding = "action" # a worker serves one action of one tenant ("action") or any of its tenant's
+    # "action": a worker serves one action of one tenant (tenant, slug, source and secrets; no action ever
+    # sees another's module globals or secrets). "tenant": any action of its tenant, which then share
+    # module state and can read each other's secrets (fewer workers; the tenant is one trust domain).
+    worker_binding: WorkerBinding = "action"
     max_queue: int = 1000                    # flows waiting for a worker before new ones are refused
     queue_timeout_s: float = 10.0            # how long a flow may wait for a worker
     spawn_concurrency: int = 2               # workers starting at once on behalf of waiting flows

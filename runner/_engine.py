@@ -56,8 +56,12 @@ class FlowEngine:
 
     async def _acquire_live(self, flow: FlowState, action: Action, wprofile: tuple[Any, ...]) -> WorkerHandle:
         """A live idle worker; one that died between hand-over and use is replaced (a few times at most)."""
-        # The pool keeps workers apart by owner: the tenant, or the tenant and the action's source.
-        owner = flow.tenant if self.config.worker_binding == "tenant" else f"{flow.tenant}\x00{action.digest}"
+        # The pool keeps workers apart by owner. worker_binding="action" (the default): one action of one
+        # tenant, i.e. tenant + slug + source + secrets (Action.identity), because module globals live on
+        # in a warm worker and must not carry one action's secrets into another's execution.
+        # worker_binding="tenant": any action of the tenant; its actions can then see each other's
+        # module globals and secrets (a tenant is one trust domain).
+        owner = flow.tenant if self.config.worker_binding == "tenant" else f"{flow.tenant}\x00{action.identity}"
         for _ in range(3):
             remaining = flow.deadline - time.monotonic()
             w = await self._pool.acquire(owner, action.digest, wprofile,

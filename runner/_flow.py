@@ -10,6 +10,7 @@ read it as ``event.step[slug][key]``.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import time
@@ -22,6 +23,18 @@ from ._errors import DENIAL_KINDS, ActionError, ConfigError, DenialKind  # noqa:
 
 SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 
+
+
+def action_identity(slug: str, digest: str, secrets: dict[str, str]) -> str:
+    """A digest of everything that makes an action *this* action to a warm worker.
+
+    Module globals live on in a warm worker, so a worker may only ever run
+    executions that are allowed to see each other's state: the same slug, the
+    same source and the same secrets. The encoding is unambiguous (JSON of a
+    list), so no two different actions can collide by shifting bytes between fields.
+    """
+    blob = json.dumps([slug, digest, sorted(secrets.items())], ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -45,9 +58,17 @@ class Action:
             raise ActionError(f"action {self.slug}: limits must be a dict")
         if not self.filename:
             object.__setattr__(self, "filename", f"{self.slug}.py")
-        object.__setattr__(self, "digest", hashlib.sha256(self.source.encode("utf-8", "surrogatepass")).hexdigest())
+        # Own copies: a caller mutating its dicts later must not change an action (or its identity) in use.
+        object.__setattr__(self, "secrets", dict(self.secrets))
+        object.__setattr__(self, "limits", dict(self.limits))
+        digest = hashlib.sha256(self.source.encode("utf-8", "surrogatepass")).hexdigest()
+        object.__setattr__(self, "digest", digest)
+        object.__setattr__(self, "identity", action_identity(self.slug, digest, self.secrets))
 
     digest: str = field(init=False, default="", compare=False, repr=False)
+    # Which worker may run this action (with worker_binding="action"): slug, source and secrets.
+    # Computed once here; the engine adds the tenant.
+    identity: str = field(init=False, default="", compare=False, repr=False)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str], *, slug: str | None = None,
