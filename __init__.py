@@ -20,13 +20,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __all__ = [
-    "Action", "ActionError", "ActionpoolError", "AuditSink", "ConfigError", "EventError", "FetchConfig",
-    "FlowResult", "Limits", "LoggingAuditSink", "MemoryAuditSink", "Runner", "RunnerClosed", "RunnerConfig",
+    "Action", "ActionError", "ActionpoolError", "AuditSink", "ConfigError", "DENIAL_KINDS", "DenialKind", "EventError",
+    "FetchConfig", "FlowResult", "Limits", "LoggingAuditSink", "MemoryAuditSink", "Runner", "RunnerClosed", "RunnerConfig",
     "SandboxConfig", "SandboxUnavailable", "SyncRunner", "TRIGGERS",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .runner import (Action, ActionError, ActionpoolError, AuditSink, ConfigError, EventError, FetchConfig,
+    from .runner import (DENIAL_KINDS, Action, ActionError, ActionpoolError, AuditSink, ConfigError, DenialKind,
+                         EventError, FetchConfig,
                          FlowResult, Limits, LoggingAuditSink, MemoryAuditSink, Runner, RunnerClosed, RunnerConfig,
                          SandboxConfig, SandboxUnavailable, SyncRunner, TRIGGERS)
 

@@ -1,6 +1,9 @@
 """Trigger profiles: which api methods each trigger offers, and whether claims take effect.
 
-Claims set in a trigger that does not issue tokens are accepted but discarded
+The custom-actions reference places claim-setting actions "in Post-Auth or
+Post-Login": ``post-auth`` (after the credentials are verified, before the
+session is issued), ``post-login`` and ``issue-tokens`` issue tokens, so their
+claims take effect. Claims set in a trigger that does not issue tokens are accepted but discarded
 with a warning log ("writes to the claim buffer but the buffer is discarded
 before the token is issued"). A method a trigger does not offer raises
 inside the action.
@@ -23,7 +26,7 @@ _TOKENS = frozenset({"session.setCustomClaim", "idToken.setCustomClaim", "access
 class TriggerProfile:
     name: str
     methods: frozenset[str]
-    issues_tokens: bool   # claims take effect (post-login, issue-tokens)
+    issues_tokens: bool   # claims take effect (post-auth, post-login, issue-tokens)
     can_deny: bool
 
 
@@ -36,6 +39,7 @@ TRIGGERS: dict[str, TriggerProfile] = {
         TriggerProfile("post-user-registration", _COMMON | {"session.setCustomClaim"}, issues_tokens=False, can_deny=False),
         TriggerProfile("pre-login", _COMMON | {"deny", "access.deny", "session.setCustomClaim"},
                        issues_tokens=False, can_deny=True),
+        TriggerProfile("post-auth", _COMMON | {"deny", "access.deny"} | _TOKENS, issues_tokens=True, can_deny=True),
         TriggerProfile("post-login", _COMMON | {"deny", "access.deny"} | _TOKENS, issues_tokens=True, can_deny=True),
         TriggerProfile("issue-tokens", _COMMON | {"deny", "access.deny"} | _TOKENS, issues_tokens=True, can_deny=True),
     )
