@@ -71,6 +71,13 @@ PHASES: tuple[Phase, ...] = (
         RowSpec("s6.memory_idle", "S6 memory of idle warm workers (pool of 2)", "memory"),
         RowSpec("s6.memory_many", "S6 memory of many warm workers", "memory", "warm_workers"),
     ), aliases=("s6",)),
+    Phase("7", "scenarios", "actionpool.benchmarks.scenarios:phase_s7", (
+        RowSpec("s7.many_tenants", "S7 many tenants x actions, Zipf traffic, steady state", "load", C),
+        RowSpec("s9.cold_steady", "S9 first flow of a never-seen action, right after S7", "once"),
+    ), aliases=("s7", "s9", "9")),
+    Phase("8", "scenarios", "actionpool.benchmarks.scenarios:phase_s8", (
+        RowSpec("s8.spinning_tenant", "S8 S7 + one tenant's spinning flows: normal flows", "load", C),
+    ), aliases=("s8",)),
 )
 
 ROWS: dict[str, RowSpec] = {r.id: r for p in PHASES for r in p.rows}
@@ -119,7 +126,23 @@ RATIOS: tuple[RatioSpec, ...] = (
               "subprocess p50"),
     RatioSpec("s5_replacement_p50_vs_cold_p50", "s5.replacement", "p50_ms", "s5.cold_start", "p50_ms",
               "cold start p50"),
+    # scenarios 7-9: many tenants against one hot action; a spinning tenant against none; cold in the steady state
+    RatioSpec("s7_tput_vs_s2_tput", "s7.many_tenants", "throughput_per_s", "s2.throughput", "throughput_per_s",
+              "S2 tput"),
+    RatioSpec("s7_p99_vs_s2_p99", "s7.many_tenants", "p99_ms", "s2.throughput", "p99_ms", "S2 p99"),
+    RatioSpec("s8_p50_vs_s7_p50", "s8.spinning_tenant", "p50_ms", "s7.many_tenants", "p50_ms", "S7 p50"),
+    RatioSpec("s8_p99_vs_s7_p99", "s8.spinning_tenant", "p99_ms", "s7.many_tenants", "p99_ms", "S7 p99"),
+    RatioSpec("s9_p50_vs_s5_cold_p50", "s9.cold_steady", "p50_ms", "s5.cold_start", "p50_ms", "fresh-runner cold p50"),
 )
+
+# The many-tenants workload of S7-S9 (also `actionpool stress --tenants/--actions-per-tenant/--zipf`).
+TENANT_KNOBS: dict[str, Any] = {
+    "tenants": 300,                 # S7-S9: tenants of the mix
+    "actions_per_tenant": "1-3",    # each tenant has N or LOW-HIGH actions (seeded)
+    "zipf": 1.1,                    # tenant of rank k gets traffic ~ 1/k**s
+    "spin_share": 0.05,             # S8: share of flows from the one spinning tenant
+    "spin_timeout_s": 1.0,          # S8: the spinning action's own time limit
+}
 
 
 # Run sizes. --quick must finish the whole run (baselines + scenarios) in under a minute on 2 cores.
@@ -134,6 +157,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "io_delay_s": 0.05,
         "cold_iterations": 5,         # S5
         "warm_workers": 50,           # S6
+        "many_tasks": 600,            # S7, S8: measured flows (after as many warm-up flows)
+        **TENANT_KNOBS,
         "phase_timeout_s": 45.0,
     },
     "full": {
@@ -146,6 +171,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "io_delay_s": 0.05,
         "cold_iterations": 20,
         "warm_workers": 200,
+        "many_tasks": 3000,
+        **TENANT_KNOBS,
         "phase_timeout_s": 240.0,
     },
 }

@@ -46,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="latency distribution plot (default: next to the JSON, .png)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     p.add_argument("--only", metavar="LIST", default=None,
-                   help="comma-separated: baselines, scenarios, direct, ppe, pebble, subprocess, pipe, 1..6")
+                   help="comma-separated: baselines, scenarios, direct, ppe, pebble, subprocess, pipe, 1..8")
     p.add_argument("--iterations", type=int, metavar="N",
                    help="single-client calls per latency row (direct call and pipe: 10x; fresh subprocess: N/10)")
     p.add_argument("--tasks", type=int, metavar="N", help="submissions per throughput row")
@@ -54,6 +54,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--io-flows", type=int, metavar="N", help="scenario 4: concurrent I/O-bound flows")
     p.add_argument("--warm-workers", type=int, metavar="N", help="scenario 6: warm workers to measure")
     p.add_argument("--cold-iterations", type=int, metavar="N", help="scenario 5: cold starts and kills")
+    p.add_argument("--tenants", type=int, metavar="N", help="scenarios 7-9: tenants of the mix (300)")
+    p.add_argument("--actions-per-tenant", metavar="N|LO-HI", help="scenarios 7-9: actions per tenant (1-3)")
+    p.add_argument("--zipf", type=float, metavar="S", help="scenarios 7-9: Zipf exponent of tenant traffic (1.1)")
+    p.add_argument("--many-tasks", type=int, metavar="N", help="scenarios 7-8: measured flows")
     p.add_argument("--phase-timeout", type=float, metavar="S", help="hard bound per phase, seconds")
     p.add_argument("--sandbox", choices=("strict", "degraded", "off"), default=None,
                    help="RunnerConfig.sandbox.mode for scenarios (default: the config's default)")
@@ -76,7 +80,11 @@ def build_knobs(args: argparse.Namespace) -> dict[str, Any]:
     if args.tasks is not None:
         knobs["tasks"] = max(1, args.tasks)
         knobs["subprocess_tasks"] = max(1, min(knobs["subprocess_tasks"], args.tasks))
-    for name in ("concurrency", "io_flows", "warm_workers", "cold_iterations"):
+    if args.actions_per_tenant is not None:
+        knobs["actions_per_tenant"] = args.actions_per_tenant
+    if args.zipf is not None:
+        knobs["zipf"] = max(0.0, args.zipf)
+    for name in ("concurrency", "io_flows", "warm_workers", "cold_iterations", "tenants", "many_tasks"):
         v = getattr(args, name)
         if v is not None:
             knobs[name] = max(1, v)

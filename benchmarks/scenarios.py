@@ -7,6 +7,12 @@
         once: throughput, peak workers, supervisor RSS and supervisor + workers RSS
     S5  cold start (no idle worker -> finished flow), and a timeout kill -> next flow finished
     S6  RSS/USS of idle warm workers, a pool of 2 and a pool of many
+    S7  many tenants (300 x 1-3 actions, Zipf 1.1 traffic), 64 in flight, default config: the
+        steady state after a warm-up with the same traffic (throughput against S2's single action)
+    S8  the same with a share of flows from one tenant whose action spins until its timeout:
+        the normal flows' latency (against S7's)
+    S9  right after S7, in the same runner: the first execution of a never-seen action of a new
+        tenant, one at a time (a cold start in the steady state, not on a fresh runner)
 
 Every await is bounded by the phase deadline; a flow that is denied when it
 should be allowed fails its row (with the first denial quoted) but the
@@ -447,3 +453,145 @@ async def _s6(knobs: dict[str, Any], rec: Recorder, deadline: Deadline) -> None:
 
 def phase_s6(knobs: dict[str, Any], rec: Recorder, deadline: Deadline) -> None:
     _run(_s6, knobs, rec, deadline)
+
+
+# -- S7, S8, S9: many tenants, a spinning tenant, a cold start in the steady state ---------------
+
+SRC_TENANT = '''
+def on_execute_post_login(event, api):
+    api.state.set("who", %r)
+    api.session.setCustomClaim("tier", "enterprise")
+'''  # %% "tenant/action": every action of the mix has its own source, hence its own workers
+
+
+def _mix(knobs: dict[str, Any]) -> Any:
+    from ._tenants import TenantMix, parse_range
+
+    return TenantMix(knobs["tenants"], parse_range(knobs["actions_per_tenant"]), knobs["zipf"], seed=7)
+
+
+def _tenant_actions(mix: Any) -> list[list[Any]]:
+    rn = _api()
+    return [[rn.Action(slug=f"a{j}", source=SRC_TENANT % f"t{t}/a{j}") for j in range(n)]
+            for t, n in enumerate(mix.per_tenant)]
+
+
+async def _mixed_flows(r: Any, mix: Any, actions: list[list[Any]], n: int, seed: int, concurrency: int,
+                       deadline: Deadline, spin: Any = None, spin_share: float = 0.0) -> dict[str, Any]:
+    """A closed loop over the mix; flow ``i`` is a spinning one with probability ``spin_share``.
+
+    Returns latencies (seconds) and results split into normal and spinning flows.
+    """
+    import random
+
+    plan = mix.plan(n, seed)
+    rng = random.Random(seed + 1)
+    spinning = [spin is not None and rng.random() < spin_share for _ in range(n)]
+    lat: dict[int, float] = {}
+    res: dict[int, Any] = {}
+
+    async def one(i: int) -> Any:
+        t0 = time.perf_counter()
+        if spinning[i]:
+            out = await r.run_flow(trigger=TRIGGER, actions=[spin], event=EVENT, tenant="spinner")
+        else:
+            t, a = plan[i]
+            out = await r.run_flow(trigger=TRIGGER, actions=[actions[t][a]], event=EVENT, tenant=f"t{t}")
+        lat[i] = time.perf_counter() - t0
+        res[i] = out
+        return out
+
+    _, elapsed, _ = await async_closed_loop(one, n, concurrency, deadline.left("many-tenant flows"))
+    normal = [i for i in range(n) if not spinning[i]]
+    return {
+        "elapsed": elapsed,
+        "normal_lat": [lat[i] for i in normal if i in lat],
+        "normal_res": [res.get(i, RuntimeError("no answer")) for i in normal],
+        "spin_res": [res.get(i, RuntimeError("no answer")) for i in range(n) if spinning[i]],
+    }
+
+
+def _tenant_row(row: dict[str, Any], out: dict[str, Any], mix: Any, knobs: dict[str, Any], spawned: int) -> None:
+    _fill(row, out["normal_lat"], out["elapsed"], out["normal_res"])
+    row["extra"].update({"tenants": mix.tenants, "actions": mix.n_actions, "zipf": mix.zipf,
+                         "actions_per_tenant": knobs["actions_per_tenant"], "workers_spawned": spawned})
+    row["note"] = f"{mix.tenants} tenants, {mix.n_actions} actions, zipf {mix.zipf:g}; {spawned} workers spawned"
+
+
+async def _s7(knobs: dict[str, Any], rec: Recorder, deadline: Deadline) -> None:
+    raise_nofile_limit()
+    mix = _mix(knobs)
+    actions = _tenant_actions(mix)
+    n, conc = knobs["many_tasks"], knobs["concurrency"]
+    with rec.row("s7.many_tenants") as row:
+        async with _runner(_config(knobs), deadline) as r:
+            # Warm-up with the same traffic (another seed): the row measures the steady state.
+            await _mixed_flows(r, mix, actions, n, 100, conc, deadline)
+            before = int(r.stats().get("spawned", 0))
+            out = await _mixed_flows(r, mix, actions, n, 200, conc, deadline)
+            _tenant_row(row, out, mix, knobs, int(r.stats().get("spawned", 0)) - before)
+            row["extra"]["stats"] = r.stats()
+            with rec.row("s9.cold_steady") as row9:
+                await _cold_steady(r, row9, knobs, deadline)
+        row["extra"]["leaked_processes"] = _leaked()
+
+
+async def _cold_steady(r: Any, row: dict[str, Any], knobs: dict[str, Any], deadline: Deadline) -> None:
+    """S9: the first execution of never-seen actions (of new tenants), one at a time, after S7's load."""
+    rn = _api()
+    await asyncio.sleep(0.2)  # let S7's last releases settle (as between two bursts of real traffic)
+    row["extra"]["stats_before"] = r.stats()
+    lat, results, spawned = [], [], []
+    t_all = time.perf_counter()
+    for k in range(knobs["cold_iterations"]):
+        action = rn.Action(slug="fresh", source=SRC_TENANT % f"cold/{k}")
+        before = int(r.stats().get("spawned", 0))
+        t0 = time.perf_counter()
+        res = await asyncio.wait_for(r.run_flow(trigger=TRIGGER, actions=[action], event=EVENT, tenant=f"cold{k}"),
+                                     deadline.left("cold start in the steady state"))
+        lat.append(time.perf_counter() - t0)
+        results.append(res)
+        spawned.append(int(r.stats().get("spawned", 0)) - before)
+        await asyncio.sleep(0.05)  # samples apart: each one sees the pool as traffic left it
+    _fill(row, lat, time.perf_counter() - t_all, results)
+    row.pop("throughput_per_s", None)
+    row["extra"]["workers_spawned_per_flow"] = spawned
+    row["extra"]["stats_after"] = r.stats()
+    s = row["extra"]["stats_before"]
+    row["note"] = (f"new tenant's new action after S7; pool then: {s.get('live')} live, {s.get('idle')} idle, "
+                   f"{s.get('warm_unassigned')} unassigned")
+
+
+async def _s8(knobs: dict[str, Any], rec: Recorder, deadline: Deadline) -> None:
+    raise_nofile_limit()
+    rn = _api()
+    mix = _mix(knobs)
+    actions = _tenant_actions(mix)
+    n, conc = knobs["many_tasks"], knobs["concurrency"]
+    spin = rn.Action(slug="spin", source=SRC_SPIN, limits={"action_timeout_s": knobs["spin_timeout_s"]})
+    with rec.row("s8.spinning_tenant") as row:
+        async with _runner(_config(knobs), deadline) as r:
+            await _mixed_flows(r, mix, actions, n, 100, conc, deadline)
+            before = int(r.stats().get("spawned", 0))
+            out = await _mixed_flows(r, mix, actions, n, 200, conc, deadline, spin, knobs["spin_share"])
+            _tenant_row(row, out, mix, knobs, int(r.stats().get("spawned", 0)) - before)
+            kinds: dict[str, int] = {}
+            for x in out["spin_res"]:
+                k = "error" if isinstance(x, BaseException) else str((x.denial or {}).get("kind", "allow"))
+                kinds[k] = kinds.get(k, 0) + 1
+            row["extra"].update({"spin_flows": len(out["spin_res"]), "spin_outcomes": kinds,
+                                 "spin_share": knobs["spin_share"], "spin_timeout_s": knobs["spin_timeout_s"],
+                                 "stats": r.stats()})
+            row["note"] += (f"; normal flows only; {len(out['spin_res'])} spinning flows of one tenant "
+                            f"({knobs['spin_timeout_s']:g}s limit): {kinds}")
+            if set(kinds) - {"timeout", "overloaded"}:
+                row["error"] = row["error"] or f"spinning flows ended unexpectedly: {kinds}"
+        row["extra"]["leaked_processes"] = _leaked()
+
+
+def phase_s7(knobs: dict[str, Any], rec: Recorder, deadline: Deadline) -> None:
+    _run(_s7, knobs, rec, deadline)
+
+
+def phase_s8(knobs: dict[str, Any], rec: Recorder, deadline: Deadline) -> None:
+    _run(_s8, knobs, rec, deadline)

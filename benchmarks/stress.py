@@ -40,6 +40,7 @@ from typing import Any, Callable, TextIO
 import psutil
 
 from ..runner import Action, FetchConfig, Limits, Runner, RunnerConfig, SandboxConfig
+from ._tenants import TenantMix, parse_range
 
 # --------------------------------------------------------------------------------------------
 # the flows, and what each must answer
@@ -408,6 +409,48 @@ class _Tally:
             self.examples.append(item)
 
 
+def variant(actions: tuple[Action, ...], tag: str) -> tuple[Action, ...]:
+    """The same actions as another action of another tenant: same slugs and answers, their own source.
+
+    A distinct source is a distinct action to the pool (its own workers), which is what a
+    tenant's own copy of a common action is.
+    """
+    return tuple(Action(slug=a.slug, source=f"{a.source}\n# {tag}\n", limits=a.limits) for a in actions)
+
+
+class Traffic:
+    """Which tenant and which of its actions flow ``i`` uses: a pure function of the seed.
+
+    ``zipf == 0`` and one action per tenant: tenant ``i % tenants``, the kind's own action (the
+    original mix). Otherwise tenants are drawn Zipf(s) and each has its own copy of every kind's
+    actions, ``actions_per_tenant`` of them; ``unique`` gives every flow an action never seen before.
+    """
+
+    def __init__(self, tenants: int, actions_per_tenant: str | int = 1, zipf: float = 0.0, seed: int = 0,
+                 unique: bool = False) -> None:
+        self.tenants = tenants
+        self.range = parse_range(str(actions_per_tenant))
+        self.zipf = zipf
+        self.unique = unique
+        self.plain = zipf == 0 and self.range == (1, 1) and not unique
+        self.mix = TenantMix(tenants, self.range, zipf, seed=seed)
+        self._rng = random.Random(seed + 1)
+        self._cache: dict[tuple[str, int, int], tuple[Action, ...]] = {}
+
+    def flow(self, i: int, kind: Kind) -> tuple[str, tuple[Action, ...]]:
+        if self.plain:
+            return f"stress-{i % self.tenants}", kind.actions
+        t, j = self.mix.pick(self._rng) if self.zipf > 0 else (i % self.tenants, self._rng.randrange(
+            self.mix.per_tenant[i % self.tenants]))
+        if self.unique:
+            return f"stress-{t}", variant(kind.actions, f"flow {i}")
+        key = (kind.name, t, j)
+        acts = self._cache.get(key)
+        if acts is None:
+            acts = self._cache[key] = variant(kind.actions, f"stress-{t} action {j}")
+        return f"stress-{t}", acts
+
+
 def plan(executions: int, hostile_share: float, seed: int) -> list[Kind]:
     """Which kind flow ``i`` is: a pure function of the seed."""
     rng = random.Random(seed)
@@ -419,7 +462,9 @@ def plan(executions: int, hostile_share: float, seed: int) -> list[Kind]:
 
 
 async def run_stress(executions: int = 2000, concurrency: int = 32, hostile_share: float = 0.1, *,
-                     seconds: float | None = None, seed: int = 0, tenants: int = 4, flow_bound_s: float = 60.0,
+                     seconds: float | None = None, seed: int = 0, tenants: int = 4,
+                     actions_per_tenant: str | int = 1, zipf: float = 0.0, unique_actions: bool = False,
+                     flow_bound_s: float = 60.0,
                      sandbox_mode: str = "degraded", progress: bool = True, stream: TextIO | None = None,
                      config: RunnerConfig | None = None) -> dict[str, Any]:
     """Run the mixed load and return the report (see the module docstring for what it means)."""
@@ -428,6 +473,7 @@ async def run_stress(executions: int = 2000, concurrency: int = 32, hostile_shar
     stream = stream or sys.stderr
     me = psutil.Process()
     kinds = plan(executions, hostile_share, seed)
+    traffic = Traffic(tenants, actions_per_tenant, zipf, seed, unique_actions)
     tally = _Tally()
     server = LocalServer().start()
     runner: Runner | None = None
@@ -447,11 +493,12 @@ async def run_stress(executions: int = 2000, concurrency: int = 32, hostile_shar
 
         async def one(i: int) -> None:
             kind = kinds[i]
+            tenant, actions = traffic.flow(i, kind)
             t0 = time.perf_counter()
             try:
                 res = await asyncio.wait_for(
-                    runner.run_flow(trigger="post-login", actions=kind.actions, event=event_for(i, url),
-                                    tenant=f"stress-{i % tenants}", flow_id=f"stress-{seed}-{i}"),
+                    runner.run_flow(trigger="post-login", actions=actions, event=event_for(i, url),
+                                    tenant=tenant, flow_id=f"stress-{seed}-{i}"),
                     flow_bound_s)
             except asyncio.TimeoutError:
                 tally.unanswered += 1
@@ -525,6 +572,10 @@ async def run_stress(executions: int = 2000, concurrency: int = 32, hostile_shar
         "hostile": tally.hostile,
         "seed": seed,
         "tenants": tenants,
+        "actions_per_tenant": str(actions_per_tenant),
+        "zipf": zipf,
+        "unique_actions": unique_actions,
+        "pool_stats_end": stats,
         "unanswered": tally.unanswered,
         "wrong_answers": tally.wrong,
         "problems": tally.examples,
@@ -571,6 +622,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", default=None, help="also write the report here")
     p.add_argument("--seed", type=int, default=0, metavar="K", help="seed of the flow mix (default %(default)s)")
     p.add_argument("--tenants", type=int, default=4, metavar="T", help="tenants the flows spread over")
+    p.add_argument("--actions-per-tenant", default="1", metavar="N|LO-HI",
+                   help="each tenant's own copies of the mix's actions (default %(default)s: one shared set)")
+    p.add_argument("--zipf", type=float, default=0.0, metavar="S",
+                   help="tenant traffic ~ 1/rank**S (default %(default)s: round-robin over tenants)")
+    p.add_argument("--unique-actions", action="store_true",
+                   help="every flow runs an action never seen before (supervisor memory over many distinct actions)")
     p.add_argument("--sandbox", choices=("strict", "degraded", "off"), default="degraded")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     return p
@@ -600,12 +657,19 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     except SystemExit as exc:
         return int(exc.code or 0) if not isinstance(exc.code, str) else 2
-    if args.executions < 1 or args.concurrency < 1 or not 0 <= args.hostile_share <= 1 or args.tenants < 1:
+    try:
+        parse_range(args.actions_per_tenant)
+    except ValueError as exc:
+        print(f"actionpool stress: error: --actions-per-tenant: {exc}", file=sys.stderr)
+        return 2
+    if args.executions < 1 or args.concurrency < 1 or not 0 <= args.hostile_share <= 1 or args.tenants < 1 \
+            or args.zipf < 0:
         print("actionpool stress: error: --executions/--concurrency/--tenants must be positive, "
               "--hostile-share in [0, 1]", file=sys.stderr)
         return 2
     report = asyncio.run(run_stress(args.executions, args.concurrency, args.hostile_share, seconds=args.seconds,
-                                    seed=args.seed, tenants=args.tenants, sandbox_mode=args.sandbox,
+                                    seed=args.seed, tenants=args.tenants, actions_per_tenant=args.actions_per_tenant,
+                                    zipf=args.zipf, unique_actions=args.unique_actions, sandbox_mode=args.sandbox,
                                     progress=not args.quiet))
     print(_summary(report))
     if args.json:
