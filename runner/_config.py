@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -102,7 +103,7 @@ class RunnerConfig:
     worker_binding: WorkerBinding = "action"
     max_queue: int = 1000                    # flows waiting for a worker before new ones are refused
     queue_timeout_s: float = 10.0            # how long a flow may wait for a worker
-    spawn_concurrency: int = 2               # workers starting at once on behalf of waiting flows
+    spawn_concurrency: int = field(default_factory=lambda: len(os.sched_getaffinity(0)) or 2)  # workers starting at once: one per usable CPU
     idle_timeout_s: float = 60.0             # idle workers beyond pool_size are retired after this
     min_idle_per_tenant: int = 0             # idle workers kept bound to each tenant that has flows
     worker_start_timeout_s: float = 10.0     # spawn to hello

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import shutil
+import signal
 import tempfile
 from typing import Any
 
@@ -42,7 +43,10 @@ class Launcher:
         self.workdir = tempfile.mkdtemp(prefix="actionpool-")
         os.chmod(self.workdir, 0o555)
         if cfg.fork_template:
-            self.template = Template(cfg.python, cfg.worker_start_timeout_s)
+            sb = cfg.sandbox
+            opts = {"mode": sb.mode, "network_namespace": sb.network_namespace,
+                    "drop_uid": sb.drop_uid, "drop_gid": sb.drop_gid}
+            self.template = Template(cfg.python, cfg.worker_start_timeout_s, opts)
             try:
                 await self.template.start()
             except Exception as exc:
@@ -88,6 +92,9 @@ class Launcher:
                 "network_namespace": sb.network_namespace,
                 "drop_uid": sb.drop_uid,
                 "drop_gid": sb.drop_gid,
+                # SIGKILL when the supervisor dies, however it dies (set after the last credential change)
+                "pdeathsig": signal.SIGKILL,
+                "parent_pid": os.getpid(),
             },
         }
         try:

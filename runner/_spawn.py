@@ -9,9 +9,11 @@ Every other descriptor of the supervisor is close-on-exec (PEP 446).
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 WORKER_RFD = 3
 WORKER_WFD = 4
@@ -50,7 +52,7 @@ def _bootstrap(entry: str, nargs: int) -> str:
 
 
 _BOOTSTRAP = _bootstrap("actionpool.worker.__main__", 2)
-_TEMPLATE_BOOTSTRAP = _bootstrap("actionpool.worker._template", 1)
+_TEMPLATE_BOOTSTRAP = _bootstrap("actionpool.worker._template", 2)
 
 WORKER_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
 
@@ -104,6 +106,11 @@ def spawn_worker(python: str | None = None) -> Spawned:
 TEMPLATE_FD = 3
 
 
-def spawn_template(python: str | None, ctl_fd: int) -> int:
-    """Start the fork template with its end of the control socket at fd 3; returns its pid."""
-    return _spawn(python, _TEMPLATE_BOOTSTRAP, [str(TEMPLATE_FD), _paths()], {TEMPLATE_FD: ctl_fd})
+def spawn_template(python: str | None, ctl_fd: int, opts: dict[str, Any] | None = None) -> int:
+    """Start the fork template with its end of the control socket at fd 3; returns its pid.
+
+    ``opts`` are the runner's sandbox settings the template prepares once for all its
+    children (see ``worker._sandbox.prepare``); never anything of a tenant.
+    """
+    args = dict(opts or {}, supervisor=os.getpid())
+    return _spawn(python, _TEMPLATE_BOOTSTRAP, [str(TEMPLATE_FD), json.dumps(args), _paths()], {TEMPLATE_FD: ctl_fd})

@@ -26,8 +26,11 @@ from ._errors import TemplateError
 
 
 class Template:
-    def __init__(self, python: str | None = None, start_timeout: float = 10.0) -> None:
+    def __init__(self, python: str | None = None, start_timeout: float = 10.0,
+                 opts: dict[str, Any] | None = None) -> None:
         self.python = python
+        self.opts = dict(opts or {})       # sandbox settings the template prepares once (no tenant data)
+        self.prepared: dict[str, Any] = {}  # what it prepared, from its "ready" message
         self.start_timeout = start_timeout
         self.pid: int | None = None
         self.forks = 0
@@ -57,7 +60,7 @@ class Template:
         loop = asyncio.get_running_loop()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            pid = spawn_template(self.python, theirs.fileno())
+            pid = spawn_template(self.python, theirs.fileno(), self.opts)
         except BaseException:
             ours.close()
             raise
@@ -98,6 +101,7 @@ class Template:
             self._dead("sent garbage")
             return
         if msg and msg[0] == "ready" and self._ready is not None and not self._ready.done():
+            self.prepared = msg[2] if len(msg) > 2 and isinstance(msg[2], dict) else {}
             self._ready.set_result(msg[1])
             return
         seq, pid, error = msg

@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from typing import Any
 
 import psutil
+import pytest
 
 from conftest import make_runner, run
 from actionpool.runner import Action, Limits, RunnerConfig
+from actionpool.worker._sandbox import host_capabilities
 
 PIDS = '''
 import os, resource
@@ -127,3 +130,159 @@ async def test_worker_binding_keeps_actions_of_one_tenant_apart() -> None:
             first = (await r.run_flow(trigger="post-login", actions=[a], event={}, tenant="t")).state["a"]["pid"]
             second = (await r.run_flow(trigger="post-login", actions=[b], event={}, tenant="t")).state["b"]["pid"]
         assert (first == second) is shared, binding
+
+
+# --------------------------------------------------------------------------------------------
+# issue 12: the template does once what is the same for every worker; every protection still applies
+
+SANDBOXED = ("fds", "caps", "no_new_privs", "landlock", "rlimits", "seccomp", "pdeathsig")
+
+
+async def _worker_status(r: Any) -> tuple[dict[str, Any], dict[str, str], int]:
+    res = await run(r, "import os\ndef on_execute(event, api):\n    api.state.set('pid', os.getpid())\n")
+    pid = res["state"]["a"]["pid"]
+    with open(f"/proc/{pid}/status") as f:
+        status = dict(line.split(":", 1) for line in f.read().splitlines())
+    return res, status, pid
+
+
+async def test_forked_workers_reuse_what_the_template_prepared_and_apply_every_protection() -> None:
+    async with make_runner(RunnerConfig(pool_size=0, max_workers=4)) as r:
+        report = r.sandbox_report
+        prepared = set(report["prepared"])
+        caps = host_capabilities()
+        if caps["seccomp"]:
+            assert "seccomp" in prepared
+        if caps["landlock_abi"] >= 1:
+            assert "landlock" in prepared
+        if caps["net_namespaces"]:
+            assert "netns" in prepared and report["netns"] is True
+        for name in SANDBOXED:
+            if name in ("landlock", "seccomp") and name not in prepared:
+                continue
+            assert report[name] is True, (name, report)
+        res, status, pid = await _worker_status(r)
+        # the kernel's view of a forked worker: the prepared filter and ruleset are really in force
+        assert status["Seccomp"].strip() == ("2" if "seccomp" in prepared else "0")
+        assert status["NoNewPrivs"].strip() == "1"
+        assert int(status["CapEff"], 16) == 0
+        template_netns = os.stat(f"/proc/{r.stats()['template_pid']}/ns/net").st_ino
+        worker_netns = os.stat(f"/proc/{pid}/ns/net").st_ino
+        if "netns" in prepared:
+            # one empty namespace entered once by the template, shared by its children, not the host's
+            assert worker_netns == template_netns != os.stat("/proc/self/ns/net").st_ino
+
+
+async def test_prepared_seccomp_program_signals_only_the_worker_itself() -> None:
+    """The compiled program carries a placeholder pid; each worker patches in its own."""
+    src = ("import os, signal\n"
+           "def on_execute(event, api):\n"
+           "    os.kill(os.getpid(), 0)\n"
+           "    try:\n"
+           "        os.kill(os.getppid(), 0)\n"
+           "        api.state.set('parent', 'reachable')\n"
+           "    except PermissionError as exc:\n"
+           "        api.state.set('parent', exc.errno)\n")
+    async with make_runner(RunnerConfig(pool_size=0, max_workers=4)) as r:
+        if "seccomp" not in r.sandbox_report["prepared"]:
+            pytest.skip("no prepared seccomp program on this host")
+        results = [await run(r, src, tenant=f"t{i}") for i in range(2)]
+    for res in results:
+        assert res["outcome"] == "allow", res["denial"]
+        assert res["state"]["a"]["parent"] == 1  # EPERM
+
+
+def test_bpf_pid_slots_are_found_and_patched() -> None:
+    from actionpool.worker import _bpf, _sandbox
+
+    if not host_capabilities()["seccomp"]:
+        pytest.skip("no libseccomp")
+    prog, slots = _bpf.with_pid_slots(lambda pid: _bpf.export(_sandbox._build_seccomp(pid)[0]))
+    assert slots
+    direct = _bpf.export(_sandbox._build_seccomp(4242)[0])
+    assert _bpf.patch(prog, slots, 4242) == direct  # patching is exactly compiling for that pid
+    with pytest.raises(ValueError):
+        _bpf.patch(prog, slots, 0)
+    with pytest.raises(ValueError):  # a layout that depends on the value is refused, never guessed
+        _bpf.with_pid_slots(lambda pid: direct + (b"\0" * 8 if pid == _bpf.PLACEHOLDERS[0] else b""))
+
+
+async def test_spawned_workers_apply_everything_themselves() -> None:
+    async with make_runner(RunnerConfig(pool_size=0, max_workers=2, fork_template=False)) as r:
+        report = r.sandbox_report
+        _, status, _ = await _worker_status(r)
+    assert report["prepared"] == []
+    assert report["pdeathsig"] is True and report["no_new_privs"] is True
+    if host_capabilities()["seccomp"]:
+        assert report["seccomp"] is True and status["Seccomp"].strip() == "2"
+
+
+# --------------------------------------------------------------------------------------------
+# issue 9: no orphans, however the supervisor dies
+
+EMBEDDER = '''
+import asyncio, json, sys
+from actionpool import Action, Limits, Runner, RunnerConfig
+
+SPIN = "def on_execute(event, api):\\n    while True:\\n        pass\\n"
+
+async def main():
+    cfg = RunnerConfig(pool_size=1, max_workers=4, fork_template=sys.argv[1] == "template",
+                       limits=Limits(action_timeout_s=120, flow_timeout_s=120))
+    async with Runner(cfg) as r:
+        flows = [asyncio.ensure_future(r.run_flow(trigger="post-login", event={}, tenant=f"t{i}",
+                                                   actions=[Action(slug="spin", source=SPIN)])) for i in range(2)]
+        while len(r.worker_pids) < 3:   # two busy spinners and one warm idle worker
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.3)        # the spinners are past their sandbox and spinning
+        print(json.dumps({"template": r.stats().get("template_pid"), "workers": r.worker_pids}), flush=True)
+        await asyncio.gather(*flows)
+
+asyncio.run(main())
+'''
+
+
+def _dead(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+@pytest.mark.parametrize("start", ["template", "spawn"])
+def test_no_worker_or_template_outlives_its_supervisor(how: signal.Signals, start: str) -> None:
+    import json
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-c", EMBEDDER, start], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    pids: list[int] = []
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read().decode() if proc.stderr else "no output"
+        info = json.loads(line)
+        pids = list(info["workers"]) + ([info["template"]] if info["template"] else [])
+        assert (info["template"] is not None) is (start == "template")
+        busy = [p for p in info["workers"] if psutil.Process(p).cpu_times().user > 0.05]
+        assert busy, "no spinning worker to orphan"
+        proc.send_signal(how)
+        proc.wait(10)
+        deadline = time.monotonic() + 5.0   # an orphan used to spin until its 30 s CPU limit
+        while not all(_dead(p) for p in pids):
+            assert time.monotonic() < deadline, [p for p in pids if not _dead(p)]
+            time.sleep(0.02)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for p in pids:
+            try:
+                psutil.Process(p).kill()
+            except psutil.NoSuchProcess:
+                pass
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()

@@ -13,11 +13,16 @@ but itself. Each layer stands on its own so a hole in one is caught by another:
     no_new_privs  PR_SET_NO_NEW_PRIVS: nothing can ever regain privileges
     landlock   read-only access to the interpreter and a few system files
     rlimits    address space, CPU, files, file size 0, no core, no processes
+    pdeathsig  SIGKILL when the supervisor dies (set after the last credential change)
     seccomp    a syscall allowlist; sockets, exec, fork, ptrace... get EPERM
+
+A fork template calls :func:`prepare` once: it enters the network namespace,
+builds the Landlock ruleset and compiles the seccomp program for all its
+children, which then only load them (``report["prepared"]`` says which).
 
 Spec keys (all optional): mode ("strict" | "degraded" | "off"), require, keep_fds,
 memory_bytes, cpu_seconds, max_open_files, file_size (0), workdir, read_paths,
-network_namespace, drop_uid, drop_gid, and two knobs for tests and troubleshooting:
+network_namespace, fs_view, drop_uid, drop_gid, pdeathsig, parent_pid, and two knobs for tests and troubleshooting:
 landlock_max_abi (use at most this ABI; 0 = behave as on a kernel without Landlock)
 and skip (do not apply these of netns/landlock/seccomp; refused when required).
 Unknown keys are an error, so a typo cannot silently weaken the sandbox.
@@ -32,6 +37,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import gc
 import os
 import resource
@@ -39,6 +45,8 @@ import signal
 import stat
 import sys
 from typing import Any, Callable
+
+from . import _bpf
 
 try:  # loads libseccomp through ctypes; find_library() spawns ldconfig, so import now, never after apply()
     import pyseccomp as _seccomp
@@ -55,12 +63,13 @@ class SandboxError(Exception):
 
 
 # Order of application, and the names `require` may use.
-PROTECTIONS = ("fds", "netns", "uid_drop", "caps", "no_new_privs", "landlock", "rlimits", "seccomp")
+PROTECTIONS = ("fds", "netns", "fs_view", "uid_drop", "caps", "no_new_privs", "landlock", "rlimits", "pdeathsig",
+               "seccomp")
 _DEFAULT_REQUIRE = ("fds", "no_new_privs", "rlimits", "landlock", "seccomp")
 _SPEC_KEYS = frozenset({
     "mode", "require", "keep_fds", "memory_bytes", "cpu_seconds", "max_open_files", "file_size",
     "workdir", "read_paths", "network_namespace", "drop_uid", "drop_gid", "landlock_max_abi", "skip",
-    "scan_loops",
+    "scan_loops", "fs_view", "pdeathsig", "parent_pid",
 })
 _SKIPPABLE = ("netns", "landlock", "seccomp")
 _NPROC = 1  # RLIMIT_NPROC: counts every process of the real uid, so 1 means "create none"
@@ -134,6 +143,7 @@ def _handled_fs(abi: int) -> int:
 
 # --------------------------------------------------------------------------------------------
 # Capabilities and prctl
+_PR_SET_PDEATHSIG = 1
 _PR_GET_DUMPABLE = 3
 _PR_SET_NAME, _PR_GET_NAME = 15, 16
 _PR_GET_SECCOMP = 21
@@ -451,16 +461,15 @@ def _live_loop_fds() -> list[int]:
 
 
 def _close_fds(keep: set[int]) -> None:
-    try:
-        candidates = [int(x) for x in os.listdir("/proc/self/fd")]
-    except OSError:
-        candidates = list(range(3, resource.getrlimit(resource.RLIMIT_NOFILE)[0]))
-    for fd in candidates:
-        if fd >= 3 and fd not in keep:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+    """Close every fd >= 3 not in ``keep`` (close_range: one syscall per gap), 0/1/2 not kept -> /dev/null."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    top = min(max(soft, hard, 1024), 1 << 20)  # bounds the loop of a libc without close_range
+    lo = 3
+    for fd in sorted(fd for fd in keep if fd >= 3):
+        if fd > lo:
+            os.closerange(lo, fd)
+        lo = max(lo, fd + 1)
+    os.closerange(lo, top)
     if not {0, 1, 2} <= keep:
         null = os.open("/dev/null", os.O_RDWR)
         for fd in (0, 1, 2):
@@ -468,7 +477,10 @@ def _close_fds(keep: set[int]) -> None:
                 os.dup2(null, fd, inheritable=False)
         if null > 2:
             os.close(null)
-    leftover = [int(x) for x in os.listdir("/proc/self/fd") if int(x) >= 3]
+    try:
+        leftover = [int(x) for x in os.listdir("/proc/self/fd") if int(x) >= 3]
+    except OSError:  # no /proc (the minimal filesystem view): close_range is all-or-nothing anyway
+        return
     # the listdir fd itself is already closed when the list comes back; fstat tells what is really open
     still_open = []
     for fd in leftover:
@@ -530,12 +542,65 @@ def _code_paths() -> list[str]:
 
 
 _CODE_PATHS: list[str] = []
+# What the fork template did once for all its children (see prepare()); empty in a spawned worker.
+_PREPARED: dict[str, Any] = {}
+_PREPARED_FD_MIN = 100
 
 
-def prepare() -> None:
-    """Precompute what every sandboxed child needs (the fork template calls this once)."""
+def prepare(opts: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Do once, in the fork template, what is the same for every worker it forks.
+
+    Children inherit the result: the network namespace the template entered (one
+    namespace for all, instead of one unshare per worker under a global kernel lock),
+    a Landlock ruleset fd for the default read paths, and the compiled seccomp
+    program with its pid slots. ``apply`` in a child uses each piece when the child's
+    spec asks for exactly that, and reports which ones in ``report["prepared"]``.
+    Nothing here is a secret or per-tenant: the same for every worker of a runner.
+    Returns what was prepared and what failed (for the template's log).
+    """
     global _CODE_PATHS
+    opts = opts or {}
+    out: dict[str, Any] = {"errors": []}
     _CODE_PATHS = _code_paths()
+    if opts.get("mode", "degraded") == "off":
+        return out
+    if opts.get("network_namespace", True):
+        try:
+            before = os.stat("/proc/self/ns/net").st_ino
+            _unshare_net()
+            _PREPARED["netns"] = (before, os.stat("/proc/self/ns/net").st_ino)
+        except Exception as exc:
+            out["errors"].append(f"netns: {type(exc).__name__}: {exc}")
+    abi = min(_landlock_kernel_abi(), _LANDLOCK_MAX_KNOWN_ABI)
+    if abi >= 1:
+        try:
+            paths = list(dict.fromkeys(_CODE_PATHS + list(_SYSTEM_READ_PATHS)))
+            fd, granted, problems = _create_landlock_ruleset(abi, paths)
+            # far above the numbers a child dup2()s its pipes to (3 and 4)
+            high = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, _PREPARED_FD_MIN)
+            os.close(fd)
+            _PREPARED["landlock"] = (high, abi, granted, problems)
+        except Exception as exc:
+            out["errors"].append(f"landlock: {type(exc).__name__}: {exc}")
+    if _seccomp is not None and _seccomp_kernel_ok():
+        try:
+            skipped: list[str] = []
+
+            def build(pid: int) -> bytes:
+                flt, sk = _build_seccomp(pid)
+                skipped[:] = sk
+                return _bpf.export(flt)
+
+            prog, slots = _bpf.with_pid_slots(build)
+            _PREPARED["seccomp"] = (prog, slots, list(skipped))
+        except Exception as exc:
+            out["errors"].append(f"seccomp: {type(exc).__name__}: {exc}")
+    uid, gid = opts.get("drop_uid"), opts.get("drop_gid")
+    if os.geteuid() == 0 and isinstance(uid, int):
+        gid = gid if isinstance(gid, int) else uid
+        _PREPARED["unreachable"] = ((uid, gid), [p for p in _stdlib_paths() if not _reachable_as(p, uid, gid)])
+    out["prepared"] = sorted(_PREPARED)
+    return out
 
 
 def _stdlib_paths() -> list[str]:
@@ -673,6 +738,12 @@ def _parse(spec: dict[str, Any]) -> dict[str, Any]:
     netns = spec.get("network_namespace", False)
     if not isinstance(netns, bool):
         raise SandboxError("sandbox spec: network_namespace must be a bool")
+    fs_view = spec.get("fs_view", False)
+    if not isinstance(fs_view, bool):
+        raise SandboxError("sandbox spec: fs_view must be a bool")
+    pdeathsig = spec.get("pdeathsig", 0)
+    if type(pdeathsig) is not int or not 0 <= pdeathsig < signal.NSIG:
+        raise SandboxError(f"sandbox spec: pdeathsig must be a signal number or 0, got {pdeathsig!r}")
     return {
         "mode": mode,
         "require": list(require) if mode == "strict" else [],
@@ -691,6 +762,9 @@ def _parse(spec: dict[str, Any]) -> dict[str, Any]:
         # Debugging/testing knob: do not apply these layers (reported in errors; refused if required).
         "skip": set(skip),
         "scan_loops": bool(spec.get("scan_loops", True)),
+        "fs_view": fs_view,
+        "pdeathsig": pdeathsig,
+        "parent_pid": _opt_int(spec, "parent_pid", None, 1),
     }
 
 
@@ -732,7 +806,7 @@ def apply(spec: dict) -> dict:  # type: ignore[type-arg]
     report.update({
         "mode": mode, "fds_closed": False, "landlock_abi": 0, "landlock_kernel_abi": kernel_abi,
         "uid": os.geteuid(), "gid": os.getegid(), "kept_fds": [], "read_paths": [], "rlimits_set": {},
-        "seccomp_skipped": [], "errors": [], "warnings": [],
+        "seccomp_skipped": [], "errors": [], "warnings": [], "prepared": [],
     })
 
     def fail(name: str, msg: str) -> None:
@@ -756,7 +830,11 @@ def apply(spec: dict) -> dict:  # type: ignore[type-arg]
     drop_ok = True
     if is_root and s["drop_uid"] is not None:
         gid = s["drop_gid"] if s["drop_gid"] is not None else s["drop_uid"]
-        blocked = [p for p in _stdlib_paths() if not _reachable_as(p, s["drop_uid"], gid)]
+        cached = _PREPARED.get("unreachable")
+        if cached is not None and cached[0] == (s["drop_uid"], gid):
+            blocked = cached[1]
+        else:
+            blocked = [p for p in _stdlib_paths() if not _reachable_as(p, s["drop_uid"], gid)]
         if blocked:
             drop_ok = False
             drop_why = (f"uid {s['drop_uid']} could not read the interpreter's files ({blocked[0]}); "
@@ -774,8 +852,11 @@ def apply(spec: dict) -> dict:  # type: ignore[type-arg]
                          "running as root and " + ("spec.drop_uid is null" if s["drop_uid"] is None
                                                    else "the drop would break the interpreter")),
         }
+        checks["fs_view"] = (s["fs_view"] and "fs_view" in _PREPARED,
+                             "spec.fs_view is false" if not s["fs_view"] else _fs_view_unavailable())
+        checks["pdeathsig"] = (s["pdeathsig"] != 0, "spec.pdeathsig is 0")
         if s["network_namespace"]:
-            checks["netns"] = (_netns_possible(), "this host cannot create a network namespace")
+            checks["netns"] = ("netns" in _PREPARED or _netns_possible(), "this host cannot create a network namespace")
         for name in require:
             ok, why = checks.get(name, (True, ""))
             if not ok:
@@ -787,6 +868,13 @@ def apply(spec: dict) -> dict:  # type: ignore[type-arg]
     # 1. descriptors: only what the caller keeps (plus its event loops), 0/1/2 on /dev/null
     # The gc scan for event loops costs milliseconds; a caller that passes loop_fds() itself skips it.
     keep = set(s["keep_fds"]) | (set(_live_loop_fds()) if s["scan_loops"] else set())
+    # The template's Landlock ruleset, when this child can use it as is (no extra paths, no ABI cap).
+    shared_ruleset = _PREPARED.get("landlock") if sandboxing_mode(mode) else None
+    if shared_ruleset is not None and (s["read_paths"] or "landlock" in s["skip"]
+                                       or (s["landlock_max_abi"] is not None and s["landlock_max_abi"] < shared_ruleset[1])):
+        shared_ruleset = None
+    if shared_ruleset is not None:
+        keep.add(shared_ruleset[0])
     report["kept_fds"] = sorted(keep)
     step("fds", lambda: _close_fds(keep))
     report["fds_closed"] = report["fds"]
@@ -804,6 +892,11 @@ def apply(spec: dict) -> dict:  # type: ignore[type-arg]
         # 2. prepared while privileged: the Landlock ruleset (opening paths as root) and the filter
         if "landlock" in s["skip"]:
             fail("landlock", "skipped by spec")
+        elif shared_ruleset is not None:
+            ruleset_fd, abi, granted, problems = shared_ruleset
+            report["read_paths"] = list(granted)
+            report["warnings"] += [f"landlock rule {p}" for p in problems]
+            report["prepared"].append("landlock")
         elif abi >= 1:
             paths = code_paths + list(_SYSTEM_READ_PATHS) + [os.path.realpath(p) for p in s["read_paths"]]
             built = step("landlock", lambda: _create_landlock_ruleset(abi, list(dict.fromkeys(paths))))
@@ -819,15 +912,26 @@ def apply(spec: dict) -> dict:  # type: ignore[type-arg]
             fail("seccomp", f"pyseccomp/libseccomp unavailable: {_SECCOMP_IMPORT_ERROR}")
         elif not _seccomp_kernel_ok():
             fail("seccomp", "the kernel offers no seccomp filters")
-        else:
-            built_flt = step("seccomp", lambda: _build_seccomp(os.getpid()))
+        elif "seccomp" in _PREPARED:
+            prog, slots, skipped = _PREPARED["seccomp"]
+            flt = step("seccomp", lambda: _bpf.patch(prog, slots, os.getpid()))
             report["seccomp"] = False
-            if built_flt is not None:
-                flt, report["seccomp_skipped"] = built_flt
+            report["seccomp_skipped"] = list(skipped)
+            report["prepared"].append("seccomp")
+        else:
+            def compile_filter() -> bytes:
+                built, report["seccomp_skipped"] = _build_seccomp(os.getpid())
+                return _bpf.export(built)
+            flt = step("seccomp", compile_filter)
+            report["seccomp"] = False
 
         # 3. network namespace, while privileged
         if "netns" in s["skip"]:
             fail("netns", "skipped by spec")
+        elif "netns" in _PREPARED:
+            # the template entered one empty namespace for all its children; a fork cannot leave it
+            report["netns"] = True
+            report["prepared"].append("netns")
         elif s["network_namespace"]:
             step("netns", _unshare_net)
 
@@ -889,10 +993,17 @@ def apply(spec: dict) -> dict:  # type: ignore[type-arg]
     step("rlimits", lambda: _set_rlimits(limits))
     report["rlimits_set"] = {resource_name(r): list(v) for r, v in limits.items()}
 
-    # 8. seccomp, last: it forbids everything used above
+    # 8. parent-death signal: after every credential change (a uid change clears it), before
+    # seccomp (which refuses prctl(PR_SET_PDEATHSIG)), in every mode: a worker never outlives its supervisor.
+    if s["pdeathsig"]:
+        step("pdeathsig", lambda: _set_pdeathsig(s["pdeathsig"], s["parent_pid"]))
+        if not report["pdeathsig"]:
+            raise SandboxError("cannot tie the worker's life to its supervisor: " + report["errors"][-1])
+
+    # 9. seccomp, last: it forbids everything used above
     if flt is not None:
         def load() -> None:
-            flt.load()
+            _bpf.load(flt)
             if _prctl(_PR_GET_SECCOMP) != 2:
                 raise OSError(errno.EPERM, "PR_GET_SECCOMP is not 2 after loading the filter")
         step("seccomp", load)
@@ -900,6 +1011,22 @@ def apply(spec: dict) -> dict:  # type: ignore[type-arg]
     report["uid"] = os.geteuid()
     report["gid"] = os.getegid()
     return report
+
+
+def _fs_view_unavailable() -> str:
+    return str(_PREPARED.get("fs_view_error") or "only a fork template can give its workers a minimal filesystem view")
+
+
+def sandboxing_mode(mode: str) -> bool:
+    return mode != "off"
+
+
+def _set_pdeathsig(sig: int, parent_pid: int | None) -> None:
+    """SIGKILL (or ``sig``) when the parent thread exits; refuse if the parent is already gone."""
+    _prctl(_PR_SET_PDEATHSIG, sig)
+    if parent_pid is not None and os.getppid() != parent_pid:
+        # The parent died before the prctl (we were reparented): the signal will never come.
+        raise OSError(errno.ESRCH, f"parent {parent_pid} is gone (now {os.getppid()})")
 
 
 def resource_name(res: int) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import json
 import os
 import platform
 import signal
@@ -33,6 +34,16 @@ _SYS_CLONE = {"x86_64": 56, "aarch64": 220, "arm64": 220}.get(platform.machine()
 _libc = ctypes.PyDLL(None, use_errno=True)  # PyDLL: the GIL stays held across the clone call
 _libc.syscall.restype = ctypes.c_long
 _pyapi = ctypes.pythonapi
+_PR_SET_PDEATHSIG = 1
+_libc.prctl.restype = ctypes.c_int
+
+
+def die_with_parent(parent: int) -> None:
+    """SIGKILL when the supervisor's thread that started us exits; exit now if it already has."""
+    if _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        os._exit(70)
+    if os.getppid() != parent:  # it died before the prctl: the signal will never come
+        os._exit(70)
 
 
 def _fork_sibling() -> int:
@@ -55,9 +66,12 @@ def _fork_sibling() -> int:
     return pid
 
 
-def _become_worker(sock: socket.socket, rfd: int, wfd: int) -> None:
+def _become_worker(sock: socket.socket, rfd: int, wfd: int, supervisor: int) -> None:
     """In the child: own session, pipes at fds 3 and 4, then the ordinary worker life."""
     try:
+        # CLONE_PARENT: our parent is the supervisor (the same thread that started the template).
+        # The sandbox sets it again after its last credential change; this covers the time before.
+        die_with_parent(supervisor)
         os.setsid()
         high_r = os.dup(rfd) if rfd < 10 else rfd
         high_w = os.dup(wfd) if wfd < 10 else wfd
@@ -79,14 +93,18 @@ def _become_worker(sock: socket.socket, rfd: int, wfd: int) -> None:
         os._exit(70)
 
 
-def serve(ctl_fd: int) -> None:
+def serve(ctl_fd: int, opts: dict) -> None:  # type: ignore[type-arg]
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    supervisor = os.getppid()
+    if opts.get("supervisor") != supervisor:
+        os._exit(70)  # the supervisor died while we started
     sock = socket.socket(fileno=ctl_fd)
     sock.setblocking(True)
-    _sandbox.prepare()
+    prepared = _sandbox.prepare(opts)
+    die_with_parent(supervisor)  # after prepare(): entering a user namespace clears the setting
     gc.collect()
     gc.freeze()  # keep the GC from touching (and so copying) the shared pages in every child
-    sock.send(msgpack.packb(["ready", os.getpid()]))
+    sock.send(msgpack.packb(["ready", os.getpid(), prepared]))
     while True:
         try:
             data, fds, _flags, _addr = socket.recv_fds(sock, 256, 2)
@@ -100,7 +118,7 @@ def serve(ctl_fd: int) -> None:
                 raise ValueError("a fork request carries a sequence number and two descriptors")
             pid = _fork_sibling()
             if pid == 0:
-                _become_worker(sock, fds[0], fds[1])
+                _become_worker(sock, fds[0], fds[1], supervisor)
             reply = [seq, pid, None]
         except Exception as exc:  # report, keep serving
             reply = [seq if "seq" in locals() else -1, 0, f"{type(exc).__name__}: {exc}"]
@@ -113,6 +131,6 @@ def serve(ctl_fd: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        serve(int(argv[0]))
+        serve(int(argv[0]), json.loads(argv[1]))
     finally:
         os._exit(0)
