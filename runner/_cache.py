@@ -274,6 +274,8 @@ class RedisCache:
         import redis.asyncio as aioredis
 
         self._limits = limits or CacheLimits()
+        parts = urlsplit(url)
+        self._where = f"redis at {parts.hostname}:{parts.port or 6379}"
         self._redis = aioredis.Redis.from_url(
             url, decode_responses=True, socket_timeout=socket_timeout_s,
             socket_connect_timeout=socket_timeout_s, max_connections=max_connections,
@@ -289,7 +291,7 @@ class RedisCache:
         _check_types(scope, key)
         if not _key_ok(key, self._limits):
             return None
-        with _unavailable():
+        with _unavailable(self._where):
             v, x = await self._redis.hmget(self._prefix(scope) + "e:" + key, ["v", "x"])
         if v is None or x is None:
             return None
@@ -303,7 +305,7 @@ class RedisCache:
             return _error(parsed)
         ttl, at = parsed
         prefix = self._prefix(scope)
-        with _unavailable():
+        with _unavailable(self._where):
             result = await self._set_script(
                 keys=[prefix + "i", prefix + "e:" + key],
                 args=[key, value, "" if ttl is None else ttl, "" if at is None else at, lim.default_ttl_ms,
@@ -316,7 +318,7 @@ class RedisCache:
         if not _key_ok(key, self._limits):
             return _error("CacheKeySizeExceeded")
         prefix = self._prefix(scope)
-        with _unavailable():
+        with _unavailable(self._where):
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.delete(prefix + "e:" + key)
                 pipe.zrem(prefix + "i", key)
@@ -328,7 +330,10 @@ class RedisCache:
 
 
 class _unavailable:
-    """Map redis failures to CacheUnavailable (a message without the server's address details)."""
+    """Map redis failures to CacheUnavailable naming the server (host:port) and the cause."""
+
+    def __init__(self, where: str) -> None:
+        self._where = where
 
     def __enter__(self) -> None:
         return None
@@ -337,7 +342,8 @@ class _unavailable:
         import redis.exceptions
 
         if isinstance(exc, (redis.exceptions.RedisError, OSError)):
-            raise CacheUnavailable(f"cache backend unavailable: {type(exc).__name__}: {exc}") from exc
+            cause = str(exc).strip() or "no detail"
+            raise CacheUnavailable(f"{self._where} is unavailable: {type(exc).__name__}: {cause}") from exc
         return False
 
 

@@ -67,6 +67,18 @@ class FetchConfig:
     max_request_bytes: int = 256 << 10
     max_redirects: int = 5
     max_concurrent_per_execution: int = 16
+    # Capacity per tenant, so one tenant's slow hosts or DNS never take another's (runner/_fetch_capacity.py).
+    max_concurrent_per_tenant: int = 128     # fetches in flight (= that tenant's connection pool size)
+    max_queued_per_tenant: int = 1024        # fetches (or lookups) waiting beyond that; more fail at once
+    max_keepalive_per_tenant: int = 16       # idle connections a tenant's pool keeps open
+    max_dns_per_tenant: int = 4              # DNS lookups in flight (each holds one resolver thread)
+    dns_threads: int = 16                    # the resolver's own thread pool (not asyncio's default executor)
+    dns_cache_s: float = 10.0                # a tenant reuses an answer this long (re-vetted on every use)
+    max_dns_answers_per_tenant: int = 64     # answers kept per tenant (LRU)
+    max_tenant_pools: int = 256              # per-tenant pools kept (LRU); idle ones beyond are closed
+    pool_idle_s: float = 30.0                # a tenant's pool unused this long is closed
+    # Offline mode ("METHOD URL" -> {status, headers, body}): answers from here, never the network.
+    stub: dict[str, Any] | None = None
 
     def hosts_for(self, tenant: str) -> tuple[str, ...]:
         return self.allow_hosts + tuple(self.tenant_allow_hosts.get(tenant, ()))
@@ -143,4 +155,18 @@ class RunnerConfig:
         f = self.fetch
         if not (0 < f.timeout_s <= 60) or f.max_response_bytes <= 0 or f.max_request_bytes <= 0:
             raise ConfigError("fetch limits must be positive (timeout at most 60 s)")
+        for name in ("max_concurrent_per_execution", "max_concurrent_per_tenant", "max_queued_per_tenant",
+                     "max_keepalive_per_tenant", "max_dns_per_tenant", "dns_threads", "max_dns_answers_per_tenant",
+                     "max_tenant_pools"):
+            v = getattr(f, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"fetch.{name} must be a positive integer, got {v!r}")
+        for name in ("pool_idle_s", "dns_cache_s"):
+            v = getattr(f, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ConfigError(f"fetch.{name} must be a non-negative number, got {v!r}")
+        if f.stub is not None:
+            from ._fetch_stub import compile_stub
+
+            compile_stub(f.stub)
         return self

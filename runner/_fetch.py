@@ -16,21 +16,27 @@ The worker has no network; every request is made here, after three gates:
 Redirects are followed by hand so that every hop passes the same gates.
 Destinations that are not public addresses (reachable only because the
 operator listed the literal IP) are sent ``Connection: close``: such a
-connection is never pooled, so another tenant can never reuse it.
+connection is never pooled.
+
+The supervisor serves every tenant, so nothing here is shared between them or
+unbounded: no cookie jar at all, a connection pool, fetch slots and DNS slots
+per tenant (``_fetch_capacity``), the body capped while it streams (a gzip
+bomb never inflates past the cap), and bodies decoded only in a short list of
+charsets (:data:`CHARSETS`; anything else is UTF-8 with replacement
+characters), so every step is linear in what the server sends.
 """
 
 from __future__ import annotations
 
 import asyncio
-import codecs
 import contextvars
 import ipaddress
+import logging
 import math
 import re
-import socket
 import ssl
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from functools import lru_cache
 from typing import Any
 
@@ -39,12 +45,12 @@ import httpx
 import idna
 
 from ._config import FetchConfig
-from ._errors import ConfigError
-from ._errors import FetchDenied, FetchError, FetchTimeout
+from ._errors import ConfigError, FetchDenied, FetchError, FetchTimeout
+from ._fetch_capacity import BlockingResolver, CapacityTable, Resolver, TenantCapacity
+from ._fetch_stub import StubPool, compile_stub
+from ._redact import install_log_redaction
 
 __all__ = ["FetchError", "FetchDenied", "FetchTimeout", "Fetcher", "host_allowed", "check_allow_hosts"]
-
-Resolver = Callable[[str], Awaitable[list[str]]]
 
 ALLOWED_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
@@ -171,12 +177,6 @@ def _is_internal(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     )
 
 
-async def _system_resolver(host: str) -> list[str]:
-    loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    return list(dict.fromkeys(str(info[4][0]) for info in infos))
-
-
 # ------------------------------------------------------- pinned connections
 
 # (host as httpcore sees it, port) -> vetted addresses, for the request in flight.
@@ -186,8 +186,8 @@ _PINS: contextvars.ContextVar[dict[tuple[str, int], tuple[str, ...]]] = contextv
 class _PinnedBackend(httpcore.AsyncNetworkBackend):
     """Connects to the vetted address of the current request instead of resolving the name again."""
 
-    def __init__(self) -> None:
-        self._inner = httpcore.AnyIOBackend()
+    def __init__(self, inner: httpcore.AsyncNetworkBackend | None = None) -> None:
+        self._inner = inner or httpcore.AnyIOBackend()
 
     async def connect_tcp(self, host: str, port: int, timeout: float | None = None,
                           local_address: str | None = None, socket_options: Any = None) -> httpcore.AsyncNetworkStream:
@@ -210,52 +210,6 @@ class _PinnedBackend(httpcore.AsyncNetworkBackend):
 
     async def sleep(self, seconds: float) -> None:
         await self._inner.sleep(seconds)
-
-
-class _Stream(httpx.AsyncByteStream):
-    def __init__(self, inner: Any) -> None:
-        self._inner = inner
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        async for part in self._inner:
-            yield part
-
-    async def aclose(self) -> None:
-        if hasattr(self._inner, "aclose"):
-            await self._inner.aclose()
-
-
-class _PinnedTransport(httpx.AsyncBaseTransport):
-    """httpx transport over an httpcore pool whose connects go through :class:`_PinnedBackend`.
-
-    Errors surface as httpcore exceptions; :class:`Fetcher` maps them.
-    """
-
-    def __init__(self, ssl_context: ssl.SSLContext, limits: httpx.Limits) -> None:
-        self._pool = httpcore.AsyncConnectionPool(
-            ssl_context=ssl_context,
-            max_connections=limits.max_connections,
-            max_keepalive_connections=limits.max_keepalive_connections,
-            keepalive_expiry=limits.keepalive_expiry,
-            http1=True, http2=False, retries=0,
-            network_backend=_PinnedBackend(),
-        )
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        req = httpcore.Request(
-            method=request.method,
-            url=httpcore.URL(scheme=request.url.raw_scheme, host=request.url.raw_host,
-                             port=request.url.port, target=request.url.raw_path),
-            headers=request.headers.raw,
-            content=request.stream,  # type: ignore[arg-type]
-            extensions=request.extensions,
-        )
-        resp = await self._pool.handle_async_request(req)
-        return httpx.Response(status_code=resp.status, headers=resp.headers,
-                              stream=_Stream(resp.stream), extensions=resp.extensions)
-
-    async def aclose(self) -> None:
-        await self._pool.aclose()
 
 
 # ------------------------------------------------------------ body decoding
@@ -285,51 +239,95 @@ class _BoundedInflate:
         self._first = False
         return out
 
-    def flush(self) -> bytes:
-        return self._d.flush()
+    def flush(self, room: int) -> bytes:
+        return self._d.flush(room + 1)
+
+
+# Response bodies are decoded only in these charsets (label -> Python codec). Anything else,
+# including every other Python codec name (punycode, utf-7, idna, rot13...), is decoded as UTF-8
+# with replacement characters: a server must not pick a decoder that is slow (CPython's punycode
+# is quadratic), that raises, or that is not a text encoding at all. The table is looked up as
+# is: ``codecs.lookup`` is never called with a server's string (its miss cache grows forever).
+CHARSETS: dict[str, str] = {
+    **dict.fromkeys(("utf-8", "utf8", "unicode-1-1-utf-8"), "utf-8"),
+    **dict.fromkeys(("us-ascii", "ascii"), "ascii"),
+    **dict.fromkeys(("iso-8859-1", "iso8859-1", "iso_8859-1", "latin-1", "latin1", "l1"), "latin-1"),
+    **dict.fromkeys(("windows-1252", "cp1252", "x-cp1252"), "cp1252"),
+}
+MAX_CONTENT_TYPE_CHARS = 1024
 
 
 def _charset(content_type: str | None) -> str:
+    """The codec for a Content-Type's charset parameter; ``utf-8`` when absent or not in :data:`CHARSETS`."""
     if content_type:
-        for part in content_type.split(";")[1:]:
+        for part in content_type[:MAX_CONTENT_TYPE_CHARS].split(";")[1:]:
             name, _, value = part.partition("=")
             if name.strip().lower() == "charset":
-                cs = value.strip().strip('"').strip()
-                try:
-                    if codecs.lookup(cs)._is_text_encoding:  # type: ignore[attr-defined]
-                        return cs
-                except LookupError:
-                    pass
+                return CHARSETS.get(value.strip().strip('"').strip().lower(), "utf-8")
     return "utf-8"
 
 
 # ------------------------------------------------------------------ fetcher
 
+log = logging.getLogger("actionpool.fetch")
+
+# Sent unless the action gives its own (Accept-Encoding is always ours: only what we can bound).
+DEFAULT_HEADERS = (("user-agent", "actionpool-fetch/1"), ("accept", "*/*"))
+ACCEPT_ENCODING = ("accept-encoding", "gzip, deflate")
+# Room for the reply's envelope (msgpack map keys, status, message ids) within one frame.
+REPLY_OVERHEAD_BYTES = 1024
+
 
 class Fetcher:
-    """One per runner: a shared connection pool plus the policy gates above."""
+    """One per runner: the policy gates above, over per-tenant capacity (see ``_fetch_capacity``).
+
+    No cookie jar exists anywhere: a ``Set-Cookie`` reaches the action as a
+    response header and is then forgotten, so nothing persists across
+    executions or crosses tenants. With ``FetchConfig.stub`` set, every
+    tenant's "pool" answers from the stub and no socket is ever opened.
+    """
 
     def __init__(self, config: FetchConfig, *, resolver: Resolver | None = None,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+                 blocking_resolver: BlockingResolver | None = None,
+                 ssl_context: ssl.SSLContext | None = None,
+                 network_backend: httpcore.AsyncNetworkBackend | None = None) -> None:
+        """``resolver``/``blocking_resolver`` replace DNS and ``network_backend`` the socket layer
+        under the pin (tests: a loopback-only backend that fails the test instead of connecting)."""
+        install_log_redaction()
         self._config = config
-        self._resolver: Resolver = resolver or _system_resolver
-        limits = httpx.Limits(max_connections=100, max_keepalive_connections=20, keepalive_expiry=30.0)
-        self._client = httpx.AsyncClient(
-            transport=_PinnedTransport(ssl_context or httpx.create_ssl_context(trust_env=False), limits),
-            trust_env=False,
-            follow_redirects=False,
-            headers={"user-agent": "actionpool-fetch/1", "accept": "*/*", "accept-encoding": "gzip, deflate"},
+        self._ssl = ssl_context or httpx.create_ssl_context(trust_env=False)
+        self._backend = _PinnedBackend(network_backend)
+        if config.stub is not None:
+            stub = StubPool(compile_stub(config.stub))
+            make_pool: Callable[[], Any] = lambda: stub  # noqa: E731
+        else:
+            make_pool = self._make_pool
+        self._capacity = CapacityTable(config, make_pool, resolver=resolver, blocking_resolver=blocking_resolver)
+
+    def _make_pool(self) -> httpcore.AsyncConnectionPool:
+        n = self._config.max_concurrent_per_tenant
+        return httpcore.AsyncConnectionPool(
+            ssl_context=self._ssl, max_connections=n,
+            max_keepalive_connections=min(n, self._config.max_keepalive_per_tenant),
+            keepalive_expiry=30.0, http1=True, http2=False, retries=0, network_backend=self._backend,
         )
 
-    async def aclose(self) -> None:
-        await self._client.aclose()
+    @property
+    def tenant_pools(self) -> int:
+        """How many tenants currently hold a pool (bounded by ``FetchConfig.max_tenant_pools``)."""
+        return len(self._capacity)
 
-    async def fetch(self, url: str, init: dict | None, *, allow_hosts: tuple[str, ...], timeout_s: float) -> dict:
+    async def aclose(self) -> None:
+        await self._capacity.aclose()
+
+    async def fetch(self, url: str, init: dict | None, *, allow_hosts: tuple[str, ...], timeout_s: float,
+                    tenant: str = "", max_reply_bytes: int | None = None) -> dict:
         """Make the request; ``{"status", "headers", "body"}`` for any HTTP status.
 
         ``timeout_s`` is the remaining budget (the runner's min of the fetch
-        timeout and what remains of the action and flow); it covers DNS,
-        every redirect hop and reading the body.
+        timeout and what remains of the action and flow); it covers waiting
+        for the tenant's capacity, DNS, every redirect hop and reading the
+        body. ``max_reply_bytes``: the result must fit one reply frame.
         """
         method, headers, body = self._parse_init(init)
         target = self._check_url(url, allow_hosts)  # FetchDenied before anything else happens
@@ -337,10 +335,13 @@ class Fetcher:
         if not budget > 0:
             raise FetchTimeout("no time left for api.fetch in this execution")
         try:
-            async with asyncio.timeout(budget):
-                return await self._follow(target, method, headers, body, allow_hosts, budget)
+            async with asyncio.timeout(budget), self._capacity.use(tenant) as cap:
+                result = await self._follow(cap, target, method, headers, body, allow_hosts, budget)
         except TimeoutError:
             raise FetchTimeout(f"api.fetch did not complete within {budget:.3g} s") from None
+        if max_reply_bytes is not None:
+            _check_reply_size(result, max_reply_bytes)
+        return result
 
     # -- gates
 
@@ -408,14 +409,15 @@ class Fetcher:
             raise FetchDenied(f"api.fetch: host {host!r} is not on the fetch allowlist")
         return u
 
-    async def _vet(self, host: str, allow_hosts: tuple[str, ...]) -> tuple[tuple[str, ...], bool]:
-        """Resolve ``host`` and vet every address; return (addresses, all public)."""
+    async def _vet(self, cap: TenantCapacity, host: str,
+                   allow_hosts: tuple[str, ...]) -> tuple[tuple[str, ...], bool]:
+        """Resolve ``host`` (under the tenant's DNS cap) and vet every address; return (addresses, all public)."""
         literal = _ip(host)
         if literal is not None:
             names = [host]
         else:
             try:
-                names = await self._resolver(host)
+                names = await self._capacity.resolve(cap, host)
             except (OSError, UnicodeError) as exc:
                 raise FetchError(f"api.fetch: could not resolve {host!r}: {exc}") from None
             if not names:
@@ -440,45 +442,43 @@ class Fetcher:
 
     # -- the request loop
 
-    async def _follow(self, url: httpx.URL, method: str, headers: list[tuple[str, str]], body: bytes | None,
-                      allow_hosts: tuple[str, ...], budget: float) -> dict:
+    async def _follow(self, cap: TenantCapacity, url: httpx.URL, method: str, headers: list[tuple[str, str]],
+                      body: bytes | None, allow_hosts: tuple[str, ...], budget: float) -> dict:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + budget
+        stubbed = self._config.stub is not None
         for hop in range(self._config.max_redirects + 1):
             if hop:
                 url = self._check_url(url, allow_hosts)
             host = url.raw_host.decode("ascii")
             port = url.port or (443 if url.scheme == "https" else 80)
-            ips, public = await self._vet(host, allow_hosts)
-            hop_headers = list(headers)
-            if not public:
-                hop_headers.append(("connection", "close"))
+            # A stub never touches the network, so there is nothing to resolve or pin.
+            ips, public = ((), True) if stubbed else await self._vet(cap, host, allow_hosts)
             remaining = max(deadline - loop.time(), 0.001)
-            # Values may be Latin-1 (as in fetch); httpx would encode str values as ASCII only.
-            raw = [(k.encode("ascii"), v.encode("latin-1")) for k, v in hop_headers]
-            request = self._client.build_request(method, url, headers=raw, content=body,
-                                                 timeout=httpx.Timeout(remaining))
+            request = _core_request(method, url, headers, body, close=not public, timeout=remaining)
             token = _PINS.set({(host, port): ips})
             try:
                 with _mapped_errors(host):
-                    response = await self._client.send(request, stream=True)
+                    response = await cap.pool.handle_async_request(request)
                     try:
-                        location = response.headers.get("location")
-                        if response.status_code in REDIRECT_STATUSES and location is not None:
+                        resp_headers = httpx.Headers(response.headers)
+                        location = resp_headers.get("location")
+                        if response.status in REDIRECT_STATUSES and location is not None:
                             nxt = self._redirect_target(url, location)
-                            method, body, headers = _redirected(response.status_code, method, body, headers,
+                            method, body, headers = _redirected(response.status, method, body, headers,
                                                                 same_origin=_origin(nxt) == _origin(url))
                             url = nxt
                             continue
-                        data = await self._read_body(response, method)
+                        data = await self._read_body(response, resp_headers, method)
                     finally:
                         await response.aclose()
             finally:
                 _PINS.reset(token)
+            log.debug("fetch %s %s -> %d (%d bytes)", method, url, response.status, len(data))
             return {
-                "status": response.status_code,
-                "headers": _flatten_headers(response.headers),
-                "body": data.decode(_charset(response.headers.get("content-type")), errors="replace"),
+                "status": response.status,
+                "headers": _flatten_headers(resp_headers),
+                "body": data.decode(_charset(resp_headers.get("content-type")), errors="replace"),
             }
         raise FetchError(f"api.fetch: more than {self._config.max_redirects} redirects")
 
@@ -491,35 +491,64 @@ class Fetcher:
             raise FetchDenied("api.fetch: refusing a redirect from https to plain http")
         return nxt
 
-    async def _read_body(self, response: httpx.Response, method: str) -> bytes:
+    async def _read_body(self, response: httpcore.Response, headers: httpx.Headers, method: str) -> bytes:
+        """The body, decompressed, never holding more than the cap (checked chunk by chunk as it streams)."""
         if method == "HEAD":
             return b""
         cap = self._config.max_response_bytes
         too_big = f"api.fetch: response body exceeds {cap} bytes"
-        encoding = response.headers.get("content-encoding", "").strip().lower()
+        encoding = headers.get("content-encoding", "").strip().lower()
         inflate: _BoundedInflate | None = None
         if encoding in ("gzip", "x-gzip", "deflate"):
             inflate = _BoundedInflate("deflate" if encoding == "deflate" else "gzip")
         elif encoding not in ("", "identity"):
             raise FetchError(f"api.fetch: unsupported response content-encoding {encoding!r:.60}")
         else:
-            length = response.headers.get("content-length", "")
+            length = headers.get("content-length", "")
             if length.isdigit() and int(length) > cap:
                 raise FetchError(too_big)
         buf = bytearray()
         try:
-            async for chunk in response.aiter_raw():
+            async for chunk in response.aiter_stream():
                 data = inflate.feed(chunk, cap - len(buf)) if inflate else chunk
                 if len(buf) + len(data) > cap:
                     raise FetchError(too_big)
                 buf += data
             if inflate:
-                buf += inflate.flush()
+                buf += inflate.flush(cap - len(buf))
                 if len(buf) > cap:
                     raise FetchError(too_big)
         except zlib.error as exc:
             raise FetchError(f"api.fetch: could not decode the {encoding} response body ({exc})") from None
         return bytes(buf)
+
+
+def _core_request(method: str, url: httpx.URL, headers: list[tuple[str, str]], body: bytes | None, *,
+                  close: bool, timeout: float) -> httpcore.Request:
+    """The request as httpcore sends it: ours defaults, the action's headers, Host and Content-Length."""
+    given = {k.lower() for k, _ in headers}
+    hop = [(k, v) for k, v in DEFAULT_HEADERS if k not in given] + list(headers) + [ACCEPT_ENCODING]
+    if close:
+        hop.append(("connection", "close"))
+    # Values may be Latin-1 (as in fetch); httpx would encode str values as ASCII only.
+    raw = [(k.encode("ascii"), v.encode("latin-1")) for k, v in hop]
+    built = httpx.Request(method, url, headers=raw, content=body)  # adds Host and Content-Length
+    return httpcore.Request(
+        method=method.encode("ascii"),
+        url=httpcore.URL(scheme=url.raw_scheme, host=url.raw_host, port=url.port, target=url.raw_path),
+        headers=built.headers.raw,
+        content=body or b"",
+        extensions={"timeout": {"connect": timeout, "read": timeout, "write": timeout, "pool": timeout}},
+    )
+
+
+def _check_reply_size(result: dict, limit: int) -> None:
+    """FetchError unless the result, as UTF-8 text, fits one reply frame (decoding can triple a body)."""
+    size = len(result["body"].encode("utf-8")) + REPLY_OVERHEAD_BYTES
+    size += sum(len(k) + len(v.encode("utf-8")) + 8 for k, v in result["headers"].items())
+    if size > limit:
+        raise FetchError(f"api.fetch: the response ({size} bytes as text) does not fit in one reply "
+                         f"(at most {limit} bytes); ask the server for less")
 
 
 class _mapped_errors:

@@ -136,7 +136,8 @@ class ExecutionContext(CallHandler):
             self._fetch_slots = asyncio.Semaphore(self.services.fetch_config.max_concurrent_per_execution)
         async with self._fetch_slots:
             try:
-                return await self.services.fetch(self.flow.tenant, a[0], a[1], budget)
+                return await self.services.fetch(self.flow.tenant, a[0], a[1], budget,
+                                                 max_reply_bytes=self.limits.max_frame_bytes)
             except ApiFailure as exc:
                 if exc.kind in ("http_fetch_denied", "http_fetch_timeout"):
                     # "treated as a deny": the flow halts even if the action catches it

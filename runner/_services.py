@@ -1,16 +1,25 @@
 """The authority the supervisor holds on behalf of actions: the cache and outbound HTTP.
 
-One ``Services`` per Runner: one cache backend, one shared HTTP client.
-Errors of the backends are mapped to :class:`ApiFailure` with a machine
-readable kind; the action sees them as ``api.ApiError``.
+One ``Services`` per Runner: one cache backend, one Fetcher (whose capacity is
+partitioned per tenant). Every failure of a backend reaches the action as an
+:class:`ApiFailure` with a documented kind (``api.ApiError.error_kind``):
+``cache_unavailable``, ``http_fetch_denied``, ``http_fetch_timeout`` or
+``http_fetch_error``; nothing else escapes to the worker's message loop.
+Messages are redacted of query strings, since denial reasons reach the audit
+log.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from ._config import RunnerConfig
+from ._errors import CacheUnavailable, FetchError
+from ._redact import redact_query
 from ._worker import ApiFailure
+
+log = logging.getLogger("actionpool.fetch")
 
 
 def cache_scope(tenant: str, trigger: str) -> str:
@@ -35,28 +44,32 @@ class Services:
     async def cache_get(self, tenant: str, trigger: str, key: str) -> Any:
         try:
             return await self.cache.get(cache_scope(tenant, trigger), key)
-        except Exception as exc:  # backend down: the action sees an error it may handle
-            raise ApiFailure("cache_unavailable", f"cache unavailable: {type(exc).__name__}") from exc
+        except CacheUnavailable as exc:  # backend down: the action sees an error it may handle
+            raise ApiFailure("cache_unavailable", str(exc)) from None
 
     async def cache_set(self, tenant: str, trigger: str, key: str, value: str, options: dict[str, Any] | None) -> Any:
         try:
             return await self.cache.set(cache_scope(tenant, trigger), key, value, options)
-        except Exception as exc:
-            return {"type": "error", "code": "CacheUnavailable"}
+        except CacheUnavailable as exc:
+            raise ApiFailure("cache_unavailable", str(exc)) from None
 
     async def cache_delete(self, tenant: str, trigger: str, key: str) -> Any:
         try:
             return await self.cache.delete(cache_scope(tenant, trigger), key)
-        except Exception as exc:
-            return {"type": "error", "code": "CacheUnavailable"}
+        except CacheUnavailable as exc:
+            raise ApiFailure("cache_unavailable", str(exc)) from None
 
-    async def fetch(self, tenant: str, url: str, init: dict[str, Any] | None, budget_s: float) -> Any:
-        from ._fetch import FetchError
-
+    async def fetch(self, tenant: str, url: str, init: dict[str, Any] | None, budget_s: float,
+                    max_reply_bytes: int | None = None) -> Any:
         timeout = min(self.fetch_config.timeout_s, budget_s)
         if timeout <= 0:
             raise ApiFailure("http_fetch_timeout", "no time left in the action's budget for a fetch")
         try:
-            return await self.fetcher.fetch(url, init, allow_hosts=self.fetch_config.hosts_for(tenant), timeout_s=timeout)
+            return await self.fetcher.fetch(url, init, allow_hosts=self.fetch_config.hosts_for(tenant),
+                                            timeout_s=timeout, tenant=tenant, max_reply_bytes=max_reply_bytes)
         except FetchError as exc:
-            raise ApiFailure(exc.error_kind, str(exc)) from None
+            raise ApiFailure(exc.error_kind, redact_query(str(exc))) from None
+        except Exception as exc:  # a bug or a library surprise: still an answer the action can catch
+            log.warning("api.fetch failed unexpectedly for tenant %r: %s", tenant, type(exc).__name__,
+                        exc_info=True)
+            raise ApiFailure("http_fetch_error", f"api.fetch failed: {type(exc).__name__}") from None

@@ -58,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--flow-timeout", type=_positive(float), help="whole-flow time limit in seconds (default 20)")
     r.add_argument("--memory-mb", type=_positive(int), help="memory cap per worker in MiB (default 128)")
     r.add_argument("--allow-host", action="append", default=[], metavar="HOST", help="fetch allowlist entry (repeatable)")
+    r.add_argument("--fetch-stub", metavar="FILE", help="answer api.fetch offline from a JSON file mapping "
+                   "'METHOD URL' to {status, headers, body}; nothing reaches the network")
     r.add_argument("--cache", default="memory://", metavar="URL", help="memory:// or redis://host:port/db")
     r.add_argument("--sandbox", choices=("strict", "degraded", "off"), default="degraded")
     r.add_argument("--compact", action="store_true", help="print JSON on one line")
@@ -100,8 +102,14 @@ def _config(args: argparse.Namespace) -> RunnerConfig:
                               ("memory_mb", args.memory_mb)) if v is not None}
     limits = dataclasses.replace(limits, **over)
     return RunnerConfig(pool_size=1, limits=limits, cache_url=args.cache,
-                        fetch=FetchConfig(allow_hosts=tuple(args.allow_host)),
+                        fetch=FetchConfig(allow_hosts=tuple(args.allow_host), stub=_fetch_stub(args.fetch_stub)),
                         sandbox=SandboxConfig(mode=args.sandbox)).validate()
+
+
+def _fetch_stub(path: str | None) -> dict[str, Any] | None:
+    from ._fetch_stub import load_fetch_stub
+
+    return None if path is None else load_fetch_stub(path)
 
 
 async def _run(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ a test can prove that a denied fetch sent no packet (``server.requests == []``).
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import shutil
@@ -14,16 +15,19 @@ import socket
 import subprocess
 import threading
 import time
+import zlib
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Iterator
 from urllib.parse import parse_qs, urlsplit
 
+import httpcore
+import ipaddress
 import pytest
 
 __all__ = ["SeenRequest", "LocalHTTPServer", "http_server", "redis_server", "redis_server_optional", "redis_url",
-           "free_port", "flush_redis"]
+           "free_port", "flush_redis", "LoopbackOnlyBackend", "rss_mb", "LoopLag", "p99"]
 
 
 @dataclass
@@ -48,9 +52,43 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class LoopbackOnlyBackend(httpcore.AsyncNetworkBackend):
+    """The socket layer for Fetchers in tests: connects to 127.0.0.0/8 and ::1 only.
+
+    Any other address means the SSRF guard let something through; the test
+    fails right there (``pytest.fail`` raises a BaseException no fetch code
+    catches) and no packet leaves the machine. ``refused`` keeps the attempts.
+    """
+
+    def __init__(self) -> None:
+        self._inner = httpcore.AnyIOBackend()
+        self.refused: list[str] = []
+
+    async def connect_tcp(self, host: str, port: int, timeout: float | None = None,
+                          local_address: str | None = None, socket_options: object = None) -> httpcore.AsyncNetworkStream:
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            self.refused.append(f"{host}:{port}")
+            pytest.fail(f"a fetch tried to connect to {host}:{port}, which is not loopback: the guard let it through")
+        return await self._inner.connect_tcp(host, port, timeout=timeout, local_address=local_address,
+                                             socket_options=socket_options)  # type: ignore[arg-type]
+
+    async def connect_unix_socket(self, path: str, timeout: float | None = None,
+                                  socket_options: object = None) -> httpcore.AsyncNetworkStream:
+        pytest.fail(f"a fetch tried to connect to the unix socket {path}")
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
+
+
 class _Handler(BaseHTTPRequestHandler):
     """Routes: /json, /status/{code}, /slow?ms=N, /big?bytes=N[&chunked=1][&gzip=1],
-    /redirect?to=URL[&status=302] (or ?loop=1: to itself), /echo, /charset?cs=NAME."""
+    /redirect?to=URL[&status=302] (or ?loop=1: to itself), /echo, /charset?cs=NAME,
+    /cookie?name=N&value=V (one Set-Cookie for the whole host), /cookies?n=N (N Set-Cookie headers),
+    /text?bytes=N&cs=NAME[&gzip=1][&fill=HEX] (N bytes labelled charset NAME; ASCII letters or the byte HEX)."""
 
     protocol_version = "HTTP/1.1"
     server: "_Server"
@@ -92,6 +130,46 @@ class _Handler(BaseHTTPRequestHandler):
                     "body": body.decode("utf-8", errors="replace"),
                 }
                 self._send(200, json.dumps(payload).encode(), "application/json")
+            elif path == "/cookie":
+                self.send_response(200)
+                self.send_header("Set-Cookie", f"{q.get('name', 'sid')}={q.get('value', 'x')}; Path=/; Max-Age=3600")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+            elif path == "/cookies":
+                self.send_response(200)
+                for i in range(int(q.get("n", "1000"))):
+                    self.send_header("Set-Cookie", f"c{i}=v{i}; Path=/")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+            elif path == "/text":
+                n = int(q.get("bytes", "0"))
+                fill = q.get("fill")
+                data = bytes([int(fill, 16)]) * n if fill else (b"abcdefghij" * (n // 10 + 1))[:n]
+                self.send_response(200)
+                self.send_header("Content-Type", f"text/plain; charset={q.get('cs', 'utf-8')}")
+                if q.get("gzip") == "1":
+                    data = gzip.compress(data)
+                    self.send_header("Content-Encoding", "gzip")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+            elif path == "/bomb":
+                # A gzip bomb streamed in chunks: N MiB of zeros, compressed as it is sent.
+                self.send_response(200)
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Content-Encoding", "gzip")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                z = zlib.compressobj(9, zlib.DEFLATED, zlib.MAX_WBITS | 16)
+                block = b"\0" * (1 << 20)
+                for _ in range(int(q.get("mb", "100"))):
+                    if self.server.stop.is_set():
+                        break
+                    piece = z.compress(block)
+                    if piece:
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                tail = z.flush()
+                self.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(tail), tail))
             elif path == "/charset":
                 cs = q.get("cs", "utf-8")
                 self._send(200, "café".encode(cs), f"text/plain; charset={cs}")
@@ -241,3 +319,49 @@ def redis_url(redis_server: str) -> Iterator[str]:
     """The session's redis URL, flushed before each test."""
     flush_redis(redis_server)
     yield redis_server
+
+
+# ------------------------------------------------------- measuring an attack's reach
+
+
+def rss_mb() -> float:
+    """Resident memory of this (the supervisor's) process, in MiB."""
+    import gc
+
+    import psutil
+
+    gc.collect()
+    return psutil.Process().memory_info().rss / (1 << 20)
+
+
+class LoopLag:
+    """Measures how late the event loop runs a 10 ms ticker: a frozen loop shows as a large ``worst``."""
+
+    def __init__(self, period_s: float = 0.01) -> None:
+        self.period_s = period_s
+        self.worst = 0.0
+        self._task: "asyncio.Task[None] | None" = None
+
+    async def _tick(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            start = loop.time()
+            await asyncio.sleep(self.period_s)
+            self.worst = max(self.worst, loop.time() - start - self.period_s)
+
+    async def __aenter__(self) -> "LoopLag":
+        self._task = asyncio.get_running_loop().create_task(self._tick())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            pass
+
+
+def p99(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(0.99 * (len(ordered) - 1))))]

@@ -389,10 +389,12 @@ async def test_redis_keys_are_namespaced_and_expire_in_redis(redis_url: str) -> 
 
 @async_test
 async def test_unreachable_redis_raises_cache_unavailable() -> None:
-    c = open_cache(f"redis://127.0.0.1:{free_port()}/0")
+    port = free_port()
+    c = open_cache(f"redis://127.0.0.1:{port}/0")
     try:
         for op in (c.get(S, "k"), c.set(S, "k", "v", None), c.delete(S, "k")):
-            with pytest.raises(CacheUnavailable):
+            with pytest.raises(CacheUnavailable, match=f"^redis at 127.0.0.1:{port} is unavailable: "
+                                                       "ConnectionError: Error 111"):
                 await op
     finally:
         await c.aclose()

@@ -3,6 +3,10 @@
 Names like ``api.test`` are mapped to 127.0.0.1 by an injected resolver; since
 the connection is pinned to the vetted address, the request really reaches
 the local server with ``Host: api.test:PORT``.
+
+Every Fetcher here connects through :class:`LoopbackOnlyBackend`: tests that
+feed the SSRF guard private or public addresses never send a packet off the
+machine even if the guard regresses; the test fails instead.
 """
 
 
@@ -47,13 +51,14 @@ LOCAL = {"api.test": ["127.0.0.1"], "a.svc.test": ["127.0.0.1"], "deep.a.svc.tes
 ALLOW = ("api.test", "127.0.0.1")
 
 
-def make(resolver: Resolver | None = None, **cfg: Any) -> Fetcher:
-    return Fetcher(FetchConfig(**cfg), resolver=resolver or Resolver(LOCAL))
+def make(resolver: Resolver | None = None, backend: LoopbackOnlyBackend | None = None, **cfg: Any) -> Fetcher:
+    return Fetcher(FetchConfig(**cfg), resolver=resolver or Resolver(LOCAL),
+                   network_backend=backend or LoopbackOnlyBackend())
 
 
 async def fetch(url: str, init: dict | None = None, *, allow: tuple[str, ...] = ALLOW, timeout_s: float = 5.0,
-                resolver: Resolver | None = None, **cfg: Any) -> dict:
-    f = make(resolver, **cfg)
+                resolver: Resolver | None = None, backend: LoopbackOnlyBackend | None = None, **cfg: Any) -> dict:
+    f = make(resolver, backend, **cfg)
     try:
         return await f.fetch(url, init, allow_hosts=allow, timeout_s=timeout_s)
     finally:
@@ -215,23 +220,38 @@ async def test_allowlisted_name_resolving_to_loopback_is_denied(http_server: Loc
 @async_test
 async def test_non_public_addresses_are_refused(ip: str) -> None:
     resolver = Resolver({"host.test": [ip]})
+    trap = LoopbackOnlyBackend()
     with pytest.raises(FetchDenied):
-        await fetch("http://host.test/", allow=("host.test",), resolver=resolver)
+        await fetch("http://host.test/", allow=("host.test",), resolver=resolver, backend=trap)
+    assert trap.refused == []
 
 
 @async_test
 async def test_one_bad_address_among_good_ones_is_enough_to_refuse() -> None:
-    resolver = Resolver({"host.test": ["93.184.216.34", "10.0.0.1"]})
+    # 127.0.0.1 is allowed (listed), 10.0.0.1 is not: one bad address refuses the whole name.
+    resolver = Resolver({"host.test": ["127.0.0.1", "10.0.0.1"]})
+    trap = LoopbackOnlyBackend()
     with pytest.raises(FetchDenied, match="10.0.0.1"):
-        await fetch("http://host.test/", allow=("host.test",), resolver=resolver)
+        await fetch("http://host.test/", allow=("host.test", "127.0.0.1"), resolver=resolver, backend=trap)
+    assert trap.refused == []
 
 
 @pytest.mark.parametrize("ip", ["169.254.169.254", "fd00:ec2::254"])
 @async_test
 async def test_metadata_address_is_refused_even_when_listed(ip: str) -> None:
     resolver = Resolver({"meta.test": [ip]})
+    trap = LoopbackOnlyBackend()
     with pytest.raises(FetchDenied, match="metadata"):
-        await fetch("http://meta.test/", allow=("meta.test", ip), resolver=resolver)
+        await fetch("http://meta.test/", allow=("meta.test", ip), resolver=resolver, backend=trap)
+    assert trap.refused == []
+
+
+@async_test
+async def test_the_trap_fails_the_test_instead_of_connecting_off_the_machine() -> None:
+    trap = LoopbackOnlyBackend()
+    with pytest.raises(pytest.fail.Exception, match="not loopback"):
+        await trap.connect_tcp("10.0.0.1", 80)
+    assert trap.refused == ["10.0.0.1:80"]
 
 
 @async_test
@@ -375,7 +395,7 @@ async def test_https_to_http_redirect_is_refused(http_server: LocalHTTPServer) -
 
 
 @async_test
-async def test_concurrent_fetches_share_one_client(http_server: LocalHTTPServer) -> None:
+async def test_concurrent_fetches_of_one_tenant(http_server: LocalHTTPServer) -> None:
     f = make()
     try:
         results = await asyncio.gather(*(

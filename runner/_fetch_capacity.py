@@ -1,0 +1,222 @@
+"""Fetch capacity, partitioned per tenant and bounded overall.
+
+One tenant's slow hosts, slow DNS or flood of fetches must never take
+capacity another tenant needs. Each tenant gets its own connection pool, a cap
+on fetches in flight (with a bounded queue behind it) and a cap on DNS
+lookups in flight. DNS runs on a small thread pool of its own, not asyncio's
+default executor, and a tenant's lookup keeps its slot until the thread is
+really free (a cancelled ``getaddrinfo`` still occupies its thread).
+
+The per-tenant state itself is bounded: an LRU of at most
+``FetchConfig.max_tenant_pools`` entries; entries idle for
+``FetchConfig.pool_idle_s`` are closed, so 100,000 tenants never mean
+100,000 pools.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import socket
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from ._config import FetchConfig
+from ._errors import FetchError
+
+__all__ = ["TenantCapacity", "CapacityTable", "Resolver", "BlockingResolver", "system_getaddrinfo"]
+
+Resolver = Callable[[str], Awaitable[list[str]]]
+BlockingResolver = Callable[[str], list[str]]
+
+
+def system_getaddrinfo(host: str) -> list[str]:
+    """The system resolver (honours /etc/hosts and resolv.conf); blocking, run on the DNS threads."""
+    infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+class _Gate:
+    """A counting gate with a bounded queue: over ``queued`` waiters fails at once instead of piling up."""
+
+    def __init__(self, slots: int, queued: int, what: str) -> None:
+        self._sem = asyncio.Semaphore(slots)
+        self._queued = queued
+        self._waiting = 0
+        self._what = what
+
+    @property
+    def busy(self) -> bool:
+        return self._sem.locked() or self._waiting > 0
+
+    async def acquire(self) -> None:
+        if self._sem.locked():
+            if self._waiting >= self._queued:
+                raise FetchError(f"api.fetch: too many {self._what} in flight for this tenant; try again later")
+            self._waiting += 1
+            try:
+                await self._sem.acquire()
+            finally:
+                self._waiting -= 1
+        else:
+            await self._sem.acquire()
+
+    def release(self) -> None:
+        self._sem.release()
+
+
+class TenantCapacity:
+    """One tenant's share: its connection pool, its fetch slots, its DNS slots and answers."""
+
+    def __init__(self, pool: Any, config: FetchConfig) -> None:
+        self.pool = pool
+        self.fetches = _Gate(config.max_concurrent_per_tenant, config.max_queued_per_tenant, "fetches")
+        self.lookups = _Gate(config.max_dns_per_tenant, config.max_queued_per_tenant, "DNS lookups")
+        self.active = 0          # fetches holding this entry (never closed while > 0)
+        self.dns_threads = 0     # DNS threads this tenant occupies right now
+        self.last_used = time.monotonic()
+        # Recent answers (host -> (expiry, addresses)), LRU-capped, and lookups in flight: a
+        # burst of fetches to one host costs one lookup. Addresses are vetted on every use.
+        self.answers: OrderedDict[str, tuple[float, list[str]]] = OrderedDict()
+        self.pending: dict[str, asyncio.Task[list[str]]] = {}
+
+
+class CapacityTable:
+    """The LRU of :class:`TenantCapacity`, plus the DNS thread pool they share with per-tenant caps."""
+
+    def __init__(self, config: FetchConfig, make_pool: Callable[[], Any], *,
+                 resolver: Resolver | None = None, blocking_resolver: BlockingResolver | None = None) -> None:
+        self._config = config
+        self._make_pool = make_pool
+        self._resolver = resolver
+        self._blocking = blocking_resolver or system_getaddrinfo
+        self._entries: OrderedDict[str, TenantCapacity] = OrderedDict()
+        self._closing: set[asyncio.Task[None]] = set()
+        self._dns: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @asynccontextmanager
+    async def use(self, tenant: str) -> AsyncIterator[TenantCapacity]:
+        """Hold one of ``tenant``'s fetch slots (waiting in its bounded queue) for the block."""
+        cap = self._entry(tenant)
+        cap.active += 1
+        try:
+            await cap.fetches.acquire()
+            try:
+                yield cap
+            finally:
+                cap.fetches.release()
+        finally:
+            cap.active -= 1
+            cap.last_used = time.monotonic()
+
+    async def resolve(self, cap: TenantCapacity, host: str) -> list[str]:
+        """``host``'s addresses: a recent answer, a lookup already in flight, or a new lookup."""
+        now = time.monotonic()
+        hit = cap.answers.get(host)
+        if hit is not None and hit[0] > now:
+            cap.answers.move_to_end(host)
+            return list(hit[1])
+        task = cap.pending.get(host)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._lookup(cap, host))
+            cap.pending[host] = task
+            task.add_done_callback(lambda t: self._looked_up(cap, host, t))
+        # Shielded: a fetch whose budget ends stops waiting, the shared lookup goes on for the others.
+        return list(await asyncio.shield(task))
+
+    def _looked_up(self, cap: TenantCapacity, host: str, task: asyncio.Task[list[str]]) -> None:
+        cap.pending.pop(host, None)
+        if task.cancelled() or task.exception() is not None:  # retrieved: no "never retrieved" warning
+            return
+        cap.answers[host] = (time.monotonic() + self._config.dns_cache_s, task.result())
+        cap.answers.move_to_end(host)
+        while len(cap.answers) > self._config.max_dns_answers_per_tenant:
+            cap.answers.popitem(last=False)
+
+    async def _lookup(self, cap: TenantCapacity, host: str) -> list[str]:
+        """Resolve under the tenant's DNS cap; the slot is held until the lookup really ends."""
+        await cap.lookups.acquire()
+        if self._resolver is not None:
+            try:
+                return await self._resolver(host)
+            finally:
+                cap.lookups.release()
+        if self._dns is None:
+            self._dns = concurrent.futures.ThreadPoolExecutor(self._config.dns_threads,
+                                                              thread_name_prefix="actionpool-dns")
+        loop = asyncio.get_running_loop()
+
+        def done(_: concurrent.futures.Future[list[str]]) -> None:
+            try:
+                loop.call_soon_threadsafe(_release_thread, cap)
+            except RuntimeError:  # the loop is closed: nothing left to release for
+                pass
+
+        cap.dns_threads += 1
+        try:
+            cf = self._dns.submit(self._blocking, host)
+        except RuntimeError:  # the executor was shut down (closing)
+            _release_thread(cap)
+            raise FetchError("api.fetch: the fetcher is closing") from None
+        cf.add_done_callback(done)
+        return await asyncio.wrap_future(cf)
+
+    def _entry(self, tenant: str) -> TenantCapacity:
+        now = time.monotonic()
+        cap = self._entries.get(tenant)
+        if cap is not None:
+            self._entries.move_to_end(tenant)
+        else:
+            cap = TenantCapacity(self._make_pool(), self._config)
+            self._entries[tenant] = cap
+        self._trim(now)
+        return cap
+
+    def _trim(self, now: float) -> None:
+        """Close idle entries past their idle time, then the least recently used idle ones over the cap."""
+        idle_before = now - self._config.pool_idle_s
+        while self._entries:
+            tenant, cap = next(iter(self._entries.items()))
+            if not self._idle(cap) or cap.last_used > idle_before:
+                break
+            self._evict(tenant)
+        if len(self._entries) > self._config.max_tenant_pools:
+            # Busy entries are skipped (their fetches keep their pool); the table may exceed the
+            # cap by the number of tenants with fetches in flight, itself bounded by the workers.
+            for tenant in [t for t, c in self._entries.items() if self._idle(c)]:
+                if len(self._entries) <= self._config.max_tenant_pools:
+                    break
+                self._evict(tenant)
+
+    @staticmethod
+    def _idle(cap: TenantCapacity) -> bool:
+        return (cap.active == 0 and cap.dns_threads == 0 and not cap.pending
+                and not cap.fetches.busy and not cap.lookups.busy)
+
+    def _evict(self, tenant: str) -> None:
+        cap = self._entries.pop(tenant)
+        task = asyncio.get_running_loop().create_task(cap.pool.aclose())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def aclose(self) -> None:
+        entries = list(self._entries.values())
+        self._entries.clear()
+        for cap in entries:
+            for task in list(cap.pending.values()):
+                task.cancel()
+        await asyncio.gather(*(c.pool.aclose() for c in entries), *self._closing, return_exceptions=True)
+        if self._dns is not None:
+            self._dns.shutdown(wait=False, cancel_futures=True)
+            self._dns = None
+
+
+def _release_thread(cap: TenantCapacity) -> None:
+    cap.dns_threads -= 1
+    cap.lookups.release()
