@@ -2,14 +2,18 @@
 
 Usage::
 
-    python -m benchmarks.bench --quick --json bench.json     # whole run in under a minute
-    python -m benchmarks.bench --only baselines,1,2           # a subset
-    python -m benchmarks.bench                                # the full run (a few minutes)
+    actionpool bench --quick --json bench.json     # whole run in under a minute
+    actionpool bench --only baselines,1,2          # a subset; outputs in a new temporary directory
+    actionpool bench --out results/                # the full run (a few minutes), outputs in results/
 
 Each phase (one baseline, or one scenario) runs in a child process of its
 own, bounded by a hard timeout; see ``benchmarks/__init__.py`` for why. The
-exit status is 0 when every row was measured and 1 when any row reports an
-error (the table and JSON are written either way).
+outputs (``bench.json``, ``bench.png``) go to ``--out DIR``, or ``--json`` /
+``--plot`` where given, else to a fresh temporary directory; never silently
+into the current directory. Where they went is printed on stderr. The exit
+status is 0 when every row was measured and 1 when anything failed (a row,
+the plot); every failure is printed on stderr, and the table and JSON are
+written either way.
 """
 
 from __future__ import annotations
@@ -40,8 +44,9 @@ KILL_GRACE_S = 15.0  # the parent waits this long past a phase's own deadline be
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="actionpool bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small run: everything in under a minute")
-    p.add_argument("--json", metavar="FILE", default="actionpool-bench.json",
-                   help="write figures here (default: %(default)s)")
+    p.add_argument("--out", metavar="DIR", default=None,
+                   help="directory for bench.json and bench.png (default: a new temporary directory)")
+    p.add_argument("--json", metavar="FILE", default=None, help="write figures here (default: OUT/bench.json)")
     p.add_argument("--plot", metavar="FILE.png", default=None,
                    help="latency distribution plot (default: next to the JSON, .png)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
@@ -257,8 +262,9 @@ def main(argv: list[str] | None = None) -> int:
         return _phase_child(args)
     knobs = build_knobs(args)
     phases = select_phases(args.only)
-    json_path = Path(args.json)
-    plot_path = None if args.no_plot else Path(args.plot) if args.plot else json_path.with_suffix(".png")
+    json_path, plot_path = output_paths(args)
+    print(f"[bench] writing figures to {json_path}" + (f" and {plot_path}" if plot_path else ""),
+          file=sys.stderr, flush=True)
     doc: dict[str, Any] = {"schema": SCHEMA_VERSION, "meta": collect_meta(argv, knobs), "knobs": knobs,
                            "rows": [], "ratios": {}, "errors": {}, "plot": None}
     t_run = time.monotonic()
@@ -283,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
             doc["plot"] = str(plot_path)
         except Exception as exc:  # a missing matplotlib must not cost the figures
             doc["errors"]["plot"] = error_text(exc)
+            hint = " (install the bench extra: pip install 'actionpool[bench]')" if isinstance(exc, ImportError) else ""
+            print(f"[bench] error: plot {plot_path}: {error_text(exc)}{hint}", file=sys.stderr, flush=True)
     _write_json(json_path, doc)
     print(render_table(doc["rows"], doc["ratios"]))
     # Only the load before the run says something about others: S4/S6 raise it themselves.
@@ -292,7 +300,24 @@ def main(argv: list[str] | None = None) -> int:
               "cpus); figures are noisy, compare ratios within this run only")
     print(f"\nfigures: {json_path}" + (f"   plot: {doc['plot']}" if doc["plot"] else "")
           + f"   ({doc['meta']['duration_s']}s)")
-    return 1 if doc["errors"] else 0
+    if doc["errors"]:
+        print(f"[bench] {len(doc['errors'])} error(s): " + "; ".join(f"{k}: {v}" for k, v in doc["errors"].items()),
+              file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+def output_paths(args: argparse.Namespace) -> tuple[Path, Path | None]:
+    """Where the JSON and the PNG go: explicit paths, else ``--out``, else a new temporary directory."""
+    if args.json and args.out is None:
+        json_path = Path(args.json)
+    else:
+        out = Path(args.out) if args.out is not None else Path(tempfile.mkdtemp(prefix="actionpool-bench-"))
+        out.mkdir(parents=True, exist_ok=True)
+        json_path = Path(args.json) if args.json else out / "bench.json"
+    if args.no_plot:
+        return json_path, None
+    return json_path, Path(args.plot) if args.plot else json_path.with_suffix(".png")
 
 
 def _write_json(path: Path, doc: dict[str, Any]) -> None:

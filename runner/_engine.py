@@ -17,7 +17,7 @@ import orjson
 from ..protocol import check_json
 
 from ._config import RunnerConfig
-from ._errors import Overloaded, PoolClosed
+from ._errors import DenialKind, Overloaded, PoolClosed
 from ._flow import Action, FlowState
 from ._handlers import ExecutionContext
 from ._pool import Pool
@@ -26,6 +26,27 @@ from ._triggers import TriggerProfile
 from ._worker import WorkerHandle
 
 MAX_EVENT_DEPTH = 64
+# How an execution ends when its worker is killed under it (the exit status read, or not in time).
+_KILLED_KINDS = frozenset({"worker_crash", "protocol_error"})
+
+
+def event_problem(event: Any, max_frame_bytes: int) -> str | None:
+    """Why ``event`` cannot be a flow's event (not an object, not plain JSON, too deep, too large), or None."""
+    if type(event) is not dict:
+        return f"event must be a JSON object, got {type(event).__name__}"
+    try:
+        check_json(event, "event", max_depth=MAX_EVENT_DEPTH)
+    except TypeError as exc:
+        return str(exc)
+    except RecursionError:
+        return "event nested too deeply"
+    try:  # strings must be valid UTF-8 (lone surrogates cannot cross the wire)
+        size = len(orjson.dumps(event))
+    except (TypeError, orjson.JSONEncodeError) as exc:
+        return f"event is not serialisable: {exc}"
+    if size > max_frame_bytes // 2:
+        return f"event of {size} bytes exceeds the {max_frame_bytes // 2}-byte limit"
+    return None
 
 
 class FlowEngine:
@@ -36,23 +57,12 @@ class FlowEngine:
         self._pool = pool
         self._services = services
         self._methods: dict[str, list[str]] = {}
+        # Set by Runner.close() once the grace period is over: whatever fails from then on failed
+        # because the runner killed it, and says so (``shutdown``), not ``worker_crash SIGKILL``.
+        self.closing = False
 
     def check_event(self, event: Any) -> str | None:
-        if type(event) is not dict:
-            return f"event must be a JSON object, got {type(event).__name__}"
-        try:
-            check_json(event, "event", max_depth=MAX_EVENT_DEPTH)
-        except TypeError as exc:
-            return str(exc)
-        except RecursionError:
-            return "event nested too deeply"
-        try:  # strings must be valid UTF-8 (lone surrogates cannot cross the wire)
-            size = len(orjson.dumps(event))
-        except (TypeError, orjson.JSONEncodeError) as exc:
-            return f"event is not serialisable: {exc}"
-        if size > self.config.limits.max_frame_bytes // 2:
-            return f"event of {size} bytes exceeds the {self.config.limits.max_frame_bytes // 2}-byte limit"
-        return None
+        return event_problem(event, self.config.limits.max_frame_bytes)
 
     async def _acquire_live(self, flow: FlowState, action: Action, wprofile: tuple[Any, ...]) -> WorkerHandle:
         """A live idle worker; one that died between hand-over and use is replaced (a few times at most)."""
@@ -97,11 +107,15 @@ class FlowEngine:
                 rec.status = "failed"
                 break
             except PoolClosed:
-                flow.deny(action.slug, "worker_crash", "runner is shutting down", None)
+                flow.deny(action.slug, DenialKind.SHUTDOWN, "the runner closed before the action started", None)
                 rec.status = "failed"
                 break
             except Exception as exc:
-                flow.deny(action.slug, "worker_crash", f"worker could not start: {exc}", None)
+                if self.closing:
+                    flow.deny(action.slug, DenialKind.SHUTDOWN, f"the runner closed while a worker started: {exc}",
+                              None)
+                else:
+                    flow.deny(action.slug, "worker_crash", f"worker could not start: {exc}", None)
                 rec.status = "failed"
                 break
             remaining = flow.deadline - time.monotonic()
@@ -131,7 +145,11 @@ class FlowEngine:
                 w.compiled.add(action.digest)
             pool.release(w, outcome.reusable)
             rec.duration_ms = outcome.duration_ms
-            if outcome.error is not None:
+            if outcome.error is not None and self.closing and outcome.error.get("kind") in _KILLED_KINDS:
+                flow.deny(action.slug, DenialKind.SHUTDOWN, "the runner closed while the action ran; worker stopped",
+                          None)
+                rec.status = "failed"
+            elif outcome.error is not None:
                 err = outcome.error
                 ekind = err.get("kind", "worker_crash")
                 etype = err.get("type") or None

@@ -48,6 +48,8 @@ class Runner:
         self.sandbox_report: dict[str, Any] = {}
         self._launcher: Launcher | None = None
         self._engine: FlowEngine | None = None
+        self._start_task: asyncio.Future[None] | None = None
+        self._close_task: asyncio.Future[None] | None = None
         self.flows = 0
 
     # -- life cycle ------------------------------------------------------------------
@@ -59,8 +61,18 @@ class Runner:
         await self.close()
 
     async def start(self) -> None:
-        if self._pool is not None:
-            return
+        """Start the runner once: concurrent callers (and the first ``run_flow`` calls) share one start task.
+
+        The task is shielded, so a caller that is cancelled while waiting does not abandon a half-started
+        runner; a failed start is re-raised to every caller and leaves nothing running.
+        """
+        if self._closed:
+            raise RunnerClosed("runner is closed")
+        if self._start_task is None:
+            self._start_task = asyncio.ensure_future(self._start())
+        await asyncio.shield(self._start_task)
+
+    async def _start(self) -> None:
         cfg = self.config
         self._services = Services(cfg)
         self._launcher = Launcher(cfg)
@@ -71,13 +83,12 @@ class Runner:
                           spawn_concurrency=cfg.spawn_concurrency, idle_timeout_s=cfg.idle_timeout_s,
                           min_idle_per_tenant=cfg.min_idle_per_tenant,
                           default_profile=(limits.memory_mb, limits.cpu_seconds, limits.max_open_files))
-        self._engine = FlowEngine(cfg, self._pool, self._services)
         # The first worker doubles as the sandbox probe: strict mode refuses to start without it.
         try:
             w = await self._launcher.launch(self._pool.default_profile)
-        except Exception as exc:
+        except BaseException as exc:
             await self._teardown()
-            if cfg.sandbox.mode == "strict":
+            if cfg.sandbox.mode == "strict" and isinstance(exc, Exception):
                 raise SandboxUnavailable(f"strict sandbox mode: worker refused to start: {exc}") from None
             raise
         self.sandbox_report = dict(w.info.get("sandbox") or {})
@@ -85,29 +96,53 @@ class Runner:
         if missing and cfg.sandbox.mode == "degraded":
             log.warning("actionpool: DEGRADED SANDBOX: protections missing on this host: %s (%s)",
                         ", ".join(missing), "; ".join(self.sandbox_report.get("errors", [])) or "no detail")
-        await w.shutdown(cfg.kill_grace_s)
-        await self._pool.start()
+        try:
+            await w.shutdown(cfg.kill_grace_s)
+            await self._pool.start()
+        except BaseException:
+            await self._teardown()
+            raise
+        self._engine = FlowEngine(cfg, self._pool, self._services)
 
     async def close(self, grace: float | None = None) -> None:
-        """Finish in-flight flows within ``grace`` seconds, then kill what is left."""
+        """Finish in-flight flows within ``grace`` seconds, then deny the rest (``shutdown``) and stop.
+
+        Returns when every worker and the fork template are gone and every in-flight ``run_flow``
+        has returned its FlowResult.
+        """
         if self._closed:
+            if self._close_task is not None:
+                await asyncio.shield(self._close_task)
             return
         self._closed = True
-        grace = self.config.kill_grace_s if grace is None else grace
+        self._close_task = asyncio.ensure_future(self._close(self.config.kill_grace_s if grace is None else grace))
+        await asyncio.shield(self._close_task)
+
+    async def _close(self, grace: float) -> None:
+        if self._start_task is not None and not self._start_task.done():
+            await asyncio.wait([self._start_task])  # a start in progress finishes (or fails) first
+        if self._start_task is not None and self._start_task.done() and not self._start_task.cancelled() \
+                and self._start_task.exception() is not None:
+            return  # a failed start has torn down what it built
         if self._inflight:
             await asyncio.wait(list(self._inflight), timeout=grace)
+        if self._engine is not None:
+            self._engine.closing = True  # what is still running now is denied as ``shutdown``
         await self._teardown(grace)
 
     async def _teardown(self, grace: float = 0.0) -> None:
         if self._pool is not None:
             await self._pool.close(grace)
         if self._inflight:  # flows whose workers were just killed answer now
-            await asyncio.wait(list(self._inflight), timeout=max(grace, 1.0))
+            done, pending = await asyncio.wait(list(self._inflight), timeout=max(grace, 1.0) + 5.0)
+            if pending:
+                log.error("actionpool: %d flow(s) did not answer after close", len(pending))
         if self._services is not None:
             await self._services.aclose()
             self._services = None
         if self._launcher is not None:
             await self._launcher.close()
+            self._launcher = None
 
     def stats(self) -> dict[str, Any]:
         s = self._pool.stats() if self._pool else {}
@@ -126,8 +161,6 @@ class Runner:
         """Run ``actions`` in order for one login or registration; always returns one FlowResult."""
         if self._closed:
             raise RunnerClosed("runner is closed")
-        if self._pool is None:
-            await self.start()
         prof = profile(trigger)
         actions = list(actions)
         if not all(isinstance(a, Action) for a in actions):
@@ -141,6 +174,8 @@ class Runner:
         if task is not None:
             self._inflight.add(task)
         try:
+            if self._engine is None:
+                await self.start()
             assert self._engine is not None
             problem = self._engine.check_event(event)
             if problem is not None:

@@ -1,8 +1,9 @@
 """The ``actionpool`` command: run a flow, check the host's sandbox, benchmark, stress.
 
     actionpool run ACTION.py [...] --trigger post-login --event EVENT.json   exit 0 allow, 3 deny, 2 bad input
+    actionpool check ACTION.py [...] [--trigger post-login]                  exit 0 clean, 1 problems, 2 bad input
     actionpool doctor                                                        exit 1 when a required protection is missing
-    actionpool bench [--quick] [--json FILE]
+    actionpool bench [--quick] [--out DIR]
     actionpool stress --executions N --concurrency C [--hostile-share 0.1] [--json FILE]
 """
 
@@ -13,14 +14,17 @@ import asyncio
 import dataclasses
 import json
 import logging
+import signal
 import sys
+import urllib.parse
 from typing import Any
 
 import orjson
 
 from ._config import FetchConfig, Limits, RunnerConfig, SandboxConfig
-from ._errors import ActionpoolError, SandboxUnavailable
-from ._flow import Action
+from ._errors import ActionpoolError, RunnerClosed, SandboxUnavailable
+from ._flow import Action, FlowResult
+from ._engine import event_problem
 from ._runner import Runner
 from ._triggers import TRIGGERS
 
@@ -43,6 +47,17 @@ def _positive(kind: type) -> Any:
     return parse
 
 
+def _host(text: str) -> str:
+    """An allowlist entry is a host, not a URL: ``http://x/`` is refused with the entry it probably meant."""
+    if "://" in text or "/" in text or "?" in text or "@" in text:
+        host = urllib.parse.urlsplit(text if "://" in text else f"//{text}").hostname
+        hint = f"; did you mean --allow-host {host}?" if host else ""
+        raise argparse.ArgumentTypeError(f"expects a host name, not a URL: {text!r}{hint}")
+    if not text or any(c.isspace() for c in text):
+        raise argparse.ArgumentTypeError(f"expects a host name, got {text!r}")
+    return text
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="actionpool", description="Run untrusted login/registration actions in isolated workers.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -57,12 +72,19 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--timeout", type=_positive(float), help="per-action time limit in seconds (default 5)")
     r.add_argument("--flow-timeout", type=_positive(float), help="whole-flow time limit in seconds (default 20)")
     r.add_argument("--memory-mb", type=_positive(int), help="memory cap per worker in MiB (default 128)")
-    r.add_argument("--allow-host", action="append", default=[], metavar="HOST", help="fetch allowlist entry (repeatable)")
+    r.add_argument("--allow-host", action="append", default=[], type=_host, metavar="HOST",
+                   help="fetch allowlist entry: a host name, *.example.com or an IP (repeatable)")
     r.add_argument("--fetch-stub", metavar="FILE", help="answer api.fetch offline from a JSON file mapping "
                    "'METHOD URL' to {status, headers, body}; nothing reaches the network")
     r.add_argument("--cache", default="memory://", metavar="URL", help="memory:// or redis://host:port/db")
     r.add_argument("--sandbox", choices=("strict", "degraded", "off"), default="degraded")
+    r.add_argument("--format", choices=("json", "pretty"), default="json",
+                   help="json (default): the FlowResult contract; pretty: a readable test pane")
     r.add_argument("--compact", action="store_true", help="print JSON on one line")
+
+    c = sub.add_parser("check", help="compile action files and find their handlers (nothing is run)")
+    c.add_argument("files", nargs="+", metavar="ACTION.py", help="action files")
+    c.add_argument("--trigger", choices=sorted(TRIGGERS), help="the trigger the actions are bound to (default: any)")
 
     d = sub.add_parser("doctor", help="report which sandbox protections this host offers")
     d.add_argument("--json", action="store_true")
@@ -72,7 +94,8 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _read_event(path: str) -> Any:
+def _read_event(path: str, max_frame_bytes: int) -> Any:
+    """The event as the runner would accept it; anything it would deny as ``invalid_event`` is a usage error."""
     try:
         raw = sys.stdin.buffer.read() if path == "-" else open(path, "rb").read()
     except OSError as exc:
@@ -83,6 +106,9 @@ def _read_event(path: str) -> Any:
         raise UsageError(f"event {path} is not valid JSON: {exc}") from None
     if type(event) is not dict:
         raise UsageError(f"event {path} must be a JSON object, got {type(event).__name__}")
+    problem = event_problem(event, max_frame_bytes)
+    if problem is not None:
+        raise UsageError(f"event {path}: {problem}")
     return event
 
 
@@ -115,13 +141,84 @@ def _fetch_stub(path: str | None) -> dict[str, Any] | None:
 async def _run(args: argparse.Namespace) -> int:
     secrets = _secrets(args.secret)
     actions = [Action.from_file(path, secrets=secrets) for path in args.actions]
-    event = _read_event(args.event)
-    async with Runner(_config(args)) as runner:
-        result = await runner.run_flow(trigger=args.trigger, actions=actions, event=event, tenant=args.tenant,
-                                       denial_message=args.denial_message)
+    config = _config(args)
+    event = _read_event(args.event, config.limits.max_frame_bytes)
+    runner = Runner(config)
+    signals = _CloseOnSignal(runner)
+    try:
+        async with runner:
+            result = await runner.run_flow(trigger=args.trigger, actions=actions, event=event, tenant=args.tenant,
+                                           denial_message=args.denial_message)
+    except RunnerClosed:  # the signal came before the flow started: nothing ran
+        if signals.received is None:
+            raise
+        print("actionpool: the runner closed before the flow started; no action ran", file=sys.stderr)
+        result = None
+    finally:
+        await signals.finish()
+    if result is not None:
+        _print_result(result, args)
+    if signals.received is not None:
+        return 128 + signals.received
+    return EXIT_ALLOW if result is not None and result.allowed else EXIT_DENY
+
+
+def _print_result(result: FlowResult, args: argparse.Namespace) -> None:
+    if args.format == "pretty":
+        from ._pane import render
+
+        render(result, sys.stdout)
+        return
     opt = 0 if args.compact else orjson.OPT_INDENT_2
     sys.stdout.write(orjson.dumps(result.to_dict(), option=opt).decode() + "\n")
-    return EXIT_ALLOW if result.allowed else EXIT_DENY
+
+
+class _CloseOnSignal:
+    """SIGTERM and SIGINT close the runner: the flow in flight is denied ``shutdown`` and no worker survives."""
+
+    def __init__(self, runner: Runner) -> None:
+        self.runner = runner
+        self.received: int | None = None
+        self._closing: asyncio.Future[None] | None = None
+        self._loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._loop.add_signal_handler(sig, self._on_signal, sig)
+
+    def _on_signal(self, sig: int) -> None:
+        if self.received is not None:
+            return
+        self.received = sig
+        print(f"actionpool: {signal.Signals(sig).name}: closing the runner", file=sys.stderr, flush=True)
+        self._closing = asyncio.ensure_future(self.runner.close(grace=0.0))
+
+    async def finish(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._loop.remove_signal_handler(sig)
+        if self._closing is not None:
+            await self._closing
+
+
+def _check(args: argparse.Namespace) -> int:
+    from ._check import CheckUsageError, check_file
+
+    reports = []
+    for path in args.files:
+        try:
+            reports.append(check_file(path, args.trigger))
+        except CheckUsageError as exc:
+            raise UsageError(str(exc)) from None
+    for rep in reports:
+        if rep.ok:
+            found = sorted(set(rep.handlers.values()))
+            where = f" for {args.trigger}" if args.trigger else ""
+            print(f"{rep.path}: ok: {', '.join(found)}{where}")
+        for problem in rep.problems:
+            print(f"{rep.path}:{problem}" if problem[:1].isdigit() else f"{rep.path}: {problem}")
+    bad = sum(1 for r in reports if not r.ok)
+    if bad:
+        print(f"{bad} of {len(reports)} file(s) with problems", file=sys.stderr)
+        return EXIT_ERROR
+    return EXIT_ALLOW
 
 
 def _doctor(args: argparse.Namespace) -> int:
@@ -146,6 +243,14 @@ def main(argv: list[str] | None = None) -> int:
             return int(sub_main(argv[1:]) or 0)
         except KeyboardInterrupt:
             return 130
+        except SystemExit as exc:  # argparse (already printed) or a usage message
+            if isinstance(exc.code, str):
+                print(f"actionpool {argv[0]}: error: {exc.code}", file=sys.stderr)
+                return EXIT_USAGE
+            return EXIT_USAGE if exc.code not in (0, None) else 0
+        except Exception as exc:  # never a silent failure: the reason goes to stderr
+            print(f"actionpool {argv[0]}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return EXIT_ERROR
     try:
         args = _parser().parse_args(argv)
     except SystemExit as exc:
@@ -153,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return asyncio.run(_run(args))
+        if args.command == "check":
+            return _check(args)
         if args.command == "doctor":
             return _doctor(args)
     except SandboxUnavailable as exc:

@@ -9,19 +9,25 @@ the cache example's cross-run test uses the suite's real redis-server.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Iterator
 
+import psutil
 import pytest
+
+from actionpool.benchmarks.stress import _survivors
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -496,3 +502,192 @@ def test_readme_names_only_existing_example_files() -> None:
     assert "examples/tag_account_tier.py" in named
     missing = sorted(n for n in named if not (ROOT / n).is_file())
     assert not missing, f"README.md names example files that do not exist: {missing}"
+
+
+# ------------------------------------------------------------------ signals: SIGTERM / SIGINT close the runner
+
+
+SPIN_ACTION = "def on_execute(event, api):\n    api.log('info', 'about to spin')\n    while True:\n        pass\n"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_closes_the_runner_and_denies_the_flow_as_shutdown(tmp_path: Path, sig: signal.Signals) -> None:
+    """A spinning flow, then the signal: prompt exit 128+N, the flow denied ``shutdown``, no worker left."""
+    action = write(tmp_path, "spin.py", SPIN_ACTION)
+    event = write(tmp_path, "event.json", "{}")
+    proc = subprocess.Popen([sys.executable, "-m", "actionpool.runner.cli", "run", str(action), "--trigger",
+                             "post-login", "--event", str(event), "--timeout", "60"], cwd=ROOT,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        me = psutil.Process(proc.pid)
+        deadline = time.monotonic() + 30
+        spinning: list[psutil.Process] = []
+        while not spinning:  # the worker is running the action once it has burnt some CPU
+            assert time.monotonic() < deadline and proc.poll() is None, proc.poll()
+            time.sleep(0.05)
+            for p in me.children(recursive=True):
+                try:
+                    if p.cpu_times().user > 0.3:
+                        spinning.append(p)
+                except psutil.NoSuchProcess:
+                    pass
+        descendants = {p.pid for p in me.children(recursive=True)}
+        t0 = time.monotonic()
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=15)
+        elapsed = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 128 + sig, (proc.returncode, err)
+    assert elapsed < 10, elapsed  # "promptly": the action had 60 s left
+    data = json.loads(out)
+    assert data["denial"]["kind"] == "shutdown", data["denial"]
+    assert data["actions"] == [{"slug": "spin", "status": "failed", "duration_ms": data["actions"][0]["duration_ms"]}]
+    assert f"{sig.name}: closing the runner" in err
+    alive, _zombies = _survivors(descendants, 5.0)
+    assert alive == [], f"processes outlived actionpool run: {alive}"
+
+
+# ------------------------------------------------------------------ run: invalid events and allowlist entries are usage errors
+
+
+@pytest.mark.parametrize("event,fragment", [
+    ({"blob": "x" * (2 << 20)}, "exceeds the 524288-byte limit"),
+    ({"a": functools.reduce(lambda inner, _: [inner], range(100), 0)}, "deep"),
+])
+def test_an_event_the_runner_would_refuse_is_a_usage_error(tmp_path: Path, event: dict[str, Any], fragment: str) -> None:
+    """Too large or too deep: exit 2 with the reason, before any worker starts (not exit 3 ``invalid_event``)."""
+    path = tmp_path / "event.json"
+    path.write_text(json.dumps(event), encoding="utf-8")
+    res = cli("run", EXAMPLES / "tag_account_tier.py", "--trigger", "post-login", "--event", path)
+    _usage_error(res, "actionpool: error: event", fragment)
+
+
+@pytest.mark.parametrize("value,suggestion", [("http://x/", "x"), ("https://api.example.com:8443/v1/score",
+                                                                       "api.example.com"), ("127.0.0.1/", "127.0.0.1")])
+def test_allow_host_given_a_url_is_a_usage_error_with_a_hint(value: str, suggestion: str) -> None:
+    res = run_example("tag_account_tier", "post-login", "--allow-host", value)
+    _usage_error(res, "--allow-host", "expects a host name, not a URL", f"did you mean --allow-host {suggestion}?")
+
+
+# ------------------------------------------------------------------ run --format pretty: the test pane
+
+
+def test_pretty_format_shows_the_decision_logs_state_claims_and_timings() -> None:
+    res = cli("run", EXAMPLES / "check_country.py", EXAMPLES / "tag_then_claim.py", "--trigger", "post-login",
+              "--event", EXAMPLES / "tag_then_claim.event.json", "--format", "pretty")
+    assert res.rc == EXIT_ALLOW, res.stderr
+    out = res.stdout
+    assert "ALLOW" in out and "DENY" not in out
+    assert "Login from IN — blocked: False" in out and "info" in out        # logs with their levels
+    assert '"country_blocked": false' in out                               # state, as JSON
+    assert '"geo_country": "IN"' in out and '"access_token"' in out        # claims
+    assert "metadata patch" in out and '"tier": "enterprise"' in out       # the metadata patch
+    assert "check-country" in out and "tag-then-claim" in out and "ms" in out  # per-action timings
+    assert "\x1b[" not in out  # not a terminal: no colour codes
+
+
+def test_pretty_format_shows_the_denial_and_the_users_message() -> None:
+    event = {"user": {"email": "grace@cymmetri.io", "phone_number": "98123 45678"}, "request": {}}
+    res = run_example("validate_registration", "pre-user-registration", "--format", "pretty", event=event)
+    assert res.rc == EXIT_DENY, res.stderr
+    out = res.stdout
+    assert "DENY" in out and "validation_error" in out and "validate-registration" in out
+    assert "user sees:" in out and "Enter the phone number in international format" in out
+    assert "invalid_phone_number" in out
+
+
+def test_pretty_format_shows_a_traceback_and_warn_logs(tmp_path: Path) -> None:
+    action = write(tmp_path, "boom.py", "def on_execute(event, api):\n    api.log('warn', 'careful')\n"
+                                        "    raise ValueError('bad input')\n")
+    res = cli("run", action, "--trigger", "post-login", "--event", "-", "--format", "pretty", stdin="{}")
+    assert res.rc == EXIT_DENY
+    assert "uncaught_error" in res.stdout and "ValueError: bad input" in res.stdout
+    assert "careful" in res.stdout and "warn" in res.stdout
+
+
+def test_json_stays_the_default_format() -> None:
+    assert json.loads(run_example("tag_account_tier", "post-login").stdout)["outcome"] == "allow"
+
+
+# ------------------------------------------------------------------ check: compile, find the handler, did you mean
+
+
+def test_check_accepts_every_example() -> None:
+    res = cli("check", *sorted(EXAMPLES.glob("*.py")))
+    assert res.rc == 0, res.stdout + res.stderr
+    assert "examples/tag_account_tier.py: ok: on_execute_post_login" in res.stdout
+    assert res.stdout.count(": ok: ") == len(list(EXAMPLES.glob("*.py")))
+
+
+def test_check_with_a_trigger_finds_the_specific_or_the_catch_all_handler(tmp_path: Path) -> None:
+    both = write(tmp_path, "both.py", "def on_execute(event, api): pass\ndef on_execute_post_login(event, api): pass\n")
+    catch_all = write(tmp_path, "any.py", "async def on_execute(event, api, *rest): pass\n")
+    res = cli("check", both, catch_all, "--trigger", "post-login")
+    assert res.rc == 0, res.stdout
+    assert f"{both}: ok: on_execute_post_login for post-login" in res.stdout
+    assert f"{catch_all}: ok: on_execute for post-login" in res.stdout
+
+
+@pytest.mark.parametrize("name,guess", [
+    ("on_execute_postlogin", "on_execute_post_login"),
+    ("onExecutePostLogin", "on_execute_post_login"),
+    ("on_execute_post_logn", "on_execute_post_login"),
+    ("OnExecute", "on_execute"),
+    ("on_exec", "on_execute"),
+])
+def test_check_suggests_the_handler_name_a_near_miss_meant(tmp_path: Path, name: str, guess: str) -> None:
+    action = write(tmp_path, "typo.py", f"import json\n\ndef {name}(event, api):\n    pass\n")
+    res = cli("check", action, "--trigger", "post-login")
+    assert res.rc == 1, res.stdout
+    assert f"{action}:3: {name} is not a handler name; did you mean {guess}?" in res.stdout
+    assert f"{action}: no handler for post-login: define on_execute_post_login(event, api) or on_execute(event, api)" \
+        in res.stdout
+
+
+def test_check_reports_a_syntax_error_with_its_line(tmp_path: Path) -> None:
+    action = write(tmp_path, "broken.py", "x = 1\ndef on_execute(event, api)\n    pass\n")
+    res = cli("check", action)
+    assert res.rc == 1
+    assert f"{action}:2:" in res.stdout and "SyntaxError" in res.stdout
+
+
+def test_check_reports_a_handler_for_another_trigger_and_a_bad_signature(tmp_path: Path) -> None:
+    res = cli("check", EXAMPLES / "validate_registration.py", "--trigger", "post-login")
+    assert res.rc == 1
+    assert "found on_execute_pre_user_registration, for other triggers" in res.stdout
+    one_arg = write(tmp_path, "one.py", "def on_execute_post_login(event):\n    pass\n")
+    res = cli("check", one_arg)
+    assert res.rc == 1
+    assert f"{one_arg}:1: on_execute_post_login takes 1 argument(s)" in res.stdout
+
+
+def test_check_never_runs_the_action(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    action = write(tmp_path, "side_effect.py", f"open({str(marker)!r}, 'w').close()\n"
+                                               "def on_execute(event, api): pass\n")
+    assert cli("check", action).rc == 0
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (("nope.py",), "nope.py: no such file"),
+    (("README.md",), "no checker for .md"),
+    (("examples/tag_account_tier.py", "--trigger", "post-logout"), "invalid choice: 'post-logout'"),
+    ((), "the following arguments are required"),
+])
+def test_check_usage_errors_exit_2(args: tuple[str, ...], fragment: str) -> None:
+    res = cli("check", *args)
+    assert res.rc == EXIT_USAGE, (res.rc, res.stdout, res.stderr)
+    assert fragment in res.stderr
+
+
+# ------------------------------------------------------------------ bench from the CLI: every error on stderr
+
+
+def test_bench_usage_error_is_printed() -> None:
+    res = cli("bench", "--only", "nonsense")
+    assert res.rc == EXIT_USAGE
+    assert "actionpool bench: error: --only: unknown phase(s) nonsense" in res.stderr

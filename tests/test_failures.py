@@ -147,4 +147,4 @@ async def test_close_answers_in_flight_flows() -> None:
         await asyncio.sleep(0.01)
     await r.close(grace=0.2)
     res = await asyncio.wait_for(task, 5)
-    assert res["outcome"] == "deny" and res["denial"]["kind"] == "worker_crash"
+    assert res["outcome"] == "deny" and res["denial"]["kind"] == "shutdown"

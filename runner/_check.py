@@ -1,0 +1,164 @@
+"""``actionpool check``: does an action file compile, and does it define the handler its trigger calls?
+
+Static only: the action's code is parsed, never run, in the supervisor's
+process. A handler is ``on_execute_<trigger>`` (``on_execute_post_login``) or
+the catch-all ``on_execute``, defined at module level. Names that look like a
+handler but are not one (``on_execute_postlogin``, ``onExecutePostLogin``,
+``on_exec``) get a "did you mean" from difflib.
+
+Each language registers one checker in ``CHECKERS`` by file suffix; a checker
+takes the path, the source text and the trigger (or ``None``: any trigger)
+and returns the file's :class:`Report`.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from ..worker._runtime import handler_names
+
+from ._triggers import TRIGGERS
+
+
+@dataclass
+class Report:
+    """What ``check`` found in one file: the handlers it would call, and the problems."""
+
+    path: str
+    handlers: dict[str, str] = field(default_factory=dict)   # trigger -> handler name
+    problems: list[str] = field(default_factory=list)        # "LINE: message" or "message"
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+Checker = Callable[[str, str, "str | None"], Report]
+
+
+def _snake(name: str) -> str:
+    """``onExecutePostLogin`` -> ``on_execute_post_login``; ``On-Execute`` -> ``on_execute``."""
+    s = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).replace("-", "_")
+    return re.sub(r"_+", "_", s).lower()
+
+
+def _valid_names(trigger: str | None) -> set[str]:
+    """The handler names ``trigger`` (or, for ``None``, any trigger) would call."""
+    return {n for t in ([trigger] if trigger else TRIGGERS) for n in handler_names(t)}
+
+
+def _suggest(name: str, candidates: list[str]) -> str | None:
+    """The handler name ``name`` most likely meant, if it is close enough."""
+    snake = _snake(name)
+    if snake in candidates:
+        return snake
+    close = difflib.get_close_matches(snake, candidates, n=1, cutoff=0.75)
+    return close[0] if close else None
+
+
+def _top_level_bindings(tree: ast.Module) -> dict[str, ast.AST]:
+    """Names bound at module level (functions, assignments, imports), with the node that binds each."""
+    out: dict[str, ast.AST] = {}
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            out[node.name] = node
+        elif isinstance(node, ast.Assign):
+            for t in node.targets:
+                if isinstance(t, ast.Name):
+                    out[t.id] = node
+        elif isinstance(node, (ast.AnnAssign, ast.AugAssign)) and isinstance(node.target, ast.Name):
+            out[node.target.id] = node
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            for a in node.names:
+                out[(a.asname or a.name).split(".")[0]] = node
+    return out
+
+
+def _arity_problem(name: str, node: ast.AST) -> str | None:
+    if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        if isinstance(node, ast.ClassDef):
+            return f"{node.lineno}: {name} is a class; the handler must be a function (event, api)"
+        return None  # bound by assignment or import: cannot tell statically
+    a = node.args
+    positional = len(a.posonlyargs) + len(a.args)
+    required = positional - len(a.defaults)
+    if a.vararg is None and positional < 2:
+        return f"{node.lineno}: {name} takes {positional} argument(s); the handler is called as {name}(event, api)"
+    if required > 2 or any(d is None for d in a.kw_defaults):
+        return f"{node.lineno}: {name} requires more than (event, api)"
+    return None
+
+
+def check_python(path: str, source: str, trigger: str | None) -> Report:
+    report = Report(path)
+    try:
+        tree = ast.parse(source, filename=path)
+        compile(tree, path, "exec", dont_inherit=True)
+    except SyntaxError as exc:
+        where = f"{exc.lineno}:{exc.offset}: " if exc.lineno else ""
+        report.problems.append(f"{where}SyntaxError: {exc.msg}")
+        return report
+    except ValueError as exc:  # e.g. a null byte in the source
+        report.problems.append(f"cannot compile: {exc}")
+        return report
+    bound = _top_level_bindings(tree)
+    every_valid = _valid_names(None)
+    for t in ([trigger] if trigger else list(TRIGGERS)):
+        found = next((n for n in handler_names(t) if n in bound), None)
+        if found is not None:
+            report.handlers[t] = found
+    for name in sorted(set(report.handlers.values()), key=lambda n: getattr(bound[n], "lineno", 0)):
+        problem = _arity_problem(name, bound[name])
+        if problem:
+            report.problems.append(problem)
+    # Near misses: names that look like a handler but are none (any trigger's handler is not a near miss).
+    candidates = sorted(_valid_names(trigger))
+    for name, node in bound.items():
+        if name in every_valid:
+            continue
+        guess = _suggest(name, candidates)
+        if guess is None and re.match(r"(?i)on_?exec", name):
+            guess = _suggest(name, sorted(every_valid))
+        if guess is not None:
+            line = getattr(node, "lineno", 0)
+            report.problems.append(f"{line}: {name} is not a handler name; did you mean {guess}?")
+    if not report.handlers:
+        if trigger:
+            specific, catch_all = handler_names(trigger)
+            others = sorted(n for n in bound if n in every_valid)
+            hint = f" (found {', '.join(others)}, for other triggers)" if others else ""
+            report.problems.append(f"no handler for {trigger}: define {specific}(event, api) or "
+                                   f"{catch_all}(event, api){hint}")
+        else:
+            report.problems.append("no handler: define on_execute_<trigger>(event, api) or on_execute(event, api)")
+    return report
+
+
+# One checker per language, by file suffix (the JavaScript runtime adds ".js").
+CHECKERS: dict[str, Checker] = {".py": check_python}
+
+
+class CheckUsageError(Exception):
+    """The file cannot be checked at all (missing, unreadable, unknown language)."""
+
+
+def check_file(path: str, trigger: str | None) -> Report:
+    p = Path(path)
+    checker = CHECKERS.get(p.suffix)
+    if checker is None:
+        known = ", ".join(sorted(CHECKERS))
+        raise CheckUsageError(f"{path}: no checker for {p.suffix or 'files without a suffix'} (known: {known})")
+    try:
+        source = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CheckUsageError(f"{path}: no such file") from None
+    except UnicodeDecodeError as exc:
+        return Report(path, problems=[f"not UTF-8: {exc}"])
+    except OSError as exc:
+        raise CheckUsageError(f"{path}: cannot read: {exc.strerror}") from None
+    return checker(path, source, trigger)
