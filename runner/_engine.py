@@ -18,7 +18,7 @@ from ..protocol import check_json
 
 from ._config import RunnerConfig
 from ._errors import DenialKind, Overloaded, PoolClosed
-from ._flow import Action, FlowState
+from ._flow import Action, FlowState, js_heap_bytes
 from ._handlers import ExecutionContext
 from ._pool import Pool
 from ._services import Services
@@ -132,6 +132,8 @@ class FlowEngine:
                 "methods": self._methods_for(prof),
                 "max_log_bytes": limits.max_log_message_bytes,
             }
+            if action.language == "js":  # the engine's own limits, below the worker's (which stay behind them)
+                params.update(language="js", timeout_s=timeout, memory_bytes=js_heap_bytes(limits))
             if action.digest not in w.compiled:
                 params["source"] = action.source
             fut = w.execute(params, ctx, timeout, kind, limits.max_output_bytes)

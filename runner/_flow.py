@@ -37,15 +37,32 @@ def action_identity(slug: str, digest: str, secrets: dict[str, str]) -> str:
     return hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+LANGUAGES = ("python", "js")
+
+
+def language_of(filename: str) -> str:
+    """``.js`` files are JavaScript actions; everything else is Python."""
+    return "js" if filename.lower().endswith(".js") else "python"
+
+
+def js_heap_bytes(limits: Limits) -> int:
+    """The JavaScript engine's memory limit: half the worker's cap, so it trips before the OS limit does."""
+    return (limits.memory_mb << 20) // 2
+
+
 @dataclass(frozen=True)
 class Action:
-    """One customer action: a slug, its Python source, its secrets and optional limit overrides."""
+    """One customer action: a slug, its source (Python or JavaScript), its secrets and optional limit overrides.
+
+    ``language`` is ``"python"`` or ``"js"``; left empty it follows the file name (``.js`` is JavaScript).
+    """
 
     slug: str
     source: str
     secrets: dict[str, str] = field(default_factory=dict)
     limits: dict[str, Any] = field(default_factory=dict)
     filename: str = ""
+    language: str = ""
 
     def __post_init__(self) -> None:
         if type(self.slug) is not str or not SLUG_RE.match(self.slug):
@@ -56,12 +73,18 @@ class Action:
             raise ActionError(f"action {self.slug}: secrets must be a dict of strings")
         if type(self.limits) is not dict:
             raise ActionError(f"action {self.slug}: limits must be a dict")
+        if not self.language:
+            object.__setattr__(self, "language", language_of(self.filename))
+        if self.language not in LANGUAGES:
+            raise ActionError(f"action {self.slug}: language must be one of {', '.join(LANGUAGES)}, got {self.language!r}")
         if not self.filename:
-            object.__setattr__(self, "filename", f"{self.slug}.py")
+            object.__setattr__(self, "filename", f"{self.slug}.{'js' if self.language == 'js' else 'py'}")
         # Own copies: a caller mutating its dicts later must not change an action (or its identity) in use.
         object.__setattr__(self, "secrets", dict(self.secrets))
         object.__setattr__(self, "limits", dict(self.limits))
-        digest = hashlib.sha256(self.source.encode("utf-8", "surrogatepass")).hexdigest()
+        # A JavaScript action's hash is salted so it never names a Python source in a worker's caches.
+        salt = b"js\x00" if self.language == "js" else b""
+        digest = hashlib.sha256(salt + self.source.encode("utf-8", "surrogatepass")).hexdigest()
         object.__setattr__(self, "digest", digest)
         object.__setattr__(self, "identity", action_identity(self.slug, digest, self.secrets))
 

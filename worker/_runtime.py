@@ -45,6 +45,7 @@ class Runtime:
         self.console = Console(lambda: self.current)
         self.streams: tuple[LogStream, LogStream] = install_output_capture(lambda: self.current)
         self._pristine_builtins = dict(builtins.__dict__)
+        self._js: Any = None  # worker._js.JsRuntime, created by the first JavaScript execution
 
     # -- compilation ----------------------------------------------------------
     def module(self, digest: str, source: str | None, filename: str) -> dict[str, Any]:
@@ -73,6 +74,12 @@ class Runtime:
     # -- execution -------------------------------------------------------------
     def execute(self, p: dict[str, Any]) -> tuple[Any, Any]:
         """Run one execution; returns ``(error, result)`` for the response."""
+        if p.get("language") == "js":
+            if self._js is None:
+                from ._js import JsRuntime
+
+                self._js = JsRuntime(self.channel)
+            return self._js.execute(p)
         trigger = p["trigger"]
         filename = p["filename"]
         ex = Execution(self.channel, trigger, frozenset(p["methods"]), p["max_log_bytes"])

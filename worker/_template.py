@@ -26,7 +26,7 @@ import sys
 
 import msgpack
 
-from . import _channel, _proxy, _event, _runtime, _sandbox  # noqa: F401  (imported to be shared COW)
+from . import _channel, _proxy, _event, _js, _runtime, _sandbox  # noqa: F401  (imported to be shared COW)
 from .__main__ import main as worker_main
 
 CLONE_PARENT = 0x00008000
