@@ -97,7 +97,11 @@ def _parser() -> argparse.ArgumentParser:
 def _read_event(path: str, max_frame_bytes: int) -> Any:
     """The event as the runner would accept it; anything it would deny as ``invalid_event`` is a usage error."""
     try:
-        raw = sys.stdin.buffer.read() if path == "-" else open(path, "rb").read()
+        if path == "-":
+            raw = sys.stdin.buffer.read()
+        else:
+            with open(path, "rb") as f:
+                raw = f.read()
     except OSError as exc:
         raise UsageError(f"cannot read event {path}: {exc.strerror}") from None
     try:
