@@ -261,6 +261,8 @@ class JsRuntime:
             os._exit(EXIT_PROTOCOL)
         except MemoryError:
             return "2" + '["RangeError","out of memory in the worker",null]'
+        except Exception as exc:  # never let an exception escape into the engine: the binding cannot carry it
+            return "2" + orjson.dumps(["Error", f"{type(exc).__name__}: {exc}"[:4096], None]).decode()
 
     def _dispatch(self, op: str, text: str) -> str:
         if op == "$done":

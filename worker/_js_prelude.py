@@ -154,8 +154,10 @@ function fail(info) {
   if (info[2]) { def(e, "kind", info[2]); def(e, "error_kind", info[2]); }
   return e;
 }
+// Every string handed to the host goes through String(): the engine builds long concatenations as ropes,
+// which the binding cannot convert; String() returns them flattened.
 function call(name, text) {
-  const r = host(name, text);
+  const r = host(name, S(text));
   const tag = r[0];
   if (tag === "0") return undefined;
   const value = parse(apply(slice, r, [1]));
@@ -222,7 +224,7 @@ function consoleAt(level) {
   return function () {
     let msg = "";
     for (let i = 0; i < arguments.length; i++) msg += (i ? " " : "") + text(arguments[i]);
-    if (cur !== null && cur.active) host("console", "[" + stringify(level) + "," + stringify(msg) + "]");
+    if (cur !== null && cur.active) host("console", S("[" + stringify(level) + "," + stringify(msg) + "]"));
   };
 }
 const console_ = {};
@@ -266,7 +268,7 @@ function settle(ex, error) {
   if (!ex.active) return;
   ex.active = false;
   cur = null;
-  host("$done", "[" + (error === null ? "null" : error) + "," + (oom ? "true" : "false") + "]");
+  host("$done", S("[" + (error === null ? "null" : error) + "," + (oom ? "true" : "false") + "]"));
 }
 function load(names) {
   if (config.module) {
