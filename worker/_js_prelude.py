@@ -32,15 +32,19 @@ const defineProp = O.defineProperty, isArray = Array.isArray, apply = Reflect.ap
 const OP = O.prototype, S = String, stringify = JSON.stringify, parse = JSON.parse;
 const E = Error, TE = TypeError, RE = RangeError, IEP = InternalError.prototype;
 const P = Promise, then = P.prototype.then, resolveP = P.resolve, isInteger = Number.isInteger;
-const slice = S.prototype.slice, indexOf = S.prototype.indexOf;
+const slice = S.prototype.slice, indexOf = S.prototype.indexOf, charCodeAt = S.prototype.charCodeAt;
 const MAX_DEPTH = 32, MAX_TEXT = config.max_text;
 const fileName = config.filename, srcFirst = config.first_line, srcLast = config.last_line;
 let oom = false;      // set when the engine ran out of memory, even if the action caught it
 let cur = null;       // the running execution: {active, api, pending}
 let handler = null, factory = null;
 
+// Descriptors without a prototype: a "get"/"set"/"value" planted on Object.prototype must not leak into them.
 function def(obj, key, value) {
-  defineProp(obj, key, {value: value, enumerable: true, writable: false, configurable: false});
+  const d = create(null);
+  d.value = value;
+  d.enumerable = true;
+  defineProp(obj, key, d);
 }
 
 // -- stack traces: only the action's own frames, with its file name and line numbers --------
@@ -82,7 +86,7 @@ class HandlerNotFound extends E {}
 defineProp(HandlerNotFound.prototype, "name", {value: "HandlerNotFound"});
 const ERRORS = create(null);
 ERRORS.TypeError = TE; ERRORS.ValueError = RE; ERRORS.RangeError = RE;
-ERRORS.ApiNotAvailable = ApiNotAvailable; ERRORS.ApiClosed = E;
+ERRORS.ApiNotAvailable = ApiNotAvailable; ERRORS.ApiClosed = E; ERRORS.Error = E;
 
 // -- values: JSON only, checked at call time -------------------------------------------------
 function describe(v) {
@@ -144,6 +148,7 @@ function encArgs(name, args, n) {
   while (n > 0 && args[n - 1] === undefined) n--;  // omitted optional arguments
   let out = "[";
   for (let i = 0; i < n; i++) out += (i ? "," : "") + enc(args[i], "api." + name + ": argument " + (i + 1), 0, null);
+  if (out.length > MAX_TEXT) throw new RE("api." + name + ": the arguments are too large for one call (" + MAX_TEXT + " bytes at most)");
   return out + "]";
 }
 
@@ -157,6 +162,7 @@ function fail(info) {
 // Every string handed to the host goes through String(): the engine builds long concatenations as ropes,
 // which the binding cannot convert; String() returns them flattened.
 function call(name, text) {
+  if (oom) throw new RE("api." + name + ": this execution already ran out of memory");
   const r = host(name, S(text));
   const tag = r[0];
   if (tag === "0") return undefined;
@@ -188,6 +194,12 @@ function method(ex, m) {
       return new P(function (resolve, reject) { ex.pending[id] = [resolve, reject]; });
     };
   }
+  if (name === "log") {
+    return function (level, message) {
+      check(ex);
+      return call(name, encArgs(name, [level, clip(message)], arguments.length));
+    };
+  }
   return function () {
     check(ex);
     return call(name, encArgs(name, arguments, arguments.length));
@@ -213,6 +225,14 @@ function buildApi(ex) {
   return freeze(top);
 }
 
+// Log lines are cut to their byte limit by the worker; cut a huge one here first so it fits in one call.
+function clip(message) {
+  if (typeof message !== "string" || message.length <= MAX_TEXT / 8) return message;
+  let cut = MAX_TEXT / 8;
+  const last = apply(charCodeAt, message, [cut - 1]);
+  if (last >= 0xd800 && last <= 0xdbff) cut -= 1;  // never split a surrogate pair
+  return apply(slice, message, [0, cut]);
+}
 function text(v) {
   if (typeof v === "string") return v;
   if (v !== null && typeof v === "object") {
@@ -224,7 +244,7 @@ function consoleAt(level) {
   return function () {
     let msg = "";
     for (let i = 0; i < arguments.length; i++) msg += (i ? " " : "") + text(arguments[i]);
-    if (cur !== null && cur.active) host("console", S("[" + stringify(level) + "," + stringify(msg) + "]"));
+    if (cur !== null && cur.active) host("console", S("[" + stringify(level) + "," + stringify(clip(msg)) + "]"));
   };
 }
 const console_ = {};
