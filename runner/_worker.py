@@ -218,6 +218,7 @@ class WorkerHandle(asyncio.Protocol):
 
     def _on_timeout(self, run: _Running, kind: str, timeout: float) -> None:
         if self._running is run:
+            self._drain_logs(run)
             what = "flow" if kind == "flow_timeout" else "action"
             self._finish(run, {"kind": kind, "message": f"{what} exceeded its {timeout:.3g}s time limit; worker killed"}, False)
             self.kill(kind)
@@ -250,6 +251,7 @@ class WorkerHandle(asyncio.Protocol):
         if run is not None:
             run.bytes_in += len(data)
             if run.bytes_in > run.max_output:
+                self._salvage_logs(run, data[:max(len(data) - (run.bytes_in - run.max_output), 0)])
                 self._violation("output_limit", f"worker sent more than {run.max_output} bytes in one execution")
                 return
         try:
@@ -363,6 +365,34 @@ class WorkerHandle(asyncio.Protocol):
             return
         self._violation("worker_crash", f"worker died: {describe_exit(code)}")
 
+    # -- log lines of a killed execution -------------------------------------------------
+    def _drain_logs(self, run: _Running) -> None:
+        """Before a killed execution's verdict: the log lines still in the pipe (within the output budget)."""
+        if not self._pipes or self._rtransport is None or self._rtransport.is_closing():
+            return
+        fd = self._pipes[0].fileno()
+        while run.bytes_in < run.max_output:
+            try:
+                data = os.read(fd, min(1 << 16, run.max_output - run.bytes_in))  # non-blocking (asyncio's pipe)
+            except OSError:  # EAGAIN: nothing more; anything else: nothing to read
+                return
+            if not data:
+                return
+            run.bytes_in += len(data)
+            if not self._salvage_logs(run, data):
+                return
+
+    def _salvage_logs(self, run: _Running, data: bytes) -> bool:
+        """Apply only the ``log`` notifications in ``data``; False once the stream or the budget breaks."""
+        try:
+            for value in self._decoder.feed(data):
+                msg = parse_message(value)
+                if type(msg) is Notification and msg.method == "log":
+                    run.handler.notify("log", msg.params)
+        except (ProtocolError, Violation):
+            return False
+        return True
+
     # -- plumbing -------------------------------------------------------------------
     def _write(self, wire: list[Any]) -> None:
         t = self._wtransport
@@ -426,5 +456,6 @@ class WorkerHandle(asyncio.Protocol):
         if self._running is None and self.state is not State.DEAD:
             self.kill(f"exited: {describe_exit(self.returncode)}")
         elif self._running is not None:
+            self._drain_logs(self._running)  # the pipe is closed next: read the lines still in it
             self._loop.create_task(self._crash_report(self._running))
         self._close_transports()

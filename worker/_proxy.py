@@ -66,6 +66,9 @@ class Execution:
     def log(self, level: str, message: str) -> None:
         if self.active:
             self.channel.queue(notification("log", [level, truncate_utf8(message, self.max_log_bytes)]))
+            # Written now, not coalesced: a line logged before a timeout or memory kill must reach the
+            # supervisor, which reads what is left in the pipe before it gives a killed execution's verdict.
+            self.channel.flush()
 
 
 def _response(resp: Any) -> Any:
