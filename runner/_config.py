@@ -66,9 +66,11 @@ class FetchConfig:
     max_response_bytes: int = 1 << 20
     max_request_bytes: int = 256 << 10
     max_redirects: int = 5
+    max_response_header_lines: int = 256     # per response head; h11's parse cost is per line
+    max_response_head_bytes: int = 64 << 10
     max_concurrent_per_execution: int = 16
     # Capacity per tenant, so one tenant's slow hosts or DNS never take another's (runner/_fetch_capacity.py).
-    max_concurrent_per_tenant: int = 128     # fetches in flight (= that tenant's connection pool size)
+    max_concurrent_per_tenant: int = 64      # fetches in flight (= that tenant's connection pool size)
     max_queued_per_tenant: int = 1024        # fetches (or lookups) waiting beyond that; more fail at once
     max_keepalive_per_tenant: int = 16       # idle connections a tenant's pool keeps open
     max_dns_per_tenant: int = 4              # DNS lookups in flight (each holds one resolver thread)
@@ -155,7 +157,8 @@ class RunnerConfig:
         f = self.fetch
         if not (0 < f.timeout_s <= 60) or f.max_response_bytes <= 0 or f.max_request_bytes <= 0:
             raise ConfigError("fetch limits must be positive (timeout at most 60 s)")
-        for name in ("max_concurrent_per_execution", "max_concurrent_per_tenant", "max_queued_per_tenant",
+        for name in ("max_response_header_lines", "max_response_head_bytes",
+                     "max_concurrent_per_execution", "max_concurrent_per_tenant", "max_queued_per_tenant",
                      "max_keepalive_per_tenant", "max_dns_per_tenant", "dns_threads", "max_dns_answers_per_tenant",
                      "max_tenant_pools"):
             v = getattr(f, name)

@@ -183,11 +183,66 @@ def _is_internal(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
 _PINS: contextvars.ContextVar[dict[tuple[str, int], tuple[str, ...]]] = contextvars.ContextVar("actionpool_fetch_pins")
 
 
+class _HeadGuard(httpcore.AsyncNetworkStream):
+    """Caps each response head (status line + headers) before h11 parses it.
+
+    h11 parses a whole head in one step once its blank line arrives, and the
+    cost is per header line: 100 KiB of tiny headers is tens of thousands of
+    lines, and a burst of such responses would hold the event loop for
+    seconds. httpcore sends one request at a time per connection, so every
+    ``write`` starts a new head; ``read`` counts its lines and bytes (linear,
+    ``bytes.count``) until the blank line and fails the fetch past the caps.
+    """
+
+    def __init__(self, inner: httpcore.AsyncNetworkStream, max_lines: int, max_bytes: int) -> None:
+        self._inner = inner
+        self._max_lines = max_lines
+        self._max_bytes = max_bytes
+        self._in_head = False
+        self._lines = 0
+        self._bytes = 0
+        self._tail = b""  # the last 3 bytes seen, for a blank line split across reads
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._in_head, self._lines, self._bytes, self._tail = True, 0, 0, b""
+        await self._inner.write(buffer, timeout)
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        data = await self._inner.read(max_bytes, timeout)
+        if self._in_head and data:
+            window = self._tail + data
+            end = window.find(b"\r\n\r\n")
+            head = window[len(self._tail):] if end < 0 else window[len(self._tail):end + 4]
+            self._lines += head.count(b"\n")
+            self._bytes += len(head)
+            if self._lines > self._max_lines or self._bytes > self._max_bytes:
+                raise FetchError(f"api.fetch: the response head exceeds {self._max_lines} header lines or "
+                                 f"{self._max_bytes} bytes")
+            if end >= 0:
+                self._in_head = False  # interim (1xx) heads count towards the same budget
+            self._tail = window[-3:]
+        return data
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    async def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
+                        timeout: float | None = None) -> httpcore.AsyncNetworkStream:
+        inner = await self._inner.start_tls(ssl_context, server_hostname, timeout)
+        return _HeadGuard(inner, self._max_lines, self._max_bytes)
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
+
+
 class _PinnedBackend(httpcore.AsyncNetworkBackend):
     """Connects to the vetted address of the current request instead of resolving the name again."""
 
-    def __init__(self, inner: httpcore.AsyncNetworkBackend | None = None) -> None:
+    def __init__(self, inner: httpcore.AsyncNetworkBackend | None = None, *,
+                 max_head_lines: int = 256, max_head_bytes: int = 64 << 10) -> None:
         self._inner = inner or httpcore.AnyIOBackend()
+        self._max_head_lines = max_head_lines
+        self._max_head_bytes = max_head_bytes
 
     async def connect_tcp(self, host: str, port: int, timeout: float | None = None,
                           local_address: str | None = None, socket_options: Any = None) -> httpcore.AsyncNetworkStream:
@@ -197,8 +252,9 @@ class _PinnedBackend(httpcore.AsyncNetworkBackend):
         last: Exception | None = None
         for ip in ips:
             try:
-                return await self._inner.connect_tcp(ip, port, timeout=timeout, local_address=local_address,
-                                                     socket_options=socket_options)
+                stream = await self._inner.connect_tcp(ip, port, timeout=timeout, local_address=local_address,
+                                                       socket_options=socket_options)
+                return _HeadGuard(stream, self._max_head_lines, self._max_head_bytes)
             except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
                 last = exc
         assert last is not None
@@ -296,7 +352,8 @@ class Fetcher:
         install_log_redaction()
         self._config = config
         self._ssl = ssl_context or httpx.create_ssl_context(trust_env=False)
-        self._backend = _PinnedBackend(network_backend)
+        self._backend = _PinnedBackend(network_backend, max_head_lines=config.max_response_header_lines,
+                                       max_head_bytes=config.max_response_head_bytes)
         if config.stub is not None:
             stub = StubPool(compile_stub(config.stub))
             make_pool: Callable[[], Any] = lambda: stub  # noqa: E731
@@ -598,8 +655,8 @@ def _redirected(status: int, method: str, body: bytes | None, headers: list[tupl
 
 
 def _flatten_headers(headers: httpx.Headers) -> dict[str, str]:
-    out: dict[str, str] = {}
+    """Lower-case names; repeated headers joined with ", " (once: linear in the number of repeats)."""
+    parts: dict[str, list[str]] = {}
     for k, v in headers.multi_items():
-        k = k.lower()
-        out[k] = f"{out[k]}, {v}" if k in out else v
-    return out
+        parts.setdefault(k.lower(), []).append(v)
+    return {k: ", ".join(v) for k, v in parts.items()}

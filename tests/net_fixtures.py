@@ -8,6 +8,7 @@ a test can prove that a denied fetch sent no packet (``server.requests == []``).
 from __future__ import annotations
 
 import asyncio
+import functools
 import gzip
 import json
 import shutil
@@ -84,6 +85,12 @@ class LoopbackOnlyBackend(httpcore.AsyncNetworkBackend):
         await self._inner.sleep(seconds)
 
 
+@functools.lru_cache(maxsize=8)
+def _cookie_response(n: int) -> bytes:
+    lines = [b"HTTP/1.1 200 OK", b"Content-Length: 0"] + [b"Set-Cookie: c%d=v%d; Path=/" % (i, i) for i in range(n)]
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
 class _Handler(BaseHTTPRequestHandler):
     """Routes: /json, /status/{code}, /slow?ms=N, /big?bytes=N[&chunked=1][&gzip=1],
     /redirect?to=URL[&status=302] (or ?loop=1: to itself), /echo, /charset?cs=NAME,
@@ -136,11 +143,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self.send_header("Content-Length", "0")
                 self.end_headers()
             elif path == "/cookies":
-                self.send_response(200)
-                for i in range(int(q.get("n", "1000"))):
-                    self.send_header("Set-Cookie", f"c{i}=v{i}; Path=/")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
+                # One prebuilt write: server threads share this process's GIL with the loop under test.
+                self.wfile.write(_cookie_response(int(q.get("n", "1000"))))
             elif path == "/text":
                 n = int(q.get("bytes", "0"))
                 fill = q.get("fill")

@@ -89,8 +89,10 @@ async def on_execute(event, api):
                  for _ in range(4)]
         results, times, lag, grown = await _under_attack(r, flood, f"{http_server.url}/json")
     for res in results:
+        # A head of 2000 header lines is refused before it is parsed; the action catches it and goes on.
         assert res["outcome"] == "allow", res
-        assert all(x == {"status": 200, "len": 0, "head": "", "cookies": 2000} for x in res["state"]["a"]["results"])
+        assert res["state"]["a"]["results"] == [{"error": "http_fetch_error"}] * 16
+        assert res["state"]["a"]["after"] == "the action went on"
     assert p99(times) < VICTIM_P99_S, times
     assert grown < RSS_BOUND_MB, f"supervisor RSS grew {grown:.1f} MB"
 

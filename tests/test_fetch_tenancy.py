@@ -27,7 +27,7 @@ from actionpool.runner._redact import redact_query
 from net_fixtures import LocalHTTPServer, LoopbackOnlyBackend, LoopLag, free_port, p99, rss_mb
 
 ALLOW = ("127.0.0.1",)
-PROMPT_S = 1.5      # a victim fetch on loopback takes ~5 ms; a frozen or starved one takes seconds
+PROMPT_S = 2.0      # a victim fetch on loopback takes ~5 ms; a frozen or starved one takes seconds
 RSS_BOUND_MB = 50
 
 
@@ -70,23 +70,25 @@ async def test_no_cookie_survives_a_fetch_or_crosses_tenants(http_server: LocalH
 
 
 async def test_thousands_of_set_cookie_headers_cost_nothing_lasting(http_server: LocalHTTPServer) -> None:
+    """Each header line costs parse time on the loop: a head over 256 lines is refused before h11 parses it."""
     f = make()
     try:
-        await f.fetch(f"{http_server.url}/cookies?n=10", None, allow_hosts=ALLOW, timeout_s=5, tenant="A")
+        ok = await f.fetch(f"{http_server.url}/cookies?n=200", None, allow_hosts=ALLOW, timeout_s=5, tenant="A")
+        assert ok["headers"]["set-cookie"].count("; Path=/") == 200
         before = rss_mb()
-        async def flood() -> list[dict]:
-            out: list[dict] = []
-            for _ in range(10):  # 200 responses of 2000 Set-Cookie headers, 20 at a time
-                out += await asyncio.gather(*(f.fetch(f"{http_server.url}/cookies?n=2000", None, allow_hosts=ALLOW,
-                                                      timeout_s=20, tenant="A") for _ in range(20)))
-            return out
+
+        async def flood() -> list[Any]:
+            return await asyncio.gather(*(f.fetch(f"{http_server.url}/cookies?n=2000", None, allow_hosts=ALLOW,
+                                                  timeout_s=20, tenant="A") for _ in range(200)),
+                                        return_exceptions=True)
 
         async with LoopLag() as lag:
             attack = asyncio.ensure_future(flood())
             times = await victim(f, f"{http_server.url}/echo", 20)
             results = await attack
         grown = rss_mb() - before
-        assert all(r["headers"]["set-cookie"].count("; Path=/") == 2000 for r in results)
+        assert all(type(r) is FetchError and r.error_kind == "http_fetch_error" for r in results), results[:3]
+        assert "exceeds 256 header lines" in str(results[0])
         echo = await f.fetch(f"{http_server.url}/echo", None, allow_hosts=ALLOW, timeout_s=5, tenant="A")
         assert "cookie" not in json.loads(echo["body"])["headers"]
         assert p99(times) < PROMPT_S, times
@@ -94,6 +96,54 @@ async def test_thousands_of_set_cookie_headers_cost_nothing_lasting(http_server:
         assert grown < RSS_BOUND_MB, f"RSS grew {grown:.1f} MB"
     finally:
         await f.aclose()
+
+
+async def test_each_response_head_gets_its_own_line_budget(http_server: LocalHTTPServer) -> None:
+    f = make(max_response_header_lines=200)
+    try:
+        res = await f.fetch(f"{http_server.url}/cookies?n=150", None, allow_hosts=ALLOW, timeout_s=5)
+        assert res["headers"]["set-cookie"].count("; Path=/") == 150
+        with pytest.raises(FetchError, match="exceeds 200 header lines"):
+            await f.fetch(f"{http_server.url}/cookies?n=250", None, allow_hosts=ALLOW, timeout_s=5)
+        # Keep-alive: the next response on the same connection gets a fresh budget.
+        for _ in range(3):
+            res = await f.fetch(f"{http_server.url}/cookies?n=150", None, allow_hosts=ALLOW, timeout_s=5)
+            assert res["status"] == 200
+    finally:
+        await f.aclose()
+
+
+class _Chunks:
+    """A network stream that returns a canned byte string in reads of ``size`` bytes."""
+
+    def __init__(self, data: bytes, size: int) -> None:
+        self.data, self.size = data, size
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        pass
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        out, self.data = self.data[:self.size], self.data[self.size:]
+        return out
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 4096])
+async def test_the_head_guard_counts_a_head_split_across_reads_once(size: int) -> None:
+    from actionpool.runner._fetch import _HeadGuard
+
+    head = b"HTTP/1.1 200 OK\r\n" + b"a: b\r\n" * 8 + b"\r\n"
+    body = b"\r\n" * 100  # blank lines in the body are not header lines
+    guard = _HeadGuard(_Chunks(head + body, size), max_lines=10, max_bytes=1000)  # type: ignore[arg-type]
+    await guard.write(b"GET / HTTP/1.1\r\n\r\n")
+    got = b""
+    while len(got) < len(head + body):
+        got += await guard.read(65536)
+    assert got == head + body and guard._lines == 10
+    tight = _HeadGuard(_Chunks(head, size), max_lines=9, max_bytes=1000)  # type: ignore[arg-type]
+    await tight.write(b"GET / HTTP/1.1\r\n\r\n")
+    with pytest.raises(FetchError, match="exceeds 9 header lines"):
+        while True:
+            await tight.read(65536)
 
 
 # ------------------------------------------------------------- capacity per tenant
