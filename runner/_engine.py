@@ -93,6 +93,10 @@ class FlowEngine:
             if flow.denial is not None:
                 break
             rec = flow.records[i]
+            decide = getattr(action, "decide", None)
+            if decide is not None:  # a decision block (runner/_decisions.py): evaluated here, no worker
+                rec.status = decide(flow)
+                continue
             limits = flow.limits_for(action.slug)
             now = time.monotonic()
             remaining = flow.deadline - now
@@ -157,9 +161,20 @@ class FlowEngine:
                 etype = err.get("type") or None
                 reason = f"{etype}: {err.get('message', '')}" if etype else err.get("message", ekind)
                 extra = {"traceback": err["traceback"]} if err.get("traceback") else {}
+                fails_open = getattr(action, "fails_open", None)  # failure = "open" (runner/_failure.py)
+                if fails_open is not None and fails_open(ekind):  # recorded, and the flow goes on
+                    flow.log(action.slug, "warn", f"failed open: {ekind}: {reason}")
+                    rec.status = "failed_open"
+                    continue
                 flow.deny(action.slug, ekind, reason, None, error_code=etype, **extra)
                 rec.status = "failed"
             elif ctx.denied_here:
+                fails_open = getattr(action, "fails_open", None)
+                if flow.denial and fails_open is not None and fails_open(flow.denial["kind"]):
+                    flow.log(action.slug, "warn", f"failed open: {flow.denial['kind']}: {flow.denial['reason']}")
+                    flow.denial = None
+                    rec.status = "failed_open"
+                    continue
                 rec.status = "denied" if flow.denial and flow.denial["kind"] in ("denied", "validation_error") else "failed"
             else:
                 rec.status = "ok"

@@ -53,6 +53,8 @@ class DenialKind(StrEnum):
     OVERLOADED = "overloaded"                  # no worker within the queue bounds
     INVALID_EVENT = "invalid_event"            # the event was unusable; no action ran
     SHUTDOWN = "shutdown"                      # the runner closed while the flow was in flight
+    DECISION_ERROR = "decision_error"          # a decision block failed to evaluate to a boolean (sidecar)
+    NOT_DEPLOYED = "not_deployed"              # a flow names an action with no deployed version (sidecar)
 
 
 DENIAL_KINDS: tuple[str, ...] = tuple(k.value for k in DenialKind)

@@ -5,6 +5,8 @@
     actionpool doctor                                                        exit 1 when a required protection is missing
     actionpool bench [--quick] [--out DIR]
     actionpool stress --executions N --concurrency C [--hostile-share 0.1] [--json FILE]
+    actionpool serve --config FILE [--host H] [--port P]                     the HTTP sidecar (docs/gateway.md)
+    actionpool replay FLOW_ID --config FILE [--source FILE [--slug S]]      exit 0 same, 4 different
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from ._errors import ActionpoolError, RunnerClosed, SandboxUnavailable
 from ._flow import Action, FlowResult
 from ._engine import event_problem
 from ._runner import Runner
+from . import _serve_cli
 from ._triggers import TRIGGERS
 
 EXIT_ALLOW, EXIT_ERROR, EXIT_USAGE, EXIT_DENY = 0, 1, 2, 3
@@ -89,6 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("doctor", help="report which sandbox protections this host offers")
     d.add_argument("--json", action="store_true")
 
+    _serve_cli.add_parsers(sub)
     sub.add_parser("bench", help="benchmarks against the baselines (see: actionpool bench --help)")
     sub.add_parser("stress", help="stress and chaos run (see: actionpool stress --help)")
     return p
@@ -266,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
             return _check(args)
         if args.command == "doctor":
             return _doctor(args)
+        if args.command in _serve_cli.COMMANDS:
+            return _serve_cli.run(args)
     except SandboxUnavailable as exc:
         print(f"actionpool: error: {exc}", file=sys.stderr)
         return EXIT_ERROR

@@ -1,0 +1,99 @@
+"""Prometheus metrics of one sidecar process, through ``prometheus-client``.
+
+Counters and the duration histogram are updated per flow; the pool gauges
+(workers live/idle/starting, kills, template restarts, event-loop lag) are
+read from ``Runner.stats()`` at scrape time by a custom collector, so a
+scrape costs one dict and the flow path nothing. Each app has its own
+registry (tests run several in one process).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+disable_created_metrics()  # the *_created samples double the output and nothing here reads them
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+# Runner.stats() key -> (metric name, help, type)
+_GAUGES = {
+    "live": ("actionpool_workers_live", "Worker processes alive"),
+    "idle": ("actionpool_workers_idle", "Workers idle and ready"),
+    "starting": ("actionpool_workers_starting", "Workers being started"),
+    "busy": ("actionpool_workers_busy", "Workers running an execution"),
+    "waiting": ("actionpool_flows_waiting", "Flows waiting for a worker"),
+}
+
+
+class _RunnerCollector(Collector):
+    def __init__(self, stats: Callable[[], dict[str, Any]], lag: Callable[[], float]) -> None:
+        self._stats = stats
+        self._lag = lag
+
+    def collect(self) -> Iterator[Any]:
+        s = self._stats()
+        for key, (name, doc) in _GAUGES.items():
+            if key in s:
+                yield GaugeMetricFamily(name, doc, value=s[key])
+        kills = CounterMetricFamily("actionpool_worker_kills", "Workers killed, by kind", labels=["kind"])
+        for key, value in sorted(s.items()):  # e.g. kills_timeout, or a nested {"kills": {kind: n}}
+            if key.startswith("kills_") and isinstance(value, (int, float)):
+                kills.add_metric([key[len("kills_"):]], value)
+        if isinstance(s.get("kills"), dict):
+            for kind, value in sorted(s["kills"].items()):
+                kills.add_metric([str(kind)], value)
+        if "discarded" in s:
+            kills.add_metric(["any"], s["discarded"])
+        yield kills
+        if "template_respawns" in s:
+            yield CounterMetricFamily("actionpool_template_restarts", "Fork template restarts",
+                                      value=s["template_respawns"])
+        lag = next((s[k] for k in ("loop_lag_s", "event_loop_lag_s") if isinstance(s.get(k), (int, float))), None)
+        if lag is None and isinstance(s.get("loop_lag_ms"), (int, float)):
+            lag = s["loop_lag_ms"] / 1000.0
+        yield GaugeMetricFamily("actionpool_event_loop_lag_seconds", "Event-loop lag (latest sample)",
+                                value=self._lag() if lag is None else lag)
+
+
+class Metrics:
+    def __init__(self, stats: Callable[[], dict[str, Any]]) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.flows = Counter("actionpool_flows", "Flows answered", ["tenant", "trigger", "outcome"], registry=r)
+        self.denials = Counter("actionpool_denials", "Denied flows, by denial kind", ["kind"], registry=r)
+        self.duration = Histogram("actionpool_flow_duration_seconds", "Flow duration in the sidecar",
+                                  buckets=BUCKETS, registry=r)
+        self.failed_open = Counter("actionpool_actions_failed_open", "Action failures that let the flow go on",
+                                   ["tenant", "slug"], registry=r)
+        self.rejected = Counter("actionpool_requests_rejected", "Requests refused before a flow ran, by status",
+                                ["status"], registry=r)
+        self.shadow_runs = Counter("actionpool_shadow_runs", "Shadow runs beside the live version",
+                                   ["tenant", "slug", "result"], registry=r)
+        self._lag = 0.0
+        r.register(_RunnerCollector(stats, lambda: self._lag))
+
+    def flow(self, tenant: str, trigger: str, result: dict[str, Any], seconds: float) -> None:
+        self.flows.labels(tenant, trigger, result["outcome"]).inc()
+        if result["denial"] is not None:
+            self.denials.labels(str(result["denial"]["kind"])).inc()
+        for a in result["actions"]:
+            if a["status"] == "failed_open":
+                self.failed_open.labels(tenant, a["slug"]).inc()
+        self.duration.observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    async def watch_loop_lag(self, every_s: float = 0.25) -> None:
+        """Sample how late a timer fires: what a flow's first await waits behind."""
+        loop = asyncio.get_running_loop()
+        while True:
+            t0 = loop.time()
+            await asyncio.sleep(every_s)
+            self._lag = max(0.0, loop.time() - t0 - every_s)

@@ -1,0 +1,79 @@
+"""``actionpool serve``: the sidecar process (uvicorn around runner/_server.py).
+
+SIGTERM drains instead of stopping at once: ``readyz`` answers 503 and new
+flows get 503 with ``Retry-After`` (so the load balancer and the gateway move
+on to another replica), the flows in flight finish within
+``[server] drain_grace_s``, then uvicorn closes its sockets, the lifespan
+shutdown closes the runner (no worker left) and the process exits 0. A second
+SIGTERM or a SIGINT stops at once, as uvicorn does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+import time
+from types import FrameType
+
+from ._errors import ConfigError
+from ._serve_config import is_loopback, load_config
+from ._server import Sidecar
+
+log = logging.getLogger("actionpool.serve")
+
+
+def _uvicorn_server() -> type:
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """uvicorn's server, with SIGTERM starting a drain rather than an immediate stop."""
+
+        def __init__(self, config: "uvicorn.Config", app: Sidecar) -> None:
+            super().__init__(config)
+            self.sidecar = app
+            self.drain_deadline: float | None = None
+
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            if sig == signal.SIGTERM and self.drain_deadline is None and self.sidecar.started:
+                self.sidecar.draining = True
+                self.drain_deadline = time.monotonic() + self.sidecar.server.drain_grace_s
+                return  # not re-raised after serve(): a drained SIGTERM exits 0
+            super().handle_exit(sig, frame)
+
+        async def on_tick(self, counter: int) -> bool:
+            if self.drain_deadline is not None and not self.should_exit:
+                if self.sidecar.inflight == 0 or time.monotonic() >= self.drain_deadline:
+                    self.should_exit = True
+            return await super().on_tick(counter)
+
+    return DrainingServer
+
+
+def serve(config_path: str, host: str = "127.0.0.1", port: int = 8080, *, log_level: str = "warning") -> int:
+    """Run the sidecar until SIGTERM/SIGINT; the process's exit status."""
+    import uvicorn
+
+    try:
+        cfg = load_config(config_path)
+    except ConfigError as exc:
+        print(f"actionpool serve: error: {exc}", file=sys.stderr)
+        return 2
+    if cfg.server.token is None and not is_loopback(host):
+        print(f"actionpool serve: error: {config_path}: server.token_env: not set, so the sidecar serves loopback "
+              f"only; --host {host} is not a loopback address", file=sys.stderr)
+        return 2
+    app = Sidecar(cfg)
+    ucfg = uvicorn.Config(app, host=host, port=port, lifespan="on", log_level=log_level, access_log=False,
+                          timeout_graceful_shutdown=max(1, int(cfg.server.drain_grace_s) + 1),
+                          server_header=False, date_header=False)
+    server = _uvicorn_server()(ucfg, app)
+    try:
+        asyncio.run(server.serve())
+    except KeyboardInterrupt:
+        return 130
+    if not app.started:
+        return 1
+    print("actionpool serve: stopped", file=sys.stderr)
+    return 0

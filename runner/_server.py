@@ -1,0 +1,506 @@
+"""The sidecar's ASGI app: the HTTP face of one Runner, for gateways in any language.
+
+A plain ASGI callable with a hand-written router rather than Starlette: ten
+routes do not need a framework, and the flow path is the one a login waits
+on (see docs/gateway.md for the measurement). Routes::
+
+    POST /v1/tenants/{t}/flows/{trigger}          run the tenant's flow; 200 FlowResult + versions
+    PUT  /v1/tenants/{t}/actions/{slug}[?shadow=1] deploy a version (201) or a shadow version
+    GET  /v1/tenants/{t}/actions/{slug}           versions, deploy times, shadow disagreements
+    POST /v1/tenants/{t}/actions/{slug}/rollback  back to the previous version
+    POST /v1/tenants/{t}/actions/{slug}/test      a draft run of one action; nothing deployed
+    GET  /v1/tenants/{t}/runs/{flow_id}           one recorded run
+    GET  /healthz  /readyz  /metrics
+
+Every answer but healthz and readyz needs the bearer token when the config
+names one (``[server] token_env``); without one the process only binds to
+loopback and refuses any other peer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hmac
+import logging
+import os
+import re
+import time
+from typing import Any, Awaitable, Callable
+from urllib.parse import parse_qs
+
+import orjson
+
+from ._decisions import Decision, make_decision
+from ._errors import ActionError, ConfigError
+from ._failure import set_failure_policy
+from ._flow import SLUG_RE, Action
+from ._metrics import CONTENT_TYPE, Metrics
+from ._runner import Runner
+from ._serve_config import DecisionSpec, ServeConfig, TenantSpec, is_loopback
+from ._store import NothingToRollBack, Store, Version, open_store
+from ._triggers import TRIGGERS
+
+log = logging.getLogger("actionpool.serve")
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")
+_FIELD = re.compile(r"^(event[^\s:]*)")
+REDACTED = "[redacted]"
+SHADOW_KEEP = 20
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, error: str, field: str | None = None, headers: list[tuple[bytes, bytes]] = ()) -> None:
+        super().__init__(error)
+        self.status, self.error, self.field, self.headers = status, error, field, list(headers)
+
+
+class NotDeployed(Decision):
+    """A flow entry whose action has no deployed version: the flow is denied before any action runs."""
+
+    def decide(self, flow: Any) -> str:
+        flow.deny(self.slug, "not_deployed", f"action {self.slug} has no deployed version", None)
+        return "failed"
+
+
+def _served(slug: str, v: Version, secrets: dict[str, str], limits: dict[str, Any], failure: str) -> Action:
+    """A deployed version as an Action; its failure policy and version travel with it."""
+    a = Action(slug=slug, source=v.source, secrets=secrets, limits=limits, filename=f"{slug}.py")
+    set_failure_policy(a, failure)
+    object.__setattr__(a, "version", v.version)
+    return a
+
+
+def redact(value: Any, secrets: tuple[str, ...]) -> Any:
+    """A copy of ``value`` with every occurrence of a secret value replaced."""
+    if isinstance(value, str):
+        for s in secrets:
+            if s in value:
+                value = value.replace(s, REDACTED)
+        return value
+    if isinstance(value, dict):
+        return {k: redact(v, secrets) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v, secrets) for v in value]
+    return value
+
+
+def redact_paths(event: dict[str, Any], paths: tuple[str, ...]) -> dict[str, Any]:
+    """A copy of ``event`` with each configured dotted path (``user.email``) replaced where present."""
+    out = dict(event)
+    for path in paths:
+        node, parts = out, path.split(".")
+        for p in parts[:-1]:
+            child = node.get(p)
+            if not isinstance(child, dict):
+                break
+            node[p] = child = dict(child)
+            node = child
+        else:
+            if parts[-1] in node:
+                node[parts[-1]] = REDACTED
+    return out
+
+
+class Sidecar:
+    """The ASGI app and the state it serves from (a Runner, a Store, Metrics)."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        self.server = config.server
+        self.runner = Runner(config.runner)
+        self.store: Store = open_store(config.store_url, config.server.history_size)
+        self.metrics = Metrics(self.runner.stats)
+        self.inflight = 0
+        self.draining = False
+        self.started = False
+        self._actions: dict[tuple[str, str, str], Action] = {}
+        self._decisions: dict[tuple[str, str, int], Decision] = {}
+        self._bg: set[asyncio.Task[Any]] = set()
+        self._shadow_running = 0
+        self.disagreements: dict[tuple[str, str], collections.deque[dict[str, Any]]] = {}
+        self._token = config.server.token.encode() if config.server.token else None
+        self._secrets = {name: tuple(s for s in t.secrets.values() if len(s) >= 4) for name, t in config.tenants.items()}
+
+    # -- life cycle ----------------------------------------------------------------------------
+    async def startup(self) -> None:
+        await self.runner.start()
+        await self.store.start()
+        for tenant in self.config.tenants.values():
+            for spec in tenant.actions.values():
+                if spec.file is not None:
+                    try:
+                        source = spec.file.read_text(encoding="utf-8")
+                    except (OSError, UnicodeDecodeError) as exc:
+                        raise ConfigError(f"{self.config.path}: tenants.{tenant.name}.actions.{spec.slug}.file: "
+                                          f"cannot read {spec.file}: {exc}") from None
+                    await self.store.seed(tenant.name, spec.slug, source)
+        self._spawn(self.metrics.watch_loop_lag())
+        self.started = True
+
+    async def shutdown(self, grace: float | None = None) -> None:
+        self.draining = True
+        await self.runner.close(self.server.drain_grace_s if grace is None else grace)
+        for t in list(self._bg):
+            t.cancel()
+        if self._bg:
+            await asyncio.wait(list(self._bg), timeout=5)
+        await self.store.close()
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        t = asyncio.ensure_future(coro)
+        self._bg.add(t)
+        t.add_done_callback(self._bg.discard)
+
+    # -- ASGI ----------------------------------------------------------------------------------
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if kind != "http":
+            return
+        headers: list[tuple[bytes, bytes]] = []
+        try:
+            status, body, headers = await self._route(scope, receive)
+        except HTTPError as exc:
+            status, headers = exc.status, exc.headers
+            body = {"error": exc.error} if exc.field is None else {"error": exc.error, "field": exc.field}
+            self.metrics.rejected.labels(str(status)).inc()
+        except Exception:  # a bug here must still answer, and must not kill the process
+            log.exception("sidecar: unhandled error")
+            status, body = 500, {"error": "internal error"}
+        if isinstance(body, bytes):
+            payload, ctype = body, CONTENT_TYPE.encode()
+        else:
+            payload, ctype = orjson.dumps(body), b"application/json"
+        out = [(b"content-type", ctype), (b"content-length", str(len(payload)).encode()), *headers]
+        if self.draining:
+            out.append((b"connection", b"close"))
+        await send({"type": "http.response.start", "status": status, "headers": out})
+        await send({"type": "http.response.body", "body": payload})
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            msg = await receive()
+            if msg["type"] == "lifespan.startup":
+                try:
+                    await self.startup()
+                except Exception as exc:
+                    log.error("actionpool serve: start failed: %s", exc)
+                    await self.runner.close(0)
+                    await self.store.close()
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif msg["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _body(self, scope: Scope, receive: Receive) -> bytes:
+        limit = self.server.max_body_bytes
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                try:
+                    if int(value) > limit:
+                        raise HTTPError(413, f"body larger than {limit} bytes", headers=[(b"connection", b"close")])
+                except ValueError:
+                    raise HTTPError(400, "bad Content-Length", "Content-Length") from None
+        chunks, size = [], 0
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                raise HTTPError(400, "client went away")
+            chunk = msg.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise HTTPError(413, f"body larger than {limit} bytes", headers=[(b"connection", b"close")])
+            chunks.append(chunk)
+            if not msg.get("more_body"):
+                return b"".join(chunks)
+
+    def _authorize(self, scope: Scope) -> None:
+        if self._token is None:
+            client = scope.get("client")
+            if client is not None and not is_loopback(client[0]):
+                raise HTTPError(401, "no token configured: only loopback peers are served")
+            return
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                scheme, _, token = value.partition(b" ")
+                if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self._token):
+                    return
+                break
+        raise HTTPError(401, "missing or bad bearer token", headers=[(b"www-authenticate", b"Bearer")])
+
+    async def _route(self, scope: Scope, receive: Receive) -> tuple[int, Any, list[tuple[bytes, bytes]]]:
+        method, path = scope["method"], scope["path"]
+        if path == "/healthz":
+            return 200, {"status": "alive"}, []
+        if path == "/readyz":
+            ready = self.started and not self.draining and await self.store.ping()
+            why = "draining" if self.draining else ("starting" if not self.started else "store unreachable")
+            return (200, {"status": "ready"}, []) if ready else (503, {"status": "not ready", "reason": why}, [])
+        self._authorize(scope)
+        if path == "/metrics":
+            return 200, self.metrics.render(), []
+        parts = path.split("/")
+        if len(parts) < 6 or parts[:3] != ["", "v1", "tenants"]:
+            raise HTTPError(404, "no such route")
+        tenant = self.config.tenants.get(parts[3])
+        if tenant is None:
+            raise HTTPError(404, f"unknown tenant {parts[3]!r}", "tenant")
+        what, rest = parts[4], parts[5:]
+        query = {k: v[-1] for k, v in parse_qs(scope.get("query_string", b"").decode("latin-1")).items()}
+        if what == "flows" and len(rest) == 1:
+            _method(method, "POST")
+            return await self._flow(tenant, rest[0], scope, receive)
+        if what == "runs" and len(rest) == 1:
+            _method(method, "GET")
+            run = await self.store.get_run(rest[0])
+            if run is None or run.get("tenant") != tenant.name:
+                raise HTTPError(404, f"no recorded run {rest[0]!r}", "flow_id")
+            return 200, run, []
+        if what == "actions" and rest:
+            slug = rest[0]
+            if slug not in self._known_slugs(tenant):
+                raise HTTPError(404, f"tenant {tenant.name} has no action {slug!r} (name it under [tenants.{tenant.name}."
+                                     f"actions] or in a flow)", "slug")
+            if len(rest) == 1 and method == "PUT":
+                return await self._deploy(tenant, slug, query, scope, receive)
+            if len(rest) == 1:
+                _method(method, "GET")
+                return 200, await self._describe(tenant, slug), []
+            if rest[1:] == ["rollback"]:
+                _method(method, "POST")
+                try:
+                    v = await self.store.rollback(tenant.name, slug)
+                except NothingToRollBack as exc:
+                    raise HTTPError(409, str(exc), "slug") from None
+                return 200, {"slug": slug, "version": v.version}, []
+            if rest[1:] == ["test"]:
+                _method(method, "POST")
+                return await self._test(tenant, slug, scope, receive)
+        raise HTTPError(404, "no such route")
+
+    @staticmethod
+    def _known_slugs(tenant: TenantSpec) -> set[str]:
+        slugs = set(tenant.actions)
+        for entries in tenant.flows.values():
+            slugs.update(e for e in entries if isinstance(e, str))
+        return slugs
+
+    # -- flows -----------------------------------------------------------------------------------
+    def _event(self, raw: bytes) -> dict[str, Any]:
+        try:
+            event = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise HTTPError(400, f"body is not valid JSON: {exc}", "body") from None
+        if type(event) is not dict:
+            raise HTTPError(400, f"the event must be a JSON object, got {type(event).__name__}", "event")
+        problem = self._check(event)
+        if problem is not None:
+            m = _FIELD.match(problem)
+            raise HTTPError(400, problem, m.group(1) if m else "event")
+        return event
+
+    def _check(self, event: dict[str, Any]) -> str | None:
+        if self.runner._engine is None:  # not started: nothing is served before startup anyway
+            return None
+        return self.runner._engine.check_event(event)
+
+    def _action(self, tenant: TenantSpec, slug: str, v: Version) -> Action:
+        key = (tenant.name, slug, v.version)
+        a = self._actions.get(key)
+        if a is None:
+            spec = tenant.actions.get(slug)
+            if len(self._actions) > 4096:
+                self._actions.clear()
+            a = self._actions[key] = _served(slug, v, tenant.secrets, spec.limits if spec else {},
+                                             spec.failure if spec else "closed")
+        return a
+
+    def _resolve(self, tenant: TenantSpec, trigger: str) -> tuple[list[Action], dict[str, str]]:
+        """The actions of the tenant's flow for ``trigger`` at their current versions (local reads only)."""
+        actions: list[Action] = []
+        versions: dict[str, str] = {}
+        missing: list[Action] = []
+        for i, entry in enumerate(tenant.flows.get(trigger, ()), 1):
+            if isinstance(entry, DecisionSpec):
+                key = (tenant.name, trigger, i)
+                d = self._decisions.get(key)
+                if d is None:
+                    d = self._decisions[key] = make_decision(i, entry.expr, entry.deny)
+                actions.append(d)
+                continue
+            v = self.store.current(tenant.name, entry)
+            if v is None:
+                missing.append(NotDeployed(slug=entry, source="", expr="false"))
+                continue
+            actions.append(self._action(tenant, entry, v))
+            versions[entry] = v.version
+        return (missing, versions) if missing else (actions, versions)
+
+    def _overloaded(self, why: str) -> HTTPError:
+        return HTTPError(503, why, headers=[(b"retry-after", str(self.server.retry_after_s).encode())])
+
+    async def _flow(self, tenant: TenantSpec, trigger: str, scope: Scope, receive: Receive) -> tuple[int, Any, list]:
+        if trigger not in TRIGGERS:
+            raise HTTPError(400, f"unknown trigger {trigger!r}; expected one of {', '.join(TRIGGERS)}", "trigger")
+        if self.draining:
+            raise self._overloaded("shutting down; retry on another replica")
+        if self.inflight >= self.server.max_inflight:
+            raise self._overloaded(f"{self.inflight} flows in flight; retry shortly")
+        self.inflight += 1
+        try:
+            event = self._event(await self._body(scope, receive))
+            execution_id = None
+            for name, value in scope["headers"]:
+                if name == b"idempotency-key":
+                    execution_id = value.decode("latin-1")
+                    if not _IDEMPOTENCY_KEY.match(execution_id):
+                        raise HTTPError(400, "Idempotency-Key must be 1-200 visible ASCII characters", "Idempotency-Key")
+            if execution_id is None:
+                execution_id = os.urandom(16).hex()
+            event["execution_id"] = execution_id  # the same across the gateway's retries of one attempt
+            actions, versions = self._resolve(tenant, trigger)
+            t0 = time.perf_counter()
+            result = await self.runner.run_flow(trigger=trigger, actions=actions, event=event, tenant=tenant.name,
+                                                denial_message=tenant.denial_message)
+            seconds = time.perf_counter() - t0
+        finally:
+            self.inflight -= 1
+        body = result.to_dict()
+        body["versions"] = versions
+        body["execution_id"] = execution_id
+        self.metrics.flow(tenant.name, trigger, body, seconds)
+        if self.server.history_size:
+            self._spawn(self._record(tenant, event, body, seconds))
+        self._shadows(tenant, trigger, actions, event, body)
+        if body["denial"] is not None and body["denial"]["kind"] == "overloaded":
+            raise self._overloaded(body["denial"]["reason"])
+        return 200, body, []
+
+    async def _record(self, tenant: TenantSpec, event: dict[str, Any], body: dict[str, Any], seconds: float) -> None:
+        secrets = self._secrets.get(tenant.name, ())
+        record = {"flow_id": body["flow_id"], "tenant": tenant.name, "trigger": body["trigger"],
+                  "execution_id": body["execution_id"], "recorded_at": time.time(),
+                  "event": redact(redact_paths(event, tenant.redact), secrets),
+                  "result": redact(body, secrets), "versions": body["versions"],
+                  "timings": {"flow_ms": round(seconds * 1000, 3),
+                              "actions_ms": {a["slug"]: a["duration_ms"] for a in body["actions"]}}}
+        try:
+            await self.store.record_run(tenant.name, body["flow_id"], record)
+        except Exception as exc:  # history is best effort; the answer was already decided
+            log.warning("sidecar: run history write failed: %s", exc)
+
+    # -- shadow versions -------------------------------------------------------------------------
+    def _shadows(self, tenant: TenantSpec, trigger: str, actions: list[Action], event: dict[str, Any],
+                 live: dict[str, Any]) -> None:
+        for i, a in enumerate(actions):
+            sh = self.store.shadow(tenant.name, a.slug)
+            if sh is None or sh.version == getattr(a, "version", None):
+                continue
+            if self._shadow_running >= self.server.shadow_concurrency:
+                self.metrics.shadow_runs.labels(tenant.name, a.slug, "skipped").inc()
+                continue
+            variant = list(actions)
+            variant[i] = self._action(tenant, a.slug, sh)
+            self._shadow_running += 1
+            self._spawn(self._shadow(tenant, trigger, a.slug, sh.version, variant, event, live))
+
+    async def _shadow(self, tenant: TenantSpec, trigger: str, slug: str, version: str, actions: list[Action],
+                      event: dict[str, Any], live: dict[str, Any]) -> None:
+        try:
+            result = (await self.runner.run_flow(trigger=trigger, actions=actions, event=event, tenant=tenant.name,
+                                                 denial_message=tenant.denial_message)).to_dict()
+        except Exception as exc:
+            log.warning("sidecar: shadow run failed: %s", exc)
+            return
+        finally:
+            self._shadow_running -= 1
+        diff = {k: {"live": live[k], "shadow": result[k]}
+                for k in ("outcome", "claims", "app_metadata", "user_metadata") if live[k] != result[k]}
+        self.metrics.shadow_runs.labels(tenant.name, slug, "disagree" if diff else "agree").inc()
+        if diff:
+            q = self.disagreements.setdefault((tenant.name, slug), collections.deque(maxlen=SHADOW_KEEP))
+            q.append({"flow_id": live["flow_id"], "shadow_version": version, "at": time.time(),
+                      "differences": redact(diff, self._secrets.get(tenant.name, ()))})
+
+    # -- actions ---------------------------------------------------------------------------------
+    async def _deploy(self, tenant: TenantSpec, slug: str, query: dict[str, str], scope: Scope,
+                      receive: Receive) -> tuple[int, Any, list]:
+        raw = await self._body(scope, receive)
+        try:
+            source = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise HTTPError(400, "the action source must be UTF-8", "body") from None
+        if not source.strip():
+            raise HTTPError(400, "the action source is empty", "body")
+        shadow = query.get("shadow", "0") not in ("0", "", "false")
+        v = await self.store.deploy(tenant.name, slug, source, shadow=shadow)
+        out = {"slug": slug, "version": v.version}
+        if shadow:
+            out["shadow"] = True
+        return 201, out, []
+
+    async def _describe(self, tenant: TenantSpec, slug: str) -> dict[str, Any]:
+        out = {"slug": slug, **await self.store.describe(tenant.name, slug)}
+        out["shadow_disagreements"] = list(self.disagreements.get((tenant.name, slug), ()))
+        return out
+
+    async def _test(self, tenant: TenantSpec, slug: str, scope: Scope, receive: Receive) -> tuple[int, Any, list]:
+        try:
+            req = orjson.loads(await self._body(scope, receive))
+        except orjson.JSONDecodeError as exc:
+            raise HTTPError(400, f"body is not valid JSON: {exc}", "body") from None
+        if type(req) is not dict:
+            raise HTTPError(400, "the body must be {\"trigger\", \"event\", \"source\"?}", "body")
+        unknown = set(req) - {"trigger", "event", "source"}
+        if unknown:
+            raise HTTPError(400, f"unknown field(s): {', '.join(sorted(unknown))}", sorted(unknown)[0])
+        trigger = req.get("trigger")
+        if trigger not in TRIGGERS:
+            raise HTTPError(400, f"unknown trigger {trigger!r}; expected one of {', '.join(TRIGGERS)}", "trigger")
+        event = req.get("event", {})
+        if type(event) is not dict:
+            raise HTTPError(400, "event must be a JSON object", "event")
+        problem = self._check(event)
+        if problem is not None:
+            m = _FIELD.match(problem)
+            raise HTTPError(400, problem, m.group(1) if m else "event")
+        source = req.get("source")
+        if source is None:
+            v = self.store.current(tenant.name, slug)
+            if v is None:
+                raise HTTPError(409, f"{slug} has no deployed version; send a source to test a draft", "source")
+        elif type(source) is not str or not source.strip():
+            raise HTTPError(400, "source must be a non-empty string", "source")
+        else:
+            from ._store import version_of
+
+            v = Version(version_of(source), source, time.time())
+        event = {**event, "execution_id": os.urandom(16).hex()}
+        try:
+            action = self._action(tenant, slug, v)
+        except ActionError as exc:
+            raise HTTPError(400, str(exc), "source") from None
+        result = await self.runner.run_flow(trigger=trigger, actions=[action], event=event, tenant=tenant.name,
+                                            denial_message=tenant.denial_message)
+        body = result.to_dict()
+        body["versions"] = {slug: v.version}
+        body["draft"] = source is not None
+        return 200, body, []
+
+
+def _method(got: str, want: str) -> None:
+    if got != want:
+        raise HTTPError(405, f"use {want}", headers=[(b"allow", want.encode())])
+
+
+__all__ = ["Sidecar", "HTTPError", "redact", "redact_paths", "SLUG_RE"]
