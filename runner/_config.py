@@ -34,6 +34,7 @@ class Limits:
     max_frame_bytes: int = 1 << 20      # one msgpack frame in either direction
     max_output_bytes: int = 4 << 20     # all bytes a worker may send during one execution
     max_calls: int = 1000               # api calls per execution
+    cpu_limit_ms: float | None = None   # CPU time per execution (denial.kind cpu_limit); None: wall clock only
 
     def merged(self, overrides: dict[str, Any] | None) -> "Limits":
         if not overrides:
@@ -48,6 +49,8 @@ class Limits:
     def validate(self) -> None:
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
+            if v is None and f.name == "cpu_limit_ms":
+                continue
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                 raise ConfigError(f"limits.{f.name} must be a positive number, got {v!r}")
         if self.memory_mb < 32:
@@ -129,6 +132,9 @@ class RunnerConfig:
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     python: str | None = None                # interpreter for workers; default sys.executable
     fork_template: bool = True               # fork workers from a clean template (fast); False: spawn each
+    # An execution past this much CPU time runs under SCHED_IDLE until it ends, so short executions of
+    # other tenants preempt it (runner/_cpu.py). 0: never demote.
+    cpu_budget_ms: float = 50.0
 
     def validate(self) -> "RunnerConfig":
         self.limits.validate()
@@ -142,7 +148,7 @@ class RunnerConfig:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
         if self.pool_size > self.max_workers:
             raise ConfigError("pool_size cannot exceed max_workers")
-        for name in ("queue_timeout_s", "worker_start_timeout_s", "kill_grace_s", "idle_timeout_s"):
+        for name in ("queue_timeout_s", "worker_start_timeout_s", "kill_grace_s", "idle_timeout_s", "cpu_budget_ms"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ConfigError(f"{name} must be a non-negative number, got {v!r}")

@@ -17,6 +17,7 @@ import orjson
 from ..protocol import check_json
 
 from ._config import RunnerConfig
+from ._cpu import CpuGovernor
 from ._errors import DenialKind, Overloaded, PoolClosed
 from ._flow import Action, FlowState, js_heap_bytes
 from ._handlers import ExecutionContext
@@ -60,6 +61,7 @@ class FlowEngine:
         # Set by Runner.close() once the grace period is over: whatever fails from then on failed
         # because the runner killed it, and says so (``shutdown``), not ``worker_crash SIGKILL``.
         self.closing = False
+        self.cpu = CpuGovernor(config.cpu_budget_ms) if config.cpu_budget_ms else None
 
     def check_event(self, event: Any) -> str | None:
         return event_problem(event, self.config.limits.max_frame_bytes)
@@ -141,12 +143,18 @@ class FlowEngine:
             if action.digest not in w.compiled:
                 params["source"] = action.source
             fut = w.execute(params, ctx, timeout, kind, limits.max_output_bytes)
+            cpu = self.cpu
+            if cpu is not None:
+                cpu.begin(w, ctx.action_deadline - timeout, limits.cpu_limit_ms)
             try:
                 outcome = await fut
             except asyncio.CancelledError:
                 w.kill("flow cancelled by the caller")
                 pool.release(w, False)
                 raise
+            finally:
+                if cpu is not None:
+                    cpu.end(w)
             if outcome.error is None:
                 w.compiled.add(action.digest)
             pool.release(w, outcome.reusable)

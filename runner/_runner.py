@@ -147,6 +147,8 @@ class Runner:
     def stats(self) -> dict[str, Any]:
         s = self._pool.stats() if self._pool else {}
         s["flows"] = self.flows
+        if self._engine is not None and self._engine.cpu is not None:
+            s.update(self._engine.cpu.stats())
         if self._launcher is not None:
             s.update(self._launcher.stats())
         return s

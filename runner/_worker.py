@@ -237,6 +237,10 @@ class WorkerHandle(asyncio.Protocol):
         if reusable and self.state is State.BUSY:
             self.state = State.IDLE
 
+    def fail_execution(self, kind: str, message: str) -> None:
+        """End the running execution with ``kind`` and kill the worker (a limit enforced from outside: cpu_limit)."""
+        self._violation(kind, message)
+
     def _violation(self, kind: str, message: str) -> None:
         run = self._running
         if run is not None:
