@@ -115,9 +115,13 @@ async def _cost(args: argparse.Namespace) -> dict[str, Any]:
     cfg = rn.RunnerConfig(pool_size=2, max_workers=2, cpu_budget_ms=args.budget_ms)
     action = rn.Action(slug="tag", source=SRC_TRIVIAL)
     async with rn.Runner(cfg) as r:
+        lat: list[float] = []
+
         async def client(n: int) -> None:
             for _ in range(n):
+                t = time.perf_counter()
                 res = await r.run_flow(trigger=TRIGGER, actions=[action], event=EVENT, tenant="t1")
+                lat.append(time.perf_counter() - t)
                 assert res.allowed, res.denial
 
         await asyncio.gather(*(client(50) for _ in range(8)))  # warm
@@ -128,15 +132,19 @@ async def _cost(args: argparse.Namespace) -> dict[str, Any]:
 
             prof = cProfile.Profile()
             prof.enable()
-        c0, t0 = time.process_time(), time.perf_counter()
+        lat.clear()
+        c0, t0, o0 = time.process_time(), time.perf_counter(), os.times()
         await asyncio.gather(*(client(per) for _ in range(args.concurrency)))
-        cpu, wall = time.process_time() - c0, time.perf_counter() - t0
+        cpu, wall, o1 = time.process_time() - c0, time.perf_counter() - t0, os.times()
         if prof is not None:
             prof.disable()
             prof.dump_stats(args.profile)
     n = per * args.concurrency
     return {"mode": "cost", "uvloop": args.uvloop, "flows": n, "flows_per_s": round(n / wall, 1),
-            "supervisor_cpu_us_per_flow": round(cpu / n * 1e6, 1), "supervisor_cpu_share": round(cpu / wall, 3)}
+            "p50_ms": round(summarize(lat)["p50_ms"], 3), "p99_ms": round(summarize(lat)["p99_ms"], 3),
+            "supervisor_cpu_us_per_flow": round(cpu / n * 1e6, 1),
+            "user_us_per_flow": round((o1.user - o0.user) / n * 1e6, 1),
+            "sys_us_per_flow": round((o1.system - o0.system) / n * 1e6, 1), "supervisor_cpu_share": round(cpu / wall, 3)}
 
 
 def main(argv: list[str] | None = None) -> None:

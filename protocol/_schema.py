@@ -96,6 +96,8 @@ def check_json(value: Any, where: str, max_depth: int = MAX_JSON_DEPTH) -> None:
     t = type(value)
     if t is str or t is bool or value is None:  # the common case, without building a walk
         return
+    if _is_plain(value, max_depth):  # the fast verdict; the walk below only runs to name what is wrong
+        return
     stack: list[tuple[Any, str, int]] = [(value, where, 0)]
     on_path: set[int] = set()
     # Iterative walk with an explicit exit marker so cycles are detected on the
@@ -138,6 +140,55 @@ def check_json(value: Any, where: str, max_depth: int = MAX_JSON_DEPTH) -> None:
 
 
 _EXIT = object()
+_MIN_INT, _MAX_INT = -(2**63), 2**64
+
+
+def _is_plain(v: Any, depth_left: int) -> bool:
+    """True if ``check_json`` would accept ``v``: the same rules, without building paths.
+
+    Recursion is bounded by ``depth_left`` (so a cycle ends as "too deep", and the
+    full walk then names it). False only sends the value to the full walk.
+    """
+    t = type(v)
+    if t is dict:
+        if depth_left <= 0:
+            return False
+        for k, item in v.items():
+            if type(k) is not str:
+                return False
+            ti = type(item)
+            if ti is str or ti is bool or item is None:
+                continue
+            if ti is dict or ti is list or ti is tuple:
+                if not _is_plain(item, depth_left - 1):
+                    return False
+            elif not _is_plain_scalar(item, ti):
+                return False
+        return True
+    if t is list or t is tuple:
+        if depth_left <= 0:
+            return False
+        for item in v:
+            ti = type(item)
+            if ti is str or ti is bool or item is None:
+                continue
+            if ti is dict or ti is list or ti is tuple:
+                if not _is_plain(item, depth_left - 1):
+                    return False
+            elif not _is_plain_scalar(item, ti):
+                return False
+        return True
+    return _is_plain_scalar(v, t)
+
+
+def _is_plain_scalar(v: Any, t: type) -> bool:
+    if t is str or t is bool or v is None:
+        return True
+    if t is int:
+        return _MIN_INT <= v < _MAX_INT
+    if t is float:
+        return math.isfinite(v)
+    return False
 
 
 def check_params(method: ApiMethod, args: list[Any]) -> list[Any]:

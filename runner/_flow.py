@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ._config import Limits
+from ._rand import random_hex
 from ._errors import DENIAL_KINDS, ActionError, ConfigError, DenialKind  # noqa: F401  (re-exported)
 
 SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
@@ -164,7 +165,7 @@ class FlowState:
 
     def __init__(self, *, tenant: str, trigger: str, event: dict[str, Any], actions: list[Action], limits: Limits,
                  flow_timeout_s: float, denial_message: str, flow_id: str | None = None) -> None:
-        self.flow_id = flow_id or os.urandom(16).hex()
+        self.flow_id = flow_id or random_hex(16)
         self.tenant = tenant
         self.trigger = trigger
         self.event = event

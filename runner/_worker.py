@@ -20,7 +20,6 @@ import enum
 import os
 import signal
 import time
-from random import SystemRandom
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
@@ -35,11 +34,9 @@ from ..protocol import (
     parse_message,
 )
 
+from ._rand import random_u32
 from ._spawn import Spawned
 from ._errors import Violation
-
-
-_randbits = SystemRandom().getrandbits
 
 
 class State(enum.Enum):
@@ -205,7 +202,7 @@ class WorkerHandle(asyncio.Protocol):
         self.state = State.BUSY
         # An unpredictable id: a blind forgery of the answer from inside the worker names no pending request.
         fut = self._loop.create_future()
-        run = _Running(_randbits(32), handler, fut, time.perf_counter(), max_output)
+        run = _Running(random_u32(), handler, fut, time.perf_counter(), max_output)
         self._running = run
         self.executions += 1
         run.timer = self._loop.call_later(timeout, self._on_timeout, run, timeout_kind, timeout)
