@@ -259,7 +259,11 @@ class Pool:
             raise
         finally:
             timer.cancel()
-            dq = self.waiting.get(key)
+            # A waiter handed a worker was already popped; only one that gave up is still queued
+            # (deque.remove of a missing entry builds a ValueError with the future's repr: ~10 % of
+            # the supervisor's CPU per flow).
+            handed = fut.done() and not fut.cancelled() and fut.exception() is None
+            dq = None if handed else self.waiting.get(key)
             if dq is not None:
                 try:
                     dq.remove(entry)
