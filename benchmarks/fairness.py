@@ -102,7 +102,7 @@ async def _spin(args: argparse.Namespace) -> dict[str, Any]:
         elapsed, cpu = time.monotonic() - t0, time.process_time() - c0
         gov = r._engine.cpu  # noqa: SLF001 - the governor's counters
         stats = dict(r.stats(), **(gov.stats() if gov else {}))
-    s = summarize(lat, elapsed)
+    s = summarize(lat, args.seconds)  # normal flows finished inside the window (not the spinners' drain)
     return {"mode": "spin", "budget_ms": args.budget_ms, "demote": args.demote, "spinners": args.spinners,
             "concurrency": args.concurrency, "normal_flows_per_s": round(s["throughput_per_s"], 1),
             "normal_p50_ms": round(s["p50_ms"], 2), "normal_p99_ms": round(s["p99_ms"], 2),

@@ -58,13 +58,43 @@ def _tasks(pid: int) -> list[int]:
         return [pid]
 
 
+def _own_autogroup(pid: int) -> str | None:
+    """The path of ``pid``'s autogroup file if that group is not the supervisor's, else None.
+
+    Workers start their own session (``setsid``), and with ``CONFIG_SCHED_AUTOGROUP``
+    every session is a scheduling group of its own that competes with the
+    supervisor's group as an equal, whatever the policy of the task inside it. A
+    scheduling class then only orders a worker against itself; the group's nice
+    value is what orders it against everyone else.
+    """
+    path = f"/proc/{pid}/autogroup"
+    try:
+        with open(path) as f:
+            theirs = f.read().split()[0]
+        with open("/proc/self/autogroup") as f:
+            ours = f.read().split()[0]
+    except (OSError, IndexError):
+        return None  # no autogroups on this kernel (or the worker is gone)
+    return path if theirs != ours else None
+
+
+def _set_autogroup_nice(path: str | None, nice: int) -> None:
+    if path is not None:
+        try:
+            with open(path, "w") as f:
+                f.write(str(nice))
+        except OSError:
+            pass
+
+
 def demote(pid: int) -> None:
-    """Move every thread of ``pid`` to SCHED_IDLE (threads it starts later inherit it)."""
+    """Move every thread of ``pid`` to SCHED_IDLE (threads it starts later inherit it), its autogroup to nice 19."""
     for tid in _tasks(pid):
         try:
             os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
         except ProcessLookupError:
             pass
+    _set_autogroup_nice(_own_autogroup(pid), 19)
 
 
 def restore(pid: int) -> None:
@@ -74,6 +104,7 @@ def restore(pid: int) -> None:
             os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
         except ProcessLookupError:
             pass
+    _set_autogroup_nice(_own_autogroup(pid), 0)
 
 
 class _Watch:

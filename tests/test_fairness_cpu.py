@@ -43,6 +43,18 @@ def on_execute(event, api):
 '''
 
 
+def _autogroup_nice(pid: int) -> int | None:
+    """The nice value of ``pid``'s autogroup if it is not ours (None without autogroups)."""
+    try:
+        with open(f"/proc/{pid}/autogroup") as f:
+            theirs = f.read().split()
+        with open("/proc/self/autogroup") as f:
+            ours = f.read().split()
+    except (OSError, IndexError):
+        return None
+    return int(theirs[2]) if theirs[0] != ours[0] else None
+
+
 async def _flow(r, action: Action, **event) -> dict:
     res = await r.run_flow(trigger="post-login", actions=[action], event={"user": {}, **event}, tenant="t1")
     return res.to_dict()
@@ -71,6 +83,7 @@ async def test_class_seen_from_outside_while_spinning() -> None:
     async with make_runner(CONFIG) as r:
         task = asyncio.ensure_future(_flow(r, spin, cpu_ms=3000, stop_when_demoted=False))
         seen: set[int] = set()
+        groups: set[int | None] = set()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 30
         while not task.done() and loop.time() < deadline:
@@ -78,15 +91,21 @@ async def test_class_seen_from_outside_while_spinning() -> None:
                 if w.state.value == "busy":
                     try:
                         seen.add(os.sched_getscheduler(w.pid))
+                        groups.add(_autogroup_nice(w.pid))
                     except ProcessLookupError:
                         pass
-            if os.SCHED_IDLE in seen:
+            if os.SCHED_IDLE in seen and (None in groups or 19 in groups):
                 break
             await asyncio.sleep(0.01)
         d = await asyncio.wait_for(task, 60)
         assert os.SCHED_IDLE in seen
         assert d["outcome"] == "allow" and d["state"]["spin"]["policy_end"] == os.SCHED_IDLE
-        assert os.sched_getscheduler(d["state"]["spin"]["pid"]) == os.SCHED_OTHER
+        pid = d["state"]["spin"]["pid"]
+        assert os.sched_getscheduler(pid) == os.SCHED_OTHER
+        # A worker in a session (autogroup) of its own: the group's nice is what makes the class count.
+        if _autogroup_nice(pid) is not None:
+            assert 19 in groups
+            assert _autogroup_nice(pid) == 0
 
 
 async def test_short_executions_are_never_demoted_nor_read_much() -> None:
@@ -154,13 +173,16 @@ def test_demote_and_restore_a_real_process() -> None:
     import subprocess
     import sys
 
-    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], start_new_session=True)
     try:
         assert process_cpu_ns(p.pid) > 0
+        grouped = _autogroup_nice(p.pid) is not None   # its own session: its own autogroup, where there are any
         demote(p.pid)
         assert os.sched_getscheduler(p.pid) == os.SCHED_IDLE
+        assert _autogroup_nice(p.pid) == (19 if grouped else None)
         restore(p.pid)
         assert os.sched_getscheduler(p.pid) == os.SCHED_OTHER
+        assert _autogroup_nice(p.pid) == (0 if grouped else None)
     finally:
         p.kill()
         p.wait()
