@@ -93,14 +93,15 @@ class FetchConfig:
 class SandboxConfig:
     """Which OS protections a worker applies, and which ones are required.
 
-    ``strict``: the runner refuses to start unless every protection in
+    ``strict`` (the default): the runner refuses to start unless every protection in
     ``require`` is available. ``degraded``: apply what the host offers, warn
     loudly about the rest. ``off``: rlimits only (tests of the bare pipeline).
     """
 
-    mode: SandboxMode = "degraded"
+    mode: SandboxMode = "strict"    # safe by default: refuse to run untrusted code without the required protections
     require: tuple[str, ...] = ("seccomp", "landlock", "no_new_privs", "rlimits")
     network_namespace: bool = True
+    fs_view: bool = True            # fork template: a minimal filesystem view (no host paths, no /proc) where the host allows
     drop_uid: int = 65534           # applied when the supervisor runs as root
     drop_gid: int = 65534
     cgroups: bool = True            # a memory cgroup per worker where the host allows (root or delegation)

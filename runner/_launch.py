@@ -12,16 +12,53 @@ import logging
 import os
 import shutil
 import signal
+import sys
 import tempfile
 from typing import Any
 
 from ._cgroup import CgroupManager
-from ._config import RunnerConfig
+from ._config import RunnerConfig, SandboxConfig
 from ._spawn import WORKER_RFD, WORKER_WFD, spawn_worker
 from ._template import Template
 from ._worker import WorkerHandle
 
 log = logging.getLogger("actionpool")
+
+
+def _logs_reach_stderr() -> bool:
+    """Does a handler of the ``actionpool`` logger (or an ancestor) already print warnings to stderr?"""
+    logger: logging.Logger | None = log
+    while logger is not None:
+        for h in logger.handlers:
+            if (isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) in (sys.stderr, sys.__stderr__)
+                    and h.level <= logging.WARNING):
+                return logger.isEnabledFor(logging.WARNING)
+        logger = logger.parent if logger.propagate else None
+    return False
+
+
+def unprotected_warnings(sb: SandboxConfig, report: dict[str, Any]) -> list[str]:
+    """What an operator must hear about: sandbox off, degraded, workers left as root."""
+    out: list[str] = []
+    if sb.mode == "off":
+        out.append("sandbox mode 'off': customer code runs with NO seccomp, Landlock or network namespace; "
+                   "it can open sockets, write files and start processes. Use mode 'strict' for untrusted code.")
+    elif sb.mode == "degraded":
+        missing = [p for p in sb.require if not report.get(p)]
+        errors = "; ".join(report.get("errors", [])) or "no detail"
+        if missing:
+            out.append(f"sandbox mode 'degraded': protections MISSING on this host: {', '.join(missing)} ({errors}). "
+                       "Run `actionpool doctor` for what to change; mode 'strict' would refuse to run.")
+        else:
+            out.append("sandbox mode 'degraded': a protection that fails on this host is skipped instead of "
+                       "refused. Use mode 'strict' for untrusted code.")
+    if report.get("uid") == 0 and sb.mode != "off":
+        why = next((e for e in report.get("errors", []) if e.startswith("uid_drop")), "uid_drop: not applied")
+        out.append(f"workers run as uid 0 (root, without capabilities): {why}. "
+                   "Run `actionpool doctor` for what to change.")
+    elif report.get("uid") == 0:
+        out.append("workers run as uid 0 (root) with every capability: sandbox mode is 'off'.")
+    return out
 
 
 class Launcher:
@@ -32,6 +69,8 @@ class Launcher:
         self.template: Template | None = None
         self.cgroups: CgroupManager | None = None
         self.workdir: str | None = None
+        self.warnings: list[str] = []   # the loud start-up warnings, once per runner (see warn_once)
+        self._warned = False
 
     async def start(self) -> None:
         cfg = self.config
@@ -45,7 +84,10 @@ class Launcher:
         if cfg.fork_template:
             sb = cfg.sandbox
             opts = {"mode": sb.mode, "network_namespace": sb.network_namespace,
-                    "drop_uid": sb.drop_uid, "drop_gid": sb.drop_gid}
+                    "drop_uid": sb.drop_uid, "drop_gid": sb.drop_gid,
+                    # the minimal view's tmpfs root is mounted on the (empty, read-only) workdir, in the
+                    # template's own mount namespace: the host never sees it
+                    "fs_view": sb.fs_view, "fs_root": self.workdir}
             self.template = Template(cfg.python, cfg.worker_start_timeout_s, opts)
             try:
                 await self.template.start()
@@ -90,6 +132,7 @@ class Launcher:
                 "file_size": 0,
                 "workdir": self.workdir,
                 "network_namespace": sb.network_namespace,
+                "fs_view": sb.fs_view and self.template is not None,
                 "drop_uid": sb.drop_uid,
                 "drop_gid": sb.drop_gid,
                 # SIGKILL when the supervisor dies, however it dies (set after the last credential change)
@@ -102,7 +145,30 @@ class Launcher:
         except BaseException:
             w.kill("failed to start")
             raise
+        if not self._warned:
+            self._warned = True
+            self.warn_once(w.info.get("sandbox") or {})
         return w
+
+    def warn_once(self, report: dict[str, Any]) -> None:
+        """Say loudly, on stderr and in the log, when customer code runs less protected than strict.
+
+        ``logging.warning`` alone is lost when the embedding application configured no handler (or
+        sends the log elsewhere), so this writes to ``sys.stderr`` too; once per runner.
+        """
+        self.warnings = unprotected_warnings(self.config.sandbox, report)
+        if not self.warnings:
+            return
+        handled = log.hasHandlers()  # without any handler, logging's last resort would print a duplicate
+        for msg in self.warnings:
+            if handled:
+                log.warning("%s", msg)
+            if not _logs_reach_stderr():
+                try:
+                    sys.stderr.write(f"actionpool: WARNING: {msg}\n")
+                    sys.stderr.flush()
+                except (OSError, ValueError):
+                    pass
 
     def _remove_cgroup(self, cg: Any, attempt: int = 0) -> None:
         """Remove a dead worker's cgroup without blocking the loop: the kernel may need a moment."""

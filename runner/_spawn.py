@@ -9,6 +9,7 @@ Every other descriptor of the supervisor is close-on-exec (PEP 446).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -26,9 +27,47 @@ WORKER_WFD = 4
 PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# Third-party modules a worker imports (the protocol's codec, the sandbox's libseccomp binding, the
+# JSON codec actions get fast paths from). Their sys.path entries are the only non-stdlib ones it gets.
+WORKER_MODULES = ("msgpack", "orjson", "pyseccomp")
+
+
+def _entry_holding(location: str, entries: list[str]) -> str | None:
+    """The longest sys.path entry that ``location`` (a module file or package dir) lies beneath."""
+    loc = os.path.realpath(location)
+    best = None
+    for entry in entries:
+        real = os.path.realpath(entry)
+        if (loc == real or loc.startswith(real.rstrip("/") + "/")) and (best is None or len(real) > len(best[1])):
+            best = (entry, real)
+    return best[0] if best else None
+
+
 def _site_paths() -> list[str]:
+    """The worker's sys.path: computed from what it needs, never from the supervisor's cwd or extras.
+
+    The standard library (its zip, its directory, lib-dynload) and the entries that hold
+    ``WORKER_MODULES``. ``python -m actionpool.runner.cli`` run from a directory puts that
+    directory first on the supervisor's sys.path; it must not reach the worker's (the sandbox
+    grants read access to every entry of the worker's path).
+    """
     pkg = os.path.realpath(PKG_DIR)
-    return [p for p in sys.path if p and os.path.isdir(p) and os.path.realpath(p) != pkg]
+    entries = [p for p in sys.path if p and os.path.isabs(p) and os.path.exists(p) and os.path.realpath(p) != pkg]
+    stdlib = os.path.realpath(os.path.dirname(os.__file__))
+    needed: set[str] = set()
+    for p in entries:
+        real = os.path.realpath(p)
+        if real == stdlib or os.path.dirname(real) == stdlib and os.path.basename(real) == "lib-dynload":
+            needed.add(p)
+        elif real.endswith(".zip") and os.path.dirname(real) == os.path.dirname(stdlib):
+            needed.add(p)  # pythonXY.zip next to the stdlib directory
+    for mod in (*WORKER_MODULES, "_json", "_socket"):  # two extension modules: where lib-dynload really is
+        spec = importlib.util.find_spec(mod)
+        where = spec.origin if spec is not None and spec.has_location and spec.origin else None
+        entry = _entry_holding(where, entries) if where else None
+        if entry is not None:
+            needed.add(entry)
+    return [p for p in entries if p in needed]
 
 
 def register_code(pkg_dir: str = PKG_DIR) -> str:

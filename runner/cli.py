@@ -80,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--fetch-stub", metavar="FILE", help="answer api.fetch offline from a JSON file mapping "
                    "'METHOD URL' to {status, headers, body}; nothing reaches the network")
     r.add_argument("--cache", default="memory://", metavar="URL", help="memory:// or redis://host:port/db")
-    r.add_argument("--sandbox", choices=("strict", "degraded", "off"), default="degraded")
+    r.add_argument("--sandbox", choices=("strict", "degraded", "off"), default="strict")
     r.add_argument("--format", choices=("json", "pretty"), default="json",
                    help="json (default): the FlowResult contract; pretty: a readable test pane")
     r.add_argument("--compact", action="store_true", help="print JSON on one line")

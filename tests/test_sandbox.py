@@ -553,3 +553,36 @@ def test_seccomp_alone_still_blocks_writes_sockets_and_signals(tmp: Path) -> Non
 def test_strict_mode_refuses_to_skip_a_required_layer(tmp: Path) -> None:
     res = run_child("", full_spec(tmp, skip=["seccomp"]))
     assert "required protection 'seccomp' unavailable: skipped by spec" in res["sandbox_error"], res
+
+
+CWD_PROBE = """
+import os
+DIR = {dir!r}
+def on_execute(event, api):
+    out = {{}}
+    for name, fn in (("read", lambda: open(os.path.join(DIR, "secret.txt")).read()),
+                     ("list", lambda: os.listdir(DIR)),
+                     ("relative", lambda: open("secret.txt").read())):
+        try:
+            out[name] = fn()
+        except Exception as exc:
+            out[name] = type(exc).__name__
+    api.state.set("r", out)
+"""
+
+
+def test_cli_run_from_a_directory_does_not_grant_it_to_actions(tmp: Path) -> None:
+    """``python -m actionpool.runner.cli`` puts its cwd first on sys.path; the worker must not get it."""
+    cwd = tmp / "project"
+    cwd.mkdir()
+    (cwd / "secret.txt").write_text("CWD-SECRET-9931")
+    os.chmod(cwd / "secret.txt", 0o644)
+    (cwd / "probe.py").write_text(CWD_PROBE.format(dir=str(cwd)))
+    proc = subprocess.run([sys.executable, "-m", "actionpool.runner.cli", "run", "probe.py", "--trigger", "post-login",
+                           "--event", "-", "--compact"], input=b"{}", cwd=cwd, capture_output=True, timeout=60)
+    assert b"CWD-SECRET-9931" not in proc.stdout + proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["outcome"] == "allow", result
+    probe = result["state"]["probe"]["r"] if "probe" in result["state"] else next(iter(result["state"].values()))["r"]
+    for name in ("read", "list", "relative"):
+        assert probe[name] in ("PermissionError", "FileNotFoundError"), (name, probe)

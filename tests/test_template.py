@@ -286,3 +286,60 @@ def test_no_worker_or_template_outlives_its_supervisor(how: signal.Signals, star
         for stream in (proc.stdout, proc.stderr):
             if stream is not None:
                 stream.close()
+
+
+# --------------------------------------------------------------------------------------------
+# issue 13 item 7: a minimal filesystem view, entered once by the template
+
+VIEW_PROBE = '''
+import os
+def on_execute(event, api):
+    out = {}
+    for path in event.paths:
+        for name, fn in (("stat", os.stat), ("lstat", os.lstat), ("readlink", os.readlink), ("listdir", os.listdir)):
+            try:
+                fn(path)
+                out[name + " " + path] = "ok"
+            except OSError as exc:
+                out[name + " " + path] = type(exc).__name__
+    import decimal, zoneinfo   # lazy imports from the bound stdlib still work
+    out["works"] = [str(decimal.Decimal("1.5") * 2), str(zoneinfo.ZoneInfo("Europe/Paris"))]
+    out["cwd"] = os.getcwd()
+    api.state.set("view", out)
+'''
+
+
+def _not_on_the_way(path: str) -> bool:
+    """A host path that is neither a granted path nor an ancestor of one (those exist in the view, empty)."""
+    import sys
+
+    from actionpool.runner._spawn import PKG_DIR
+
+    granted = [os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, PKG_DIR, *sys.path) if p]
+    return not any(g == path or g.startswith(path.rstrip("/") + "/") or path.startswith(g + "/") for g in granted)
+
+
+async def test_the_minimal_filesystem_view_hides_every_host_path_and_proc(tmp_path: Any) -> None:
+    secret = tmp_path / "host-secret.txt"
+    secret.write_text("HOST-SECRET")
+    candidates = ["/etc/shadow", "/etc/passwd", "/etc/hostname", "/home", "/root/.bashrc", "/var/log", "/tmp",
+                  "/proc", "/proc/1", "/proc/self", "/sys", str(secret), f"/proc/{os.getpid()}/environ"]
+    paths = [p for p in candidates if os.path.lexists(p) and _not_on_the_way(p)]
+    async with make_runner(RunnerConfig(pool_size=0, max_workers=2)) as r:
+        report = r.sandbox_report
+        if not report.get("fs_view"):
+            pytest.skip(f"no minimal filesystem view on this host: {report.get('errors')}")
+        res = await run(r, VIEW_PROBE, event={"paths": paths})
+        workdir = r._launcher.workdir  # noqa: SLF001 - the host side of the view's staging directory
+        template = r.stats()["template_pid"]
+        assert os.listdir(workdir) == []  # the view's tmpfs lives only in the template's mount namespace
+        assert os.stat(f"/proc/{template}/ns/mnt").st_ino != os.stat("/proc/self/ns/mnt").st_ino
+    assert res["outcome"] == "allow", res["denial"]
+    view = res["state"]["a"]["view"]
+    assert "/proc" in paths and "/etc/shadow" in paths and str(secret) in paths
+    for path in paths:
+        for op in ("stat", "lstat", "readlink", "listdir"):
+            assert view[f"{op} {path}"] == "FileNotFoundError", (op, path, view[f"{op} {path}"])
+    assert view["works"] == ["3.0", "Europe/Paris"]
+    assert view["cwd"] == "/"
+    assert "fs_view" in report["prepared"]

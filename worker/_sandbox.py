@@ -46,7 +46,7 @@ import stat
 import sys
 from typing import Any, Callable
 
-from . import _bpf
+from . import _bpf, _fsview
 
 try:  # loads libseccomp through ctypes; find_library() spawns ldconfig, so import now, never after apply()
     import pyseccomp as _seccomp
@@ -524,7 +524,8 @@ def _code_paths() -> list[str]:
     for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix):
         paths.append(p)
     for p in sys.path:
-        paths.append(p if p else os.getcwd())
+        if p and os.path.isabs(p):  # "" or a relative entry would mean the current directory: never granted
+            paths.append(p)
     for mod in list(sys.modules.values()):
         for p in getattr(mod, "__path__", None) or ():
             if isinstance(p, str):
@@ -544,6 +545,7 @@ def _code_paths() -> list[str]:
 _CODE_PATHS: list[str] = []
 # What the fork template did once for all its children (see prepare()); empty in a spawned worker.
 _PREPARED: dict[str, Any] = {}
+_PREPARE_ERRORS: dict[str, str] = {}
 _PREPARED_FD_MIN = 100
 
 
@@ -571,6 +573,12 @@ def prepare(opts: dict[str, Any] | None = None) -> dict[str, Any]:
             _PREPARED["netns"] = (before, os.stat("/proc/self/ns/net").st_ino)
         except Exception as exc:
             out["errors"].append(f"netns: {type(exc).__name__}: {exc}")
+    if opts.get("fs_view") and opts.get("fs_root"):
+        try:
+            _PREPARED["fs_view"] = _fsview.enter(_CODE_PATHS + list(_SYSTEM_READ_PATHS), str(opts["fs_root"]))
+        except Exception as exc:
+            _PREPARE_ERRORS["fs_view"] = f"{type(exc).__name__}: {exc}"
+            out["errors"].append(f"fs_view: {_PREPARE_ERRORS['fs_view']}")
     abi = min(_landlock_kernel_abi(), _LANDLOCK_MAX_KNOWN_ABI)
     if abi >= 1:
         try:
@@ -713,7 +721,7 @@ def _parse(spec: dict[str, Any]) -> dict[str, Any]:
     unknown = set(spec) - _SPEC_KEYS
     if unknown:
         raise SandboxError(f"sandbox spec: unknown key(s): {', '.join(sorted(map(str, unknown)))}")
-    mode = spec.get("mode", "degraded")
+    mode = spec.get("mode", "strict")
     if mode not in ("strict", "degraded", "off"):
         raise SandboxError(f"sandbox spec: mode must be strict, degraded or off, got {mode!r}")
     require = spec.get("require", list(_DEFAULT_REQUIRE))
@@ -880,6 +888,13 @@ def apply(spec: dict) -> dict:  # type: ignore[type-arg]
     report["fds_closed"] = report["fds"]
     # before chdir: "" on sys.path means the start directory
     code_paths = (_CODE_PATHS or _code_paths()) if sandboxing else []
+    if sandboxing and "fs_view" in _PREPARED:
+        # the template pivoted into the minimal view: the host workdir is not in it, "/" is read-only and empty
+        report["fs_view"] = True
+        report["prepared"].append("fs_view")
+        s["workdir"] = "/"
+    elif sandboxing and s["fs_view"]:
+        fail("fs_view", _fs_view_unavailable())
     if s["workdir"] is not None:
         try:
             os.chdir(s["workdir"])
@@ -1014,7 +1029,9 @@ def apply(spec: dict) -> dict:  # type: ignore[type-arg]
 
 
 def _fs_view_unavailable() -> str:
-    return str(_PREPARED.get("fs_view_error") or "only a fork template can give its workers a minimal filesystem view")
+    why = _PREPARE_ERRORS.get("fs_view")
+    return f"the fork template could not build it: {why}" if why else \
+        "only a fork template can give its workers a minimal filesystem view"
 
 
 def sandboxing_mode(mode: str) -> bool:
