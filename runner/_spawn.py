@@ -27,9 +27,9 @@ WORKER_WFD = 4
 PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-# Third-party modules a worker imports (the protocol's codec, the sandbox's libseccomp binding, the
+# Third-party modules a worker imports (the protocol's codec, the sandbox's libseccomp binding, the JS engine, the
 # JSON codec actions get fast paths from). Their sys.path entries are the only non-stdlib ones it gets.
-WORKER_MODULES = ("msgpack", "orjson", "pyseccomp")
+WORKER_MODULES = ("msgpack", "orjson", "pyseccomp", "_quickjs")
 
 
 def _entry_holding(location: str, entries: list[str]) -> str | None:
