@@ -5,7 +5,8 @@
 Two numbers, each the median (and p90) of ``n`` starts, one at a time:
 
 - ``fork``: the template's fork request to the pid reply (no configure, no sandbox), only with the template;
-- ``launch``: ``Launcher.launch()`` end to end: fork or spawn, cgroup, configure, the sandbox, hello.
+- ``fork_to_hello``: ``Launcher.launch()`` without memory cgroups: fork (or spawn), configure, the sandbox, hello;
+- ``launch``: ``Launcher.launch()`` end to end, the per-worker memory cgroup included.
 
 Every started worker is shut down before the next start, so the numbers are a cold start each.
 """
@@ -31,8 +32,8 @@ def _summary(xs: list[float]) -> dict[str, float]:
             "n": len(xs)}
 
 
-async def measure(n: int, template: bool, mode: str) -> dict[str, object]:
-    cfg = RunnerConfig(fork_template=template, sandbox=SandboxConfig(mode=mode))  # type: ignore[arg-type]
+async def measure(n: int, template: bool, mode: str, cgroups: bool = True) -> dict[str, object]:
+    cfg = RunnerConfig(fork_template=template, sandbox=SandboxConfig(mode=mode, cgroups=cgroups))  # type: ignore[arg-type]
     launcher = Launcher(cfg)
     await launcher.start()
     profile = (cfg.limits.memory_mb, cfg.limits.cpu_seconds, cfg.limits.max_open_files)
@@ -76,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-template", action="store_true")
     p.add_argument("--mode", default="degraded", choices=("strict", "degraded", "off"))
     args = p.parse_args(argv)
-    print(json.dumps(asyncio.run(measure(args.n, not args.no_template, args.mode)), indent=1))
+    out = asyncio.run(measure(args.n, not args.no_template, args.mode))
+    out["fork_to_hello"] = asyncio.run(measure(args.n, not args.no_template, args.mode, cgroups=False))["launch"]
+    print(json.dumps(out, indent=1))
     return 0
 
 
