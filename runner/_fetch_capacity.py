@@ -175,21 +175,25 @@ class CapacityTable:
         else:
             cap = TenantCapacity(self._make_pool(), self._config)
             self._entries[tenant] = cap
-        self._trim(now)
+        cap.last_used = now
+        self._trim(now, keep=tenant)
         return cap
 
-    def _trim(self, now: float) -> None:
-        """Close idle entries past their idle time, then the least recently used idle ones over the cap."""
+    def _trim(self, now: float, keep: str) -> None:
+        """Close idle entries past their idle time, then the least recently used idle ones over the cap.
+
+        ``keep`` (the entry about to be used, at the tail) is never closed.
+        """
         idle_before = now - self._config.pool_idle_s
         while self._entries:
             tenant, cap = next(iter(self._entries.items()))
-            if not self._idle(cap) or cap.last_used > idle_before:
+            if tenant == keep or not self._idle(cap) or cap.last_used > idle_before:
                 break
             self._evict(tenant)
         if len(self._entries) > self._config.max_tenant_pools:
             # Busy entries are skipped (their fetches keep their pool); the table may exceed the
             # cap by the number of tenants with fetches in flight, itself bounded by the workers.
-            for tenant in [t for t, c in self._entries.items() if self._idle(c)]:
+            for tenant in [t for t, c in self._entries.items() if t != keep and self._idle(c)]:
                 if len(self._entries) <= self._config.max_tenant_pools:
                     break
                 self._evict(tenant)

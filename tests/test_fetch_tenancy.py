@@ -179,6 +179,48 @@ async def test_tenant_pools_are_bounded_and_idle_ones_closed(http_server: LocalH
         await asyncio.sleep(0.3)
         await f.fetch(f"{http_server.url}/json", None, allow_hosts=ALLOW, timeout_s=5, tenant="late")
         assert f.tenant_pools == 1  # every other pool sat idle past pool_idle_s and was closed
+        await asyncio.sleep(0.3)  # "late" itself is idle now, and is the table's only entry: kept for its fetch
+        for _ in range(3):
+            res = await f.fetch(f"{http_server.url}/json", None, allow_hosts=ALLOW, timeout_s=5, tenant="late")
+            assert res["status"] == 200
+        assert f.tenant_pools == 1
+    finally:
+        await f.aclose()
+
+
+async def test_the_pool_about_to_be_used_is_never_closed() -> None:
+    from actionpool.runner._fetch_capacity import CapacityTable
+
+    class Pool:
+        closed = False
+
+        async def aclose(self) -> None:
+            self.closed = True
+
+    table = CapacityTable(FetchConfig(max_tenant_pools=1, pool_idle_s=0.05), Pool)
+    async with table.use("a") as cap:
+        first = cap.pool
+    await asyncio.sleep(0.1)  # "a" is idle past pool_idle_s and the only entry
+    async with table.use("a") as cap:
+        assert cap.pool is first and not first.closed
+    async with table.use("b"), table.use("c"):  # over the cap while both are busy: neither closed
+        assert len(table) == 2
+    await asyncio.sleep(0)
+    assert first.closed  # "a" was idle and least recently used
+    await table.aclose()
+
+
+async def test_a_full_table_of_busy_tenants_still_serves_a_new_one(http_server: LocalHTTPServer) -> None:
+    f = make(max_tenant_pools=2)
+    try:
+        busy = [asyncio.ensure_future(f.fetch(f"{http_server.url}/slow?ms=500", None, allow_hosts=ALLOW,
+                                              timeout_s=5, tenant=f"busy{i}")) for i in range(3)]
+        await asyncio.sleep(0.1)
+        res = await f.fetch(f"{http_server.url}/json", None, allow_hosts=ALLOW, timeout_s=5, tenant="new")
+        assert res["status"] == 200
+        assert [r["status"] for r in await asyncio.gather(*busy)] == [200] * 3
+        await f.fetch(f"{http_server.url}/json", None, allow_hosts=ALLOW, timeout_s=5, tenant="other")
+        assert f.tenant_pools <= 2  # back under the cap once the busy ones are idle
     finally:
         await f.aclose()
 
@@ -197,6 +239,7 @@ async def test_dns_lookups_are_capped_per_tenant(http_server: LocalHTTPServer) -
     f = make(blocking_resolver=resolver, max_dns_per_tenant=2, max_queued_per_tenant=4, dns_threads=4)
     allow = ("*.a.test", "b.test", "127.0.0.1")
     try:
+        before = rss_mb()
         attack = [asyncio.ensure_future(f.fetch(f"http://h{i}.a.test:{http_server.port}/json", None,
                                                 allow_hosts=allow, timeout_s=1.0, tenant="A")) for i in range(20)]
         await asyncio.sleep(0.2)
@@ -218,6 +261,7 @@ async def test_dns_lookups_are_capped_per_tenant(http_server: LocalHTTPServer) -
                           timeout_s=0.3, tenant="A")
         await f.fetch(f"http://b.test:{http_server.port}/json", None, allow_hosts=allow, timeout_s=5, tenant="B")
         assert p99(times) < PROMPT_S, times
+        assert rss_mb() - before < RSS_BOUND_MB
     finally:
         release.set()
         await f.aclose()
