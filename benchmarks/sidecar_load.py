@@ -1,0 +1,231 @@
+"""Load generator for ``actionpool serve``: what the HTTP hop costs over the in-process API.
+
+    python -m actionpool.benchmarks.sidecar_load [--quick] [--json FILE] [--history]
+
+Two measurements of the same workload, one after the other on this machine:
+
+* in-process: ``Runner.run_flow`` of the S1 action (state.set, log, setCustomClaim),
+  the way benchmarks/scenarios.py runs S1 and S2 (pool_size = max_workers = 2);
+* through the sidecar: a real ``actionpool serve`` subprocess on a loopback
+  port with the same runner settings, driven by an async client with
+  keep-alive (one connection per concurrent client): httpx, and a minimal
+  HTTP/1.1 client on asyncio streams. httpx's own per-request work (about
+  0.5-1 ms of CPU here) is larger than the sidecar's, so the lean client is the
+  one that shows what the sidecar adds; a gateway's HTTP client (Go, Java,
+  Envoy) is closer to it than to httpx.
+
+S1 is one client, sequential flows: the p50 difference is what the sidecar adds
+to a login. S2 is 64 flows in flight: throughput, sidecar against in-process.
+The client shares the machine's cores with the sidecar, so on a 2-core box the
+S2 ratio is a lower bound. Not a timed test: it prints numbers, it asserts none.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import httpx
+
+from .scenarios import EVENT, SRC_TRIVIAL, TENANT, TRIGGER
+
+TOKEN = "bench-token"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def _closed_loop(one: Callable[[], Awaitable[Any]], n: int, concurrency: int) -> tuple[list[float], float]:
+    """``n`` calls of ``one`` by ``concurrency`` workers; per-call latencies (s) and the wall time."""
+    latencies: list[float] = []
+    left = n
+
+    async def worker() -> None:
+        nonlocal left
+        while left > 0:
+            left -= 1
+            t0 = time.perf_counter()
+            await one()
+            latencies.append(time.perf_counter() - t0)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return latencies, time.perf_counter() - t0
+
+
+def _summary(lat: list[float], wall: float) -> dict[str, float]:
+    q = statistics.quantiles(lat, n=100)
+    return {"n": len(lat), "p50_ms": statistics.median(lat) * 1000, "p99_ms": q[98] * 1000,
+            "throughput_per_s": len(lat) / wall}
+
+
+async def in_process(n1: int, n2: int, concurrency: int) -> dict[str, Any]:
+    from ..runner import Action, Runner, RunnerConfig
+
+    actions = [Action(slug="tag", source=SRC_TRIVIAL)]
+    async with Runner(RunnerConfig(pool_size=2, max_workers=2)) as r:
+        async def one() -> None:
+            res = await r.run_flow(trigger=TRIGGER, actions=actions, event=EVENT, tenant=TENANT)
+            assert res.outcome == "allow", res.denial
+
+        await _closed_loop(one, 50, 2)
+        s1 = _summary(*await _closed_loop(one, n1, 1))
+        s2 = _summary(*await _closed_loop(one, n2, concurrency))
+    return {"s1": s1, "s2": s2}
+
+
+def _start_sidecar(tmp: Path, history: bool) -> tuple[subprocess.Popen[bytes], str]:
+    (tmp / "tag.py").write_text(SRC_TRIVIAL)
+    (tmp / "serve.toml").write_text(textwrap.dedent(f"""
+        [runner]
+        pool_size = 2
+        max_workers = 2
+        [server]
+        token_env = "AP_BENCH_TOKEN"
+        history_size = {100 if history else 0}
+        [tenants.{TENANT}.actions.tag]
+        file = "tag.py"
+        [tenants.{TENANT}.flows]
+        {TRIGGER} = ["tag"]
+    """))
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "actionpool.runner.cli", "serve", "--config",
+                             str(tmp / "serve.toml"), "--port", str(port)],
+                            env={**os.environ, "AP_BENCH_TOKEN": TOKEN})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"actionpool serve exited with {proc.returncode}")
+        try:
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("actionpool serve did not become ready within 60 s")
+
+
+class LeanConnection:
+    """One keep-alive HTTP/1.1 connection on asyncio streams: POST a body, read one response."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, url: str) -> "LeanConnection":
+        host, port = url.split("//", 1)[1].split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return cls(reader, writer)
+
+    async def post(self, request: bytes) -> tuple[int, bytes]:
+        self.writer.write(request)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head[9:12])
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            if line[:15].lower() == b"content-length:":
+                length = int(line[15:])
+        return status, await self.reader.readexactly(length)
+
+    async def close(self) -> None:
+        self.writer.close()
+        await self.writer.wait_closed()
+
+
+async def through_sidecar_lean(url: str, n1: int, n2: int, concurrency: int) -> dict[str, Any]:
+    body = json.dumps(EVENT).encode()
+    request = (f"POST /v1/tenants/{TENANT}/flows/{TRIGGER} HTTP/1.1\r\nHost: bench\r\n"
+               f"Authorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    conns = [await LeanConnection.open(url) for _ in range(concurrency)]
+    free = list(conns)
+
+    async def one() -> None:
+        conn = free.pop()
+        try:
+            status, payload = await conn.post(request)
+        finally:
+            free.append(conn)
+        assert status == 200 and b'"outcome":"allow"' in payload, payload[:200]
+
+    try:
+        await _closed_loop(one, 50, 2)
+        s1 = _summary(*await _closed_loop(one, n1, 1))
+        s2 = _summary(*await _closed_loop(one, n2, concurrency))
+    finally:
+        for c in conns:
+            await c.close()
+    return {"s1": s1, "s2": s2}
+
+
+async def through_sidecar(url: str, n1: int, n2: int, concurrency: int) -> dict[str, Any]:
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, limits=limits,
+                                 timeout=30) as c:
+        path = f"/v1/tenants/{TENANT}/flows/{TRIGGER}"
+        body = json.dumps(EVENT).encode()
+        headers = {"content-type": "application/json"}
+
+        async def one() -> None:
+            r = await c.post(path, content=body, headers=headers)
+            assert r.status_code == 200 and r.json()["outcome"] == "allow", r.text[:200]
+
+        await _closed_loop(one, 50, 2)
+        s1 = _summary(*await _closed_loop(one, n1, 1))
+        s2 = _summary(*await _closed_loop(one, n2, concurrency))
+    return {"s1": s1, "s2": s2}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="sidecar_load", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="fewer flows (a smoke run, not final figures)")
+    p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--history", action="store_true", help="keep run history on (default off: the bare hop)")
+    p.add_argument("--json", metavar="FILE")
+    args = p.parse_args(argv)
+    n1, n2 = (300, 2000) if args.quick else (2000, 20000)
+    out: dict[str, Any] = {"in_process": asyncio.run(in_process(n1, n2, args.concurrency))}
+    with tempfile.TemporaryDirectory() as tmp:
+        proc, url = _start_sidecar(Path(tmp), args.history)
+        try:
+            out["sidecar_lean"] = asyncio.run(through_sidecar_lean(url, n1, n2, args.concurrency))
+            out["sidecar_httpx"] = asyncio.run(through_sidecar(url, n1, n2, args.concurrency))
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            out["sidecar_exit"] = proc.wait(30)
+    ip = out["in_process"]
+    print(f"in-process: S1 p50 {ip['s1']['p50_ms']:.3f} ms (p99 {ip['s1']['p99_ms']:.3f}), "
+          f"S2 {ip['s2']['throughput_per_s']:.0f} flows/s")
+    for name in ("sidecar_lean", "sidecar_httpx"):
+        sc = out[name]
+        out[name]["s1_added_p50_ms"] = added = sc["s1"]["p50_ms"] - ip["s1"]["p50_ms"]
+        out[name]["s2_throughput_ratio"] = ratio = sc["s2"]["throughput_per_s"] / ip["s2"]["throughput_per_s"]
+        print(f"{name}: S1 p50 {sc['s1']['p50_ms']:.3f} ms (p99 {sc['s1']['p99_ms']:.3f}) -> added {added:.3f} ms "
+              f"(target <= 0.3); S2 {sc['s2']['throughput_per_s']:.0f} flows/s -> {ratio:.2f}x in-process "
+              "(target >= 0.5)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
