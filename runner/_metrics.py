@@ -1,8 +1,8 @@
 """Prometheus metrics of one sidecar process, through ``prometheus-client``.
 
 Counters and the duration histogram are updated per flow; the pool gauges
-(workers live/idle/starting, kills, template restarts, event-loop lag) are
-read from ``Runner.stats()`` at scrape time by a custom collector, so a
+(workers live/idle/starting, template restarts, event-loop lag) are read
+from ``Runner.stats()`` at scrape time by a custom collector, so a
 scrape costs one dict and the flow path nothing. Each app has its own
 registry (tests run several in one process).
 """
@@ -10,6 +10,7 @@ registry (tests run several in one process).
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any, Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
@@ -21,7 +22,12 @@ disable_created_metrics()  # the *_created samples double the output and nothing
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
-# Runner.stats() key -> (metric name, help, type)
+# Denial kinds whose worker was killed (or died); a failed-open action's kind is in its "failed open: KIND:" log.
+KILL_KINDS = frozenset({"timeout", "flow_timeout", "memory_limit", "cpu_limit", "output_limit", "protocol_error",
+                        "worker_crash"})
+_FAILED_OPEN = re.compile(r"^failed open: (\w+): ")
+
+# Runner.stats() key -> (metric name, help)
 _GAUGES = {
     "live": ("actionpool_workers_live", "Worker processes alive"),
     "idle": ("actionpool_workers_idle", "Workers idle and ready"),
@@ -41,16 +47,9 @@ class _RunnerCollector(Collector):
         for key, (name, doc) in _GAUGES.items():
             if key in s:
                 yield GaugeMetricFamily(name, doc, value=s[key])
-        kills = CounterMetricFamily("actionpool_worker_kills", "Workers killed, by kind", labels=["kind"])
-        for key, value in sorted(s.items()):  # e.g. kills_timeout, or a nested {"kills": {kind: n}}
-            if key.startswith("kills_") and isinstance(value, (int, float)):
-                kills.add_metric([key[len("kills_"):]], value)
-        if isinstance(s.get("kills"), dict):
-            for kind, value in sorted(s["kills"].items()):
-                kills.add_metric([str(kind)], value)
         if "discarded" in s:
-            kills.add_metric(["any"], s["discarded"])
-        yield kills
+            yield CounterMetricFamily("actionpool_workers_discarded", "Workers gone for any reason (killed, crashed, "
+                                      "recycled, retired)", value=s["discarded"])
         if "template_respawns" in s:
             yield CounterMetricFamily("actionpool_template_restarts", "Fork template restarts",
                                       value=s["template_respawns"])
@@ -69,6 +68,8 @@ class Metrics:
         self.denials = Counter("actionpool_denials", "Denied flows, by denial kind", ["kind"], registry=r)
         self.duration = Histogram("actionpool_flow_duration_seconds", "Flow duration in the sidecar",
                                   buckets=BUCKETS, registry=r)
+        self.kills = Counter("actionpool_worker_kills", "Workers killed (or dead) during a flow, by kind", ["kind"],
+                             registry=r)
         self.failed_open = Counter("actionpool_actions_failed_open", "Action failures that let the flow go on",
                                    ["tenant", "slug"], registry=r)
         self.rejected = Counter("actionpool_requests_rejected", "Requests refused before a flow ran, by status",
@@ -80,11 +81,19 @@ class Metrics:
 
     def flow(self, tenant: str, trigger: str, result: dict[str, Any], seconds: float) -> None:
         self.flows.labels(tenant, trigger, result["outcome"]).inc()
-        if result["denial"] is not None:
-            self.denials.labels(str(result["denial"]["kind"])).inc()
-        for a in result["actions"]:
-            if a["status"] == "failed_open":
-                self.failed_open.labels(tenant, a["slug"]).inc()
+        denial = result["denial"]
+        if denial is not None:
+            self.denials.labels(str(denial["kind"])).inc()
+            if denial["kind"] in KILL_KINDS:
+                self.kills.labels(str(denial["kind"])).inc()
+        opened = {a["slug"] for a in result["actions"] if a["status"] == "failed_open"}
+        for slug in opened:
+            self.failed_open.labels(tenant, slug).inc()
+        if opened:
+            for entry in result["logs"]:
+                m = _FAILED_OPEN.match(entry["message"]) if entry["action"] in opened else None
+                if m is not None and m.group(1) in KILL_KINDS:
+                    self.kills.labels(m.group(1)).inc()
         self.duration.observe(seconds)
 
     def render(self) -> bytes:
