@@ -35,6 +35,7 @@ from typing import Any, Callable
 from ._catalog import PHASES, PRESETS, Phase
 from ._harness import Deadline, Recorder, error_text, kill_leftovers
 from ._report import compute_ratios, plot, render_table
+from ._tenant_plot import plot_tenant_cdf
 
 SCHEMA_VERSION = 1
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -287,6 +288,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             plot(doc["rows"], str(plot_path), f"actionpool bench ({knobs['preset']}), {doc['meta']['date']}")
             doc["plot"] = str(plot_path)
+            tenants = plot_tenant_cdf(doc["rows"], str(plot_path.with_name(plot_path.stem + "-tenants.png")),
+                                      f"many tenants: S2 vs S7 vs S8 ({knobs['preset']}), {doc['meta']['date']}")
+            if tenants:
+                doc["plot_tenants"] = tenants
         except Exception as exc:  # a missing matplotlib must not cost the figures
             doc["errors"]["plot"] = error_text(exc)
             hint = " (install the bench extra: pip install 'actionpool[bench]')" if isinstance(exc, ImportError) else ""

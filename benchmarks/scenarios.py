@@ -511,6 +511,19 @@ async def _mixed_flows(r: Any, mix: Any, actions: list[list[Any]], n: int, seed:
     }
 
 
+async def _warm_mix(r: Any, actions: list[list[Any]], mix: Any, n: int, concurrency: int, deadline: Deadline) -> None:
+    """The steady state of a long-running gateway: every action ran once, then the traffic itself ran."""
+    every = [(t, a) for t, acts in enumerate(actions) for a in acts]
+
+    def one(i: int) -> Any:
+        t, a = every[i]
+        return r.run_flow(trigger=TRIGGER, actions=[a], event=EVENT, tenant=f"t{t}")
+
+    await async_closed_loop(one, len(every), concurrency, deadline.left("many-tenant warm-up"))
+    await _mixed_flows(r, mix, actions, n, 100, concurrency, deadline)
+    await asyncio.sleep(0.2)
+
+
 def _tenant_row(row: dict[str, Any], out: dict[str, Any], mix: Any, knobs: dict[str, Any], spawned: int) -> None:
     _fill(row, out["normal_lat"], out["elapsed"], out["normal_res"])
     row["extra"].update({"tenants": mix.tenants, "actions": mix.n_actions, "zipf": mix.zipf,
@@ -525,8 +538,7 @@ async def _s7(knobs: dict[str, Any], rec: Recorder, deadline: Deadline) -> None:
     n, conc = knobs["many_tasks"], knobs["concurrency"]
     with rec.row("s7.many_tenants") as row:
         async with _runner(_config(knobs), deadline) as r:
-            # Warm-up with the same traffic (another seed): the row measures the steady state.
-            await _mixed_flows(r, mix, actions, n, 100, conc, deadline)
+            await _warm_mix(r, actions, mix, n, conc, deadline)
             before = int(r.stats().get("spawned", 0))
             out = await _mixed_flows(r, mix, actions, n, 200, conc, deadline)
             _tenant_row(row, out, mix, knobs, int(r.stats().get("spawned", 0)) - before)
@@ -539,7 +551,7 @@ async def _s7(knobs: dict[str, Any], rec: Recorder, deadline: Deadline) -> None:
 async def _cold_steady(r: Any, row: dict[str, Any], knobs: dict[str, Any], deadline: Deadline) -> None:
     """S9: the first execution of never-seen actions (of new tenants), one at a time, after S7's load."""
     rn = _api()
-    await asyncio.sleep(0.2)  # let S7's last releases settle (as between two bursts of real traffic)
+    await asyncio.sleep(0.5)  # let S7's last releases settle (as between two bursts of real traffic)
     row["extra"]["stats_before"] = r.stats()
     lat, results, spawned = [], [], []
     t_all = time.perf_counter()
@@ -552,7 +564,7 @@ async def _cold_steady(r: Any, row: dict[str, Any], knobs: dict[str, Any], deadl
         lat.append(time.perf_counter() - t0)
         results.append(res)
         spawned.append(int(r.stats().get("spawned", 0)) - before)
-        await asyncio.sleep(0.05)  # samples apart: each one sees the pool as traffic left it
+        await asyncio.sleep(0.2)  # samples apart: each sees the pool as traffic left it, spares replenished
     _fill(row, lat, time.perf_counter() - t_all, results)
     row.pop("throughput_per_s", None)
     row["extra"]["workers_spawned_per_flow"] = spawned
@@ -571,7 +583,7 @@ async def _s8(knobs: dict[str, Any], rec: Recorder, deadline: Deadline) -> None:
     spin = rn.Action(slug="spin", source=SRC_SPIN, limits={"action_timeout_s": knobs["spin_timeout_s"]})
     with rec.row("s8.spinning_tenant") as row:
         async with _runner(_config(knobs), deadline) as r:
-            await _mixed_flows(r, mix, actions, n, 100, conc, deadline)
+            await _warm_mix(r, actions, mix, n, conc, deadline)
             before = int(r.stats().get("spawned", 0))
             out = await _mixed_flows(r, mix, actions, n, 200, conc, deadline, spin, knobs["spin_share"])
             _tenant_row(row, out, mix, knobs, int(r.stats().get("spawned", 0)) - before)

@@ -334,11 +334,10 @@ class CountingAudit:
 
 
 def stress_config(concurrency: int, *, sandbox_mode: str = "degraded") -> RunnerConfig:
-    """A pool sized so every in-flight flow can hold a worker: no flow may be refused as overloaded."""
+    """The default pool (capacity from the memory budget), queues deep enough that no flow is refused."""
     pool_size = max(2, min(16, concurrency // 4))
     return RunnerConfig(
         pool_size=pool_size,
-        max_workers=concurrency + pool_size,
         max_queue=max(64, 4 * concurrency),
         queue_timeout_s=30.0,
         limits=Limits(action_timeout_s=ACTION_TIMEOUT_S, flow_timeout_s=20.0, memory_mb=MEMORY_MB),

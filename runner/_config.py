@@ -113,7 +113,10 @@ class RunnerConfig:
     """Tunables of one :class:`runner.Runner`."""
 
     pool_size: int = 2                       # warm idle workers kept ready
-    max_workers: int = 64                    # hard cap on live workers
+    max_workers: int | None = None           # cap on live workers; None: worker_memory_budget_mb / ~6 MiB
+    worker_memory_budget_mb: int | None = None  # memory for workers when max_workers is None; None: 1/4 of RAM
+    max_busy_per_tenant: int | None = None   # workers one tenant holds at once; None: 3/4 of max_workers (all if < 8)
+    max_queue_per_tenant: int | None = None  # flows of one tenant waiting; None: 3/4 of max_queue (all if < 8)
     max_executions_per_worker: int = 1000    # recycle a worker after this many executions; 1 = a fresh process each
     # "action": a worker serves one action of one tenant (tenant, slug, source and secrets; no action ever
     # sees another's module globals or secrets). "tenant": any action of its tenant, which then share
@@ -143,11 +146,15 @@ class RunnerConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ConfigError(f"{name} must be a non-negative integer, got {v!r}")
-        for name in ("max_workers", "max_executions_per_worker", "spawn_concurrency"):
+        for name in ("max_executions_per_worker", "spawn_concurrency"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
-        if self.pool_size > self.max_workers:
+        for name in ("max_workers", "worker_memory_budget_mb", "max_busy_per_tenant", "max_queue_per_tenant"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ConfigError(f"{name} must be a positive integer or None, got {v!r}")
+        if self.max_workers is not None and self.pool_size > self.max_workers:
             raise ConfigError("pool_size cannot exceed max_workers")
         for name in ("queue_timeout_s", "worker_start_timeout_s", "kill_grace_s", "idle_timeout_s", "cpu_budget_ms"):
             v = getattr(self, name)

@@ -77,7 +77,7 @@ class FlowEngine:
         for _ in range(3):
             remaining = flow.deadline - time.monotonic()
             w = await self._pool.acquire(owner, action.digest, wprofile,
-                                         min(self.config.queue_timeout_s, max(remaining, 0.001)))
+                                         min(self.config.queue_timeout_s, max(remaining, 0.001)), flow.tenant)
             if w.alive and w.state.value == "idle":
                 return w
             self._pool.release(w, False)

@@ -1,34 +1,42 @@
-"""The worker pool: warm workers, per-tenant binding, bounded waiting.
+"""The worker pool: warm workers bound to one owner each, sized for a working set, fair between tenants.
 
-* ``pool_size`` warm workers are kept started but unassigned. The first flow
-  of a tenant binds one; from then on it serves only that tenant (a worker
-  never serves two tenants).
-* At most ``max_workers`` processes live at once. When every slot is taken, an
-  idle worker of another tenant is retired to make room; otherwise the flow
-  waits in a FIFO queue of at most ``max_queue`` flows, for at most
-  ``queue_timeout_s``. Past either bound the flow is refused at once
-  (:class:`Overloaded`): back-pressure instead of an unbounded queue.
-* Warm-worker affinity: among a tenant's idle workers, one that already
-  compiled the action (by source hash) is preferred.
-* A worker that failed, was killed, or served ``max_executions_per_worker``
-  executions is discarded and replaced.
+* Capacity (``max_workers``) comes from a memory budget: ``worker_memory_budget_mb`` (default a
+  quarter of the machine) over what an idle worker costs, within the fd limit. A working set of
+  hundreds of actions then keeps one warm worker each instead of churning through a few.
+* ``pool_size`` warm workers are kept started but unassigned; the first flow of an owner (an
+  action of a tenant, or a tenant) binds one. A worker never serves two owners.
+* Idle workers live in one LRU across keys: when the pool is full and a flow needs a new worker,
+  the least recently used idle worker of another key is retired. Idle workers unused for
+  ``idle_timeout_s`` retire on a timer.
+* A flow that finds no idle worker waits in a FIFO per key, bounded by ``max_queue`` (all flows)
+  and ``max_queue_per_tenant``, for at most ``queue_timeout_s``; past a bound it is refused at once
+  (:class:`Overloaded`). A tenant holds at most ``max_busy_per_tenant`` workers at once, so
+  another tenant's flows always find capacity. Start slots and capacity freed while tenants wait
+  go round-robin over the waiting tenants, not first to the same tenant's next waiter.
+* A worker that failed, was killed, or served ``max_executions`` executions is discarded.
+
+The state is split like pebble's pool: ``WorkerSide`` (processes) and ``TaskSide`` (flows) each
+own theirs and delete per-key entries when they empty; the rules are pure functions in
+``_pool_policy``. This class only wires them to asyncio.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
+import resource
 import time
-from collections import deque
 from typing import Any, Awaitable, Callable
 
-from ._worker import State, WorkerHandle
+from . import _pool_policy as policy
 from ._errors import Overloaded, PoolClosed
+from ._pool_tasks import TaskSide
+from ._pool_workers import Key, WorkerSide
+from ._worker import WorkerHandle
 
 log = logging.getLogger("actionpool.pool")
 
-Key = tuple[str | None, tuple[Any, ...]]   # (tenant or None for unassigned warm workers, worker profile)
+__all__ = ["Pool", "Key"]
 
 
 class _Expired(Exception):
@@ -40,97 +48,145 @@ def _expire(fut: "asyncio.Future[Any]") -> None:
         fut.set_exception(_Expired())
 
 
+def _fd_limit(wanted_workers: int) -> int | None:
+    """The soft fd limit, raised toward the hard one when the budget wants more workers than it allows."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        need = policy.FD_RESERVE + policy.FDS_PER_WORKER * wanted_workers
+        if soft != resource.RLIM_INFINITY and soft < need:
+            new = need if hard == resource.RLIM_INFINITY else min(need, hard)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+            soft = new
+        return None if soft == resource.RLIM_INFINITY else soft
+    except (ValueError, OSError):
+        return None
+
+
 class Pool:
     def __init__(self, launch: Callable[[tuple[Any, ...]], Awaitable[WorkerHandle]], *, pool_size: int,
                  max_workers: int, max_queue: int, max_executions: int, default_profile: tuple[Any, ...],
-                 spawn_concurrency: int = 2, idle_timeout_s: float = 60.0, min_idle_per_tenant: int = 0) -> None:
+                 spawn_concurrency: int = 2, idle_timeout_s: float = 60.0, min_idle_per_tenant: int = 0,
+                 max_busy_per_tenant: int | None = None, max_queue_per_tenant: int | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._launch = launch
+        self._clock = clock
+        self.ws = WorkerSide(max_workers, clock)
+        self.ts = TaskSide(clock)
         self.pool_size = pool_size
-        self.max_workers = max_workers
         self.max_queue = max_queue
         self.max_executions = max_executions
         self.default_profile = default_profile
         self.spawn_concurrency = spawn_concurrency
-        self.min_idle_per_tenant = min_idle_per_tenant
-        self._tenant_warming: dict[Key, int] = {}
         self.idle_timeout_s = idle_timeout_s
-        self._spawning: dict[Key, int] = {}              # spawns in flight on behalf of waiters, by key
-        self._last_sweep = time.monotonic()
+        self.min_idle_per_tenant = min_idle_per_tenant
+        self.max_busy_per_tenant = max_busy_per_tenant or policy.default_tenant_cap(max_workers)
+        self.max_queue_per_tenant = (max_queue_per_tenant if max_queue_per_tenant is not None
+                                     else policy.default_tenant_cap(max_queue))
         self.exec_ema_s = 0.0          # how long a worker is held per acquire (moving average)
         self.spawn_ema_s = 0.05        # how long a new worker takes to say hello (moving average)
         self.reuse_ema = 1.0           # share of releases that give back a reusable worker
-        self._held: dict[str | None, dict[WorkerHandle, float]] = {}  # handed-out workers by owner, oldest first
+        self._spawning_by_tenant: dict[str, int] = {}   # starts in flight for a tenant's waiters
+        self._tenant_warming: dict[Key, int] = {}       # min_idle_per_tenant starts in flight, by key
+        self._warming = 0                               # unassigned warm starts in flight
         self._recheck: asyncio.TimerHandle | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
         self._in_grow = False          # _grow retiring a worker must not re-enter itself through _on_dead
         self._spawn_failures = 0       # consecutive failed starts
-        self.workers: set[WorkerHandle] = set()
-        self.idle: dict[Key, list[WorkerHandle]] = {}
-        self.starting = 0                                # spawns in flight (they count against max_workers)
-        # Waiting flows, FIFO per key; the sequence number orders them across keys.
-        self.waiting: dict[Key, deque[tuple[int, asyncio.Future[WorkerHandle]]]] = {}
-        self.n_waiting = 0
-        self._wseq = 0
         self.closed = False
-        self.spawned = 0
-        self.discarded = 0
-        self.peak_workers = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         self.last_spawn_error: str | None = None
 
-    # -- bookkeeping ------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, launch: Callable[[tuple[Any, ...]], Awaitable[WorkerHandle]], cfg: Any) -> "Pool":
+        """A pool sized from a ``RunnerConfig``: capacity and per-tenant caps derived where unset."""
+        budget = cfg.worker_memory_budget_mb or policy.default_memory_budget_mb(policy.physical_memory_bytes())
+        if cfg.max_workers is not None:
+            capacity = cfg.max_workers
+        else:
+            want = int(budget // policy.WORKER_MEMORY_ESTIMATE_MB)
+            capacity = policy.capacity(budget, policy.WORKER_MEMORY_ESTIMATE_MB, _fd_limit(want))
+        limits = cfg.limits
+        return cls(launch, pool_size=min(cfg.pool_size, capacity), max_workers=capacity, max_queue=cfg.max_queue,
+                   max_executions=cfg.max_executions_per_worker,
+                   spawn_concurrency=cfg.spawn_concurrency,
+                   idle_timeout_s=cfg.idle_timeout_s, min_idle_per_tenant=cfg.min_idle_per_tenant,
+                   max_busy_per_tenant=cfg.max_busy_per_tenant, max_queue_per_tenant=cfg.max_queue_per_tenant,
+                   default_profile=(limits.memory_mb, limits.cpu_seconds, limits.max_open_files))
+
+    # -- views (tests and stats read these) ----------------------------------------------------------
+    @property
+    def max_workers(self) -> int:
+        return self.ws.capacity
+
+    @property
+    def workers(self) -> set[WorkerHandle]:
+        return self.ws.live
+
+    @property
+    def idle(self) -> dict[Key, list[WorkerHandle]]:
+        return self.ws.idle
+
     @property
     def total(self) -> int:
-        return len(self.workers) + self.starting
+        return self.ws.total
+
+    @property
+    def starting(self) -> int:
+        return self.ws.starting
+
+    @property
+    def n_waiting(self) -> int:
+        return self.ts.n_waiting
+
+    @property
+    def spawned(self) -> int:
+        return self.ws.spawned
+
+    @property
+    def discarded(self) -> int:
+        return self.ws.discarded
 
     def stats(self) -> dict[str, Any]:
-        idle = sum(len(v) for v in self.idle.values())
+        spare: Key = (None, self.default_profile)
         return {
-            "live": len(self.workers), "starting": self.starting, "idle": idle,
-            "busy": sum(1 for w in self.workers if w.state is State.BUSY),
-            "warm_unassigned": sum(len(v) for k, v in self.idle.items() if k[0] is None),
-            "waiting": self.n_waiting, "spawned": self.spawned, "discarded": self.discarded,
-            "peak_workers": self.peak_workers,
+            "live": len(self.ws.live), "starting": self.ws.starting, "idle": self.ws.n_idle,
+            "busy": len(self.ts.held),
+            "warm_unassigned": len(self.ws.idle.get(spare, ())),
+            "waiting": self.ts.n_waiting, "spawned": self.ws.spawned, "discarded": self.ws.discarded,
+            "peak_workers": self.ws.peak, "capacity": self.ws.capacity,
+            "max_busy_per_tenant": self.max_busy_per_tenant, "max_queue_per_tenant": self.max_queue_per_tenant,
+            # Per-key and per-tenant entries: they follow live workers and waiting flows, not history.
+            "state": {**self.ws.state_sizes(), **self.ts.state_sizes(),
+                      "spawning_tenants": len(self._spawning_by_tenant), "warming_keys": len(self._tenant_warming)},
         }
 
     def _on_dead(self, w: WorkerHandle) -> None:
         """Called by a handle the moment it dies (killed, crashed, retired)."""
-        if w in self.workers:
-            self.workers.discard(w)
-            self.discarded += 1
-            for lst in self.idle.values():
-                if w in lst:
-                    lst.remove(w)
-            if not self.closed:
-                self._after_capacity_freed()
+        if self.ws.forget(w) and not self.closed:
+            self._after_capacity_freed()
 
     def _spawn_task(self, coro: Awaitable[Any]) -> None:
         t = asyncio.ensure_future(coro)
         self._tasks.add(t)
         t.add_done_callback(self._tasks.discard)
 
-    # -- spawning ------------------------------------------------------------------------
-    def _reserve(self) -> None:
-        """Count a start against the caps *before* its task runs (so one pass cannot overshoot)."""
-        self.starting += 1
-        self.peak_workers = max(self.peak_workers, self.total)
-
-    async def _new_worker(self, key: Key) -> WorkerHandle:
-        """Start one worker; the caller has reserved its slot with :meth:`_reserve`."""
-        t0 = time.monotonic()
+    # -- starting workers -----------------------------------------------------------------------------
+    async def _new_worker(self, key: Key, for_waiters: bool) -> WorkerHandle:
+        """Start one worker; the caller reserved its slot (``ws.reserve``)."""
+        t0 = self._clock()
         try:
             w = await self._launch(key[1])
-            self.spawn_ema_s = 0.8 * self.spawn_ema_s + 0.2 * (time.monotonic() - t0)
+            self.spawn_ema_s = 0.8 * self.spawn_ema_s + 0.2 * (self._clock() - t0)
         except BaseException as exc:
             self.last_spawn_error = f"{type(exc).__name__}: {exc}"
             raise
         finally:
-            self.starting -= 1
-        self.spawned += 1
+            self.ws.unreserve(key if for_waiters else None)
         if self.closed:
             w.kill("pool closed")
             raise PoolClosed("pool closed while a worker was starting")
         w.tenant = key[0]
-        self.workers.add(w)
+        self.ws.adopt(w)
         w.on_dead = self._on_dead
         if not w.alive:  # died between hello and now
             self._on_dead(w)
@@ -138,14 +194,15 @@ class Pool:
 
     async def start(self) -> None:
         for _ in range(self.pool_size):
-            self._reserve()
+            self.ws.reserve()
         await asyncio.gather(*(self._warm_one() for _ in range(self.pool_size)))
+        self._schedule_sweep()
 
     async def _warm_one(self, key: Key | None = None) -> None:
         """Start one idle worker for ``key`` (default: unassigned warm); slot already reserved."""
         key = key or (None, self.default_profile)
         try:
-            w = await self._new_worker(key)
+            w = await self._new_worker(key, False)
         except PoolClosed:
             return
         except Exception as exc:
@@ -154,36 +211,37 @@ class Pool:
         self._offer(w, key)
 
     def _keep_tenant_warm(self, key: Key) -> None:
-        """Keep ``min_idle_per_tenant`` idle workers bound to a tenant that has flows, capacity allowing."""
+        """Keep ``min_idle_per_tenant`` idle workers bound to an owner that has flows, capacity allowing."""
         want = self.min_idle_per_tenant
         if not want or self.closed or key[0] is None:
             return
-        have = len(self.idle.get(key, ())) + self._tenant_warming.get(key, 0)
-        while have < want and self.total < self.max_workers:
+        have = len(self.ws.idle.get(key, ())) + self._tenant_warming.get(key, 0)
+        while have < want and not self.ws.full():
             have += 1
             self._tenant_warming[key] = self._tenant_warming.get(key, 0) + 1
-            self._reserve()
+            self.ws.reserve()
             self._spawn_task(self._warm_tenant(key))
 
     async def _warm_tenant(self, key: Key) -> None:
         try:
             await self._warm_one(key)
         finally:
-            self._tenant_warming[key] -= 1
+            n = self._tenant_warming[key] - 1
+            if n:
+                self._tenant_warming[key] = n
+            else:
+                del self._tenant_warming[key]
 
     def _replenish(self) -> None:
         """Keep ``pool_size`` unassigned warm workers, capacity allowing."""
         if self.closed:
             return
-        key: Key = (None, self.default_profile)
-        have = len(self.idle.get(key, ())) + self._warming
-        while have < self.pool_size and self.total < self.max_workers and not self.n_waiting:
+        have = len(self.ws.idle.get((None, self.default_profile), ())) + self._warming
+        while have < self.pool_size and not self.ws.full() and not self.ts.n_waiting:
             have += 1
             self._warming += 1
-            self._reserve()
+            self.ws.reserve()
             self._spawn_task(self._warm_then_count())
-
-    _warming = 0
 
     async def _warm_then_count(self) -> None:
         try:
@@ -191,67 +249,61 @@ class Pool:
         finally:
             self._warming -= 1
 
-    # -- acquire / release -------------------------------------------------------------------
-    def _take_idle(self, key: Key, digest: str) -> WorkerHandle | None:
-        lst = self.idle.get(key)
-        if not lst:
+    # -- acquire / release --------------------------------------------------------------------------
+    def _tenant_room(self, tenant: str) -> int:
+        """Workers ``tenant`` may still be handed or have started for it (its concurrency cap)."""
+        return self.max_busy_per_tenant - self.ts.busy(tenant) - self._spawning_by_tenant.get(tenant, 0)
+
+    def _take_spare(self, key: Key) -> WorkerHandle | None:
+        if key[1] != self.default_profile:
             return None
-        for i in range(len(lst) - 1, -1, -1):
-            if digest in lst[i].compiled:
-                return lst.pop(i)
-        return lst.pop()
+        w = self.ws.take((None, key[1]), "")
+        if w is not None:
+            w.tenant = key[0]
+            self._replenish()
+        return w
 
-    def _retire_other_idle(self, key: Key) -> bool:
-        """Free a slot by retiring the least recently used idle worker of another key."""
-        victim: WorkerHandle | None = None
-        for k, lst in self.idle.items():
-            if k != key and lst and (victim is None or lst[0].last_used < victim.last_used):
-                victim = lst[0]
-        if victim is None:
-            return False
-        victim.kill("retired to make room for another tenant")  # _on_dead removes it
-        return True
+    def _hand(self, fut: "asyncio.Future[WorkerHandle]", w: WorkerHandle, key: Key, tenant: str) -> None:
+        w.tenant = key[0]
+        self.ts.hold(w, key, tenant)
+        self.ts.served(tenant)
+        fut.set_result(w)
 
-    async def acquire(self, tenant: str, digest: str, profile: tuple[Any, ...], timeout: float) -> WorkerHandle:
-        """A worker bound to ``tenant``: an idle one now, or the first to become free or be started.
+    async def acquire(self, owner: str, digest: str, profile: tuple[Any, ...], timeout: float,
+                      tenant: str | None = None) -> WorkerHandle:
+        """A worker bound to ``owner``: an idle one now, or the first to be freed or started for it.
 
-        A flow that finds no idle worker waits in the queue while at most
-        ``spawn_concurrency`` new workers start on behalf of the waiters;
-        whichever comes first (a released worker or a started one) serves the
-        oldest waiter. Short actions thus reuse busy workers instead of growing
-        the pool, while long (I/O-bound) ones make it grow to ``max_workers``.
+        ``tenant`` is whom the caps and the round-robin count it against (default: the owner).
+        A flow that finds no idle worker waits in its key's queue while new workers start on
+        behalf of the waiters (see ``_grow``); whichever comes first serves the oldest waiter.
         """
         if self.closed:
             raise PoolClosed("pool closed")
-        key: Key = (tenant, profile)
-        w = self._take_idle(key, digest)
-        if w is None and profile == self.default_profile:
-            w = self._take_idle((None, profile), digest)
+        tenant = owner if tenant is None else tenant
+        key: Key = (owner, profile)
+        if self._tenant_room(tenant) > 0 and not self.ts.waiting(key):
+            w = self.ws.take(key, digest) or self._take_spare(key)
             if w is not None:
-                w.tenant = tenant
-                self._replenish()
-        if w is not None:
-            self._sweep()
-            self._hold(w)
-            self._keep_tenant_warm(key)
-            return w
-        if self.n_waiting >= self.max_queue:
-            raise Overloaded(f"all {self.max_workers} workers busy and {self.max_queue} flows already waiting")
+                self.ts.hold(w, key, tenant)
+                self._keep_tenant_warm(key)
+                return w
+        why = policy.refuse_reason(self.ts.waiting_by_tenant.get(tenant, 0), self.max_queue_per_tenant,
+                                   self.ts.n_waiting, self.max_queue)
+        if why is not None:
+            raise Overloaded(f"no idle worker and {why}")
         fut: asyncio.Future[WorkerHandle] = asyncio.get_running_loop().create_future()
-        self._wseq += 1
-        entry = (self._wseq, fut)
-        self.waiting.setdefault(key, deque()).append(entry)
-        self.n_waiting += 1
+        entry = self.ts.enqueue(key, tenant, fut)
         self._grow()
         # A plain timer instead of wait_for(shield(...)): no extra task or future per waiting flow.
         timer = fut.get_loop().call_later(timeout, _expire, fut)
         try:
-            w = await fut
-            self._hold(w)
-            return w
+            return await fut  # held for this flow by _hand
         except _Expired:
-            if self.total >= self.max_workers:
-                raise Overloaded(f"all {self.max_workers} workers busy; none became free within {timeout:.3g}s") from None
+            if self._tenant_room(tenant) <= 0:
+                raise Overloaded(f"this tenant already holds its cap of {self.max_busy_per_tenant} workers; "
+                                 f"none became free within {timeout:.3g}s") from None
+            if self.ws.full():
+                raise Overloaded(f"all {self.ws.capacity} workers busy; none became free within {timeout:.3g}s") from None
             raise Overloaded(f"no worker could be started within {timeout:.3g}s") from None
         except asyncio.CancelledError:
             if fut.done() and not fut.cancelled() and fut.exception() is None:
@@ -259,48 +311,96 @@ class Pool:
             raise
         finally:
             timer.cancel()
-            # A waiter handed a worker was already popped; only one that gave up is still queued
-            # (deque.remove of a missing entry builds a ValueError with the future's repr: ~10 % of
-            # the supervisor's CPU per flow).
-            handed = fut.done() and not fut.cancelled() and fut.exception() is None
-            dq = None if handed else self.waiting.get(key)
-            if dq is not None:
-                try:
-                    dq.remove(entry)
-                    self.n_waiting -= 1
-                except ValueError:
-                    pass
-                if not dq:
-                    del self.waiting[key]
+            # A waiter handed a worker was already popped; only one that gave up is still queued (and
+            # deque.remove of a missing entry builds a ValueError with the future's repr: costly).
+            if not (fut.done() and not fut.cancelled() and fut.exception() is None):
+                self.ts.remove(key, entry)
 
-    def _hold(self, w: WorkerHandle) -> None:
-        self._held.setdefault(w.tenant, {})[w] = time.monotonic()
-
-    def _pop_waiter(self, key: Key) -> asyncio.Future[WorkerHandle] | None:
-        """The oldest live waiter of ``key`` (dropping ones that gave up), or None."""
-        dq = self.waiting.get(key)
-        while dq:
-            _, fut = dq.popleft()
-            self.n_waiting -= 1
-            if not fut.done():
-                if not dq:
-                    del self.waiting[key]
-                return fut
-        if dq is not None:
-            del self.waiting[key]
-        return None
-
-    def _grow(self) -> None:
-        """Start workers for waiters no spawn in flight will serve, within both caps.
-
-        Per key, the first ``ceil(spawn_time * busy / hold_time) - 1`` waiters
-        will be served by releases before a new worker could start; only the
-        rest are worth a start. O(number of waiting keys), not of waiters.
-        """
-        if self.closed or not self.n_waiting or self._in_grow:
+    def release(self, w: WorkerHandle, reusable: bool) -> None:
+        now = self._clock()
+        rec = self.ts.unhold(w)
+        if rec is not None:
+            key = rec[0]
+            self.exec_ema_s = 0.9 * self.exec_ema_s + 0.1 * (now - rec[2])
+        else:
+            key = (w.tenant, w.profile or self.default_profile)
+        w.last_used = now
+        self.reuse_ema = 0.9 * self.reuse_ema + (0.1 if reusable and w.alive else 0.0)
+        if not reusable or not w.alive or w.executions >= self.max_executions or self.closed:
+            if w.alive:
+                w.kill("retired" if reusable else "not reusable after its execution")  # -> _on_dead -> _grow
+            elif self.ts.n_waiting:
+                self._grow()  # this hold ended without a worker to hand on, but the tenant's cap has room
             return
-        if self.starting >= self.spawn_concurrency:
-            # Every start slot is busy (perhaps warming spares); look again when one finishes.
+        self._offer_released(w, key)
+
+    def _offer_released(self, w: WorkerHandle, key: Key) -> None:
+        """A worker given back by a flow: in a pool full of busy workers, it goes round-robin.
+
+        With no idle worker to evict, a released worker is the only capacity that frees up. When
+        another waiting tenant holds fewer workers (its turn), this one is retired and its slot
+        starts a worker for that tenant instead of serving the same tenant's next waiter.
+        """
+        if self.ws.full() and not self.ws.n_idle and self.ts.waiting(key):
+            tenant = self.ts.tenant_of(key)
+            if tenant is not None and self._tenant_room(tenant) > 0 and self._yield_to_blocked(tenant):
+                w.kill("retired: its slot went to a waiting flow of another tenant")  # -> _on_dead -> _grow
+                return
+        self._offer(w, key)
+
+    def _offer(self, w: WorkerHandle, key: Key) -> None:
+        """An idle worker (released or just started): hand it to a waiter of its key, or park it in the LRU."""
+        if not w.alive:
+            return
+        if key[0] is None:
+            if self._offer_spare(w, key):
+                return
+        elif self.ts.waiting(key):
+            tenant = self.ts.tenant_of(key)
+            assert tenant is not None
+            if self._tenant_room(tenant) > 0:
+                fut = self.ts.pop(key)
+                if fut is not None:
+                    self._hand(fut, w, key, tenant)
+                    if self.ts.n_waiting:
+                        self._grow()
+                    return
+        self.ws.park(w, key)
+        if self.ts.n_waiting:
+            self._grow()  # a start slot or a worker just came free: do the waiters need more?
+        else:
+            self._replenish()  # a quiet moment: have unassigned spares ready for the next new action
+
+    def _offer_spare(self, w: WorkerHandle, key: Key) -> bool:
+        """An unassigned warm worker serves the next waiting tenant (round-robin) with its profile."""
+        for tenant, k in self.ts.fair_keys():
+            if k[1] == key[1] and self._tenant_room(tenant) > 0:
+                fut = self.ts.pop(k)
+                if fut is not None:
+                    self._hand(fut, w, k, tenant)
+                    if self.ts.n_waiting:
+                        self._grow()
+                    return True
+        return False
+
+    def _blocked(self, tenant: str) -> bool:
+        """``tenant`` waits for capacity: a waiting key nothing of its own will serve (no worker, no start)."""
+        if self._tenant_room(tenant) <= 0:
+            return False
+        for key in self.ts.rotation.get(tenant, ()):
+            if not self.ts.held_count(key) and not self.ws.spawning.get(key) and not self.ws.idle.get(key):
+                return True
+        return False
+
+    def _yield_to_blocked(self, tenant: str) -> bool:
+        """In a full pool: should ``tenant``'s freed worker go to another tenant's waiter instead (its turn)?"""
+        pick = policy.fair_pick(self.ts.rotation, lambda t: t == tenant or self._blocked(t), self.ts.busy)
+        return pick is not None and pick != tenant
+
+    # -- growth ---------------------------------------------------------------------------------------
+    def _grow(self) -> None:
+        """Serve waiters from idle workers and start workers for the rest, round-robin over tenants."""
+        if self.closed or not self.ts.n_waiting or self._in_grow:
             return
         self._in_grow = True
         try:
@@ -309,34 +409,62 @@ class Pool:
             self._in_grow = False
 
     def _grow_pass(self) -> None:
-        now = time.monotonic()
+        now = self._clock()
         deferred = False
-        for key, dq in list(self.waiting.items()):
-            uncovered = len(dq) - self._spawning.get(key, 0)
-            if uncovered <= 0:
+        wants: list[tuple[str, Key, int]] = []
+        for tenant, key in self.ts.fair_keys():
+            # Idle workers of a key with waiters: its tenant was at its cap; it may have room now.
+            while self.ts.waiting(key) and self._tenant_room(tenant) > 0:
+                w = self.ws.take(key, "") or self._take_spare(key)
+                if w is None:
+                    break
+                fut = self.ts.pop(key)
+                if fut is None:
+                    self.ws.park(w, key)
+                    break
+                self._hand(fut, w, key, tenant)
+            waiting = self.ts.waiting(key)
+            if not waiting:
                 continue
-            held = self._held.get(key[0])
-            if held:
-                # How long a hold lasts: the moving average, or longer if the oldest current hold
-                # already took longer (a cold pool, or actions that just became slow).
-                hold_s = max(self.exec_ema_s, now - next(iter(held.values())))
-                # Only releases that give a worker back can serve a waiter (crashing actions give none).
-                releasers = len(held) * self.reuse_ema
-                if releasers >= 1 and hold_s > 0:
-                    served = max(0, math.ceil(self.spawn_ema_s * releasers / hold_s) - 1)
-                    if served:
-                        deferred = True
-                    uncovered -= served
-            while uncovered > 0:
-                if self.starting >= self.spawn_concurrency:
-                    return
-                if self.total >= self.max_workers and not self._retire_other_idle(key):
-                    return
-                uncovered -= 1
-                self._spawning[key] = self._spawning.get(key, 0) + 1
-                self._reserve()
-                self._spawn_task(self._spawn_for_waiters(key))
-        if deferred and self._recheck is None:
+            served = 0
+            oldest = self.ts.oldest_hold(key)
+            if oldest is not None:
+                # How long a hold lasts: the moving average, or longer if the oldest current hold already
+                # took longer (a cold pool, or actions that just became slow).
+                hold_s = max(self.exec_ema_s, now - oldest)
+                served = policy.releases_before_start(self.ts.held_count(key), hold_s, self.spawn_ema_s,
+                                                      self.reuse_ema)
+                deferred = deferred or served > 0
+            want = policy.starts_wanted(waiting, self.ws.spawning.get(key, 0), served)
+            if want:
+                wants.append((tenant, key, want))
+        # Start slots: one per tenant per round, the tenant holding the least first (ties: the least
+        # recently served), so one tenant's many waiting keys cannot take every slot.
+        per_tenant: dict[str, list[list[Any]]] = {}
+        for tenant, key, want in wants:
+            per_tenant.setdefault(tenant, []).append([key, want])
+        order = sorted(per_tenant, key=lambda t: self.ts.busy(t) + self._spawning_by_tenant.get(t, 0))
+        progress = True
+        while progress:
+            progress = False
+            for tenant in order:
+                todo = per_tenant[tenant]
+                while todo and todo[0][1] <= 0:
+                    todo.pop(0)
+                if not todo or self._tenant_room(tenant) <= 0:
+                    continue
+                if self.ws.starting >= self.spawn_concurrency:
+                    return self._maybe_recheck(deferred)
+                key = todo[0][0]
+                if self.ws.full() and not self.ws.evict_lru(key, self.pool_size):
+                    return self._maybe_recheck(deferred)
+                todo[0][1] -= 1
+                self._start_for(key, tenant)
+                progress = True
+        self._maybe_recheck(deferred)
+
+    def _maybe_recheck(self, deferred: bool) -> None:
+        if deferred and self._recheck is None and not self.closed:
             # Holds age while flows wait: look again once a start would have been worth it.
             self._recheck = asyncio.get_running_loop().call_later(self.spawn_ema_s, self._recheck_growth)
 
@@ -344,78 +472,36 @@ class Pool:
         self._recheck = None
         self._grow()
 
-    async def _spawn_for_waiters(self, key: Key) -> None:
+    def _start_for(self, key: Key, tenant: str) -> None:
+        self.ws.reserve(key)
+        self._spawning_by_tenant[tenant] = self._spawning_by_tenant.get(tenant, 0) + 1
+        self.ts.served(tenant)
+        self._spawn_task(self._spawn_for_waiters(key, tenant))
+
+    async def _spawn_for_waiters(self, key: Key, tenant: str) -> None:
         try:
-            w = await self._new_worker(key)
+            w = await self._new_worker(key, True)
         except BaseException as exc:
-            self._spawning[key] -= 1
+            self._untrack_spawn(tenant)
             self._spawn_failures += 1
             if self._spawn_failures < 3 and isinstance(exc, Exception) and not self.closed:
                 self._grow()  # a passing failure: the waiters still have time, try again
                 return
             # Starts keep failing: fail the oldest waiter of this key so the error surfaces.
-            fut = self._pop_waiter(key)
+            fut = self.ts.pop(key)
             if fut is not None:
                 fut.set_exception(exc if isinstance(exc, Exception) else PoolClosed("cancelled"))
             return
+        self._untrack_spawn(tenant)
         self._spawn_failures = 0
-        self._spawning[key] -= 1
         self._offer(w, key)
 
-    def _sweep(self) -> None:
-        """Retire workers idle for longer than ``idle_timeout_s`` (at most once a second)."""
-        now = time.monotonic()
-        if now - self._last_sweep < 1.0:
-            return
-        self._last_sweep = now
-        cutoff = now - self.idle_timeout_s
-        for k, lst in list(self.idle.items()):
-            keep = self.pool_size if k[0] is None else self.min_idle_per_tenant
-            for w in list(lst[: max(0, len(lst) - keep)]):
-                if w.last_used < cutoff:
-                    w.kill("idle timeout")
-
-    def release(self, w: WorkerHandle, reusable: bool) -> None:
-        now = time.monotonic()
-        owned = self._held.get(w.tenant)
-        held = owned.pop(w, None) if owned is not None else None
-        if held is not None:
-            self.exec_ema_s = 0.9 * self.exec_ema_s + 0.1 * (now - held)
-            if not owned:
-                del self._held[w.tenant]
-        w.last_used = now
-        self.reuse_ema = 0.9 * self.reuse_ema + (0.1 if reusable and w.alive else 0.0)
-        if not reusable or not w.alive or w.executions >= self.max_executions or self.closed:
-            if w.alive:
-                w.kill("retired" if reusable else "not reusable after its execution")
-            if self.n_waiting:
-                self._grow()  # this hold ended without a worker to hand on
-            return
-        key: Key = (w.tenant, w.profile or self.default_profile)
-        self._offer(w, key)
-
-    def _offer(self, w: WorkerHandle, key: Key) -> None:
-        """An idle worker: hand it to a waiter of its key, or make room for another waiter, or park it."""
-        if not w.alive:
-            return
-        fut = self._pop_waiter(key)
-        if fut is None and key[0] is None:
-            # An unassigned warm worker serves the oldest waiter of any tenant with its profile.
-            heads = [(dq[0][0], k) for k, dq in self.waiting.items() if dq and k[1] == key[1]]
-            for _, k in sorted(heads):
-                fut = self._pop_waiter(k)
-                if fut is not None:
-                    w.tenant = k[0]
-                    break
-        if fut is not None:
-            fut.set_result(w)
-        elif self.n_waiting and self.total >= self.max_workers:
-            w.kill("retired to serve a waiting flow of another tenant")  # frees capacity -> _grow
-            return
+    def _untrack_spawn(self, tenant: str) -> None:
+        n = self._spawning_by_tenant[tenant] - 1
+        if n:
+            self._spawning_by_tenant[tenant] = n
         else:
-            self.idle.setdefault(key, []).append(w)
-        if self.n_waiting:
-            self._grow()  # a start slot or a worker just came free: do the waiters need more?
+            del self._spawning_by_tenant[tenant]
 
     def _after_capacity_freed(self) -> None:
         if self._in_grow:
@@ -423,19 +509,40 @@ class Pool:
         self._grow()
         self._replenish()
 
-    # -- shutdown ------------------------------------------------------------------------------
+    # -- idle retirement ------------------------------------------------------------------------------
+    def sweep(self) -> int:
+        """Retire idle workers unused for ``idle_timeout_s`` (beyond the warm ones each key keeps)."""
+        spare: Key = (None, self.default_profile)
+        return self.ws.retire_idle(self._clock(), self.idle_timeout_s,
+                                   lambda k: self.pool_size if k == spare else self.min_idle_per_tenant)
+
+    def _schedule_sweep(self) -> None:
+        if not self.closed:
+            self._sweeper = asyncio.get_running_loop().call_later(policy.sweep_period(self.idle_timeout_s),
+                                                                  self._sweep_tick)
+
+    def _sweep_tick(self) -> None:
+        self._sweeper = None
+        try:
+            self.sweep()
+            self._replenish()
+        finally:
+            self._schedule_sweep()
+
+    # -- shutdown ---------------------------------------------------------------------------------------
     async def close(self, grace: float) -> None:
         self.closed = True
-        if self._recheck is not None:
-            self._recheck.cancel()
-            self._recheck = None
-        for key in list(self.waiting):
-            while (fut := self._pop_waiter(key)) is not None:
+        for handle in (self._recheck, self._sweeper):
+            if handle is not None:
+                handle.cancel()
+        self._recheck = self._sweeper = None
+        for _, key in list(self.ts.fair_keys()):
+            while (fut := self.ts.pop(key)) is not None:
                 fut.set_exception(PoolClosed("pool closed"))
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        workers = list(self.workers)
+        workers = list(self.ws.live)
         await asyncio.gather(*(w.shutdown(grace) for w in workers), return_exceptions=True)
-        self.workers.clear()
-        self.idle.clear()
+        self.ws.live.clear()
+        self.ws.idle.clear()

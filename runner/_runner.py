@@ -77,12 +77,7 @@ class Runner:
         self._services = Services(cfg)
         self._launcher = Launcher(cfg)
         await self._launcher.start()
-        limits = cfg.limits
-        self._pool = Pool(self._launcher.launch, pool_size=cfg.pool_size, max_workers=cfg.max_workers,
-                          max_queue=cfg.max_queue, max_executions=cfg.max_executions_per_worker,
-                          spawn_concurrency=cfg.spawn_concurrency, idle_timeout_s=cfg.idle_timeout_s,
-                          min_idle_per_tenant=cfg.min_idle_per_tenant,
-                          default_profile=(limits.memory_mb, limits.cpu_seconds, limits.max_open_files))
+        self._pool = Pool.from_config(self._launcher.launch, cfg)
         # The first worker doubles as the sandbox probe: strict mode refuses to start without it.
         try:
             w = await self._launcher.launch(self._pool.default_profile)

@@ -1,0 +1,105 @@
+"""The pool's decisions as pure functions: sizes, caps, admission, growth, fair choice, retirement.
+
+Nothing here touches a process, a future or the clock: every input is an argument, so each rule
+is unit-tested on its own with made-up numbers (``tests/test_pool_policy.py``). ``Pool`` only
+applies what these return.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Callable, Iterable, TypeVar
+
+T = TypeVar("T")
+
+# What an idle worker costs, for sizing only: 3.6 MiB USS measured (bench S6), rounded up for
+# the pages an action's imports and globals dirty once it ran.
+WORKER_MEMORY_ESTIMATE_MB = 6.0
+FDS_PER_WORKER = 4          # supervisor side: two pipe ends, a pidfd, one spare (a cgroup file while starting)
+FD_RESERVE = 256            # descriptors kept for everything else (sockets of fetch, redis, logs)
+SMALL_POOL = 8              # below this, a pool is too small to keep a share back from any one tenant
+
+
+def physical_memory_bytes() -> int:
+    """MemTotal of this machine (sysconf), or 1 GiB when the platform does not say."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 1 << 30
+
+
+def default_memory_budget_mb(total_bytes: int) -> int:
+    """A quarter of the machine's memory for idle and busy workers' own pages (at least 256 MiB)."""
+    return max(256, (total_bytes >> 20) // 4)
+
+
+def capacity(budget_mb: float, per_worker_mb: float, fd_limit: int | None) -> int:
+    """How many workers may live at once: what the memory budget pays for, within the fd limit."""
+    by_memory = int(budget_mb // per_worker_mb)
+    if fd_limit is not None and fd_limit > 0:
+        by_memory = min(by_memory, (fd_limit - FD_RESERVE) // FDS_PER_WORKER)
+    return max(1, by_memory)
+
+
+def default_tenant_cap(total: int) -> int:
+    """Most of a resource one tenant may hold: all of a small pool, three quarters of a larger one.
+
+    The quarter kept back is what another tenant's flows can always get, however many slow flows
+    one tenant has in flight; a pool of a few workers is too small to split.
+    """
+    return total if total < SMALL_POOL else total - total // 4
+
+
+def refuse_reason(tenant_waiting: int, tenant_queue_cap: int, total_waiting: int, max_queue: int) -> str | None:
+    """Why a flow that found no idle worker may not wait, or None when it may."""
+    if total_waiting >= max_queue:
+        return f"{max_queue} flows already waiting"
+    if tenant_waiting >= tenant_queue_cap:
+        return f"{tenant_waiting} flows of this tenant already waiting (its cap)"
+    return None
+
+
+def releases_before_start(held: int, hold_s: float, spawn_s: float, reuse: float) -> int:
+    """How many waiters of one key will be served by releases before a new worker could start.
+
+    ``held`` workers of the key are busy, each for about ``hold_s``; a start takes ``spawn_s``;
+    a share ``reuse`` of releases gives a reusable worker back. In ``spawn_s`` about
+    ``spawn_s * held * reuse / hold_s`` releases happen; the first waiter is not counted
+    (starting for it is never wrong), so short actions reuse the workers the CPU keeps busy and
+    slow ones make the pool grow.
+    """
+    releasers = held * reuse
+    if releasers < 1 or hold_s <= 0:
+        return 0
+    return max(0, math.ceil(spawn_s * releasers / hold_s) - 1)
+
+
+def starts_wanted(waiting: int, spawning: int, served_by_releases: int) -> int:
+    """Starts a key needs: its waiters that neither an in-flight start nor a release will serve."""
+    return max(0, waiting - spawning - served_by_releases)
+
+
+def fair_pick(order: Iterable[T], eligible: Callable[[T], bool], load: Callable[[T], int]) -> T | None:
+    """The eligible entry holding the least (``load``); ties go to the first in ``order``.
+
+    Max-min fairness for one freed worker: the tenant with the fewest workers right now gets it,
+    and among equals the one served least recently.
+    """
+    best: T | None = None
+    best_load = 0
+    for item in order:
+        if eligible(item):
+            n = load(item)
+            if best is None or n < best_load:
+                best, best_load = item, n
+    return best
+
+
+def retire_due(last_used: float, now: float, idle_timeout_s: float) -> bool:
+    return now - last_used >= idle_timeout_s
+
+
+def sweep_period(idle_timeout_s: float) -> float:
+    """How often the idle-retirement timer runs: a quarter of the timeout, between 50 ms and 5 s."""
+    return min(5.0, max(0.05, idle_timeout_s / 4))
