@@ -111,7 +111,7 @@ def _dataclass_from(err: _Errors, cls: type, table: dict[str, Any], prefix: str,
         origin = typing.get_origin(hint)
         if hint is bool or hint is typing.Optional[bool]:
             ok = type(value) is bool
-        elif hint is int:
+        elif hint is int or hint == typing.Optional[int]:  # int | None: unset means derived (pool sizes)
             ok = type(value) is int
         elif hint is float:
             ok = type(value) in (int, float)
