@@ -32,21 +32,31 @@ _KILLED_KINDS = frozenset({"worker_crash", "protocol_error"})
 
 
 def event_problem(event: Any, max_frame_bytes: int) -> str | None:
-    """Why ``event`` cannot be a flow's event (not an object, not plain JSON, too deep, too large), or None."""
+    """Why ``event`` cannot be a flow's event (not an object, not plain JSON, too deep, too large), or None.
+
+    Size first, then structure: orjson (C, linear, stops at the first value it cannot
+    write) measures the serialised size before any per-element check runs, so an
+    oversized event is refused for the cost of one encode; ``check_json`` then judges
+    exact types, finite numbers and depth on a value already known to be small.
+    """
     if type(event) is not dict:
         return f"event must be a JSON object, got {type(event).__name__}"
-    try:
-        check_json(event, "event", max_depth=MAX_EVENT_DEPTH)
-    except TypeError as exc:
-        return str(exc)
-    except RecursionError:
-        return "event nested too deeply"
+    limit = max_frame_bytes // 2
     try:  # strings must be valid UTF-8 (lone surrogates cannot cross the wire)
         size = len(orjson.dumps(event))
     except (TypeError, orjson.JSONEncodeError) as exc:
+        try:  # a precise message (the path of the bad value) when there is one
+            check_json(event, "event", max_depth=MAX_EVENT_DEPTH)
+        except TypeError as precise:
+            return str(precise)
         return f"event is not serialisable: {exc}"
-    if size > max_frame_bytes // 2:
-        return f"event of {size} bytes exceeds the {max_frame_bytes // 2}-byte limit"
+    if size > limit:
+        return f"event of {size} bytes exceeds the {limit}-byte limit"
+    try:
+        # tree=True: orjson bounded the expanded size and refused cycles already.
+        check_json(event, "event", max_depth=MAX_EVENT_DEPTH, tree=True)
+    except TypeError as exc:
+        return str(exc)
     return None
 
 

@@ -51,7 +51,7 @@ class ExecutionContext(CallHandler):
         if self.calls > self.limits.max_calls:
             raise Violation("output_limit", f"more than {self.limits.max_calls} api calls in one execution")
         try:
-            args = check_params(METHODS[method], params)
+            args = check_params(METHODS[method], params, tree=True)
         except TypeError as exc:
             raise Violation("protocol_error", f"invalid arguments from worker: {exc}") from None
         return fn, args
