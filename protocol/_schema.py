@@ -64,6 +64,18 @@ del P
 
 LOG_LEVELS = ("debug", "info", "warn", "error")
 
+# Every ``api.ApiError.code`` an action can see: the supervisor answers a failed value-returning
+# call with one of these, and the worker raises it as ``api.ApiError`` inside the action.
+API_ERROR_CODES: dict[str, str] = {
+    "http_fetch_denied": "api.fetch refused by policy (allowlist, scheme, credentials, internal address); "
+                         "the flow is denied even if the action catches it",
+    "http_fetch_timeout": "api.fetch did not finish in time; the flow is denied even if the action catches it",
+    "http_fetch_error": "api.fetch failed: DNS, connection, a bad init, a body over the limits, an undecodable body",
+    "cache_unavailable": "the cache backend is down",
+    "reply_too_large": "the result does not fit in one frame (Limits.max_frame_bytes)",
+    "internal_error": "the supervisor failed unexpectedly while serving the call (logged there)",
+}
+
 
 def truncate_utf8(text: str, limit: int) -> str:
     """At most ``limit`` UTF-8 bytes, never splitting a character (log messages: 4096 bytes)."""

@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from ..protocol import check_json
+from ..protocol import check_json, pack
 
 from ._config import RunnerConfig
 from ._cpu import CpuGovernor
@@ -57,6 +57,20 @@ def event_problem(event: Any, max_frame_bytes: int) -> str | None:
         check_json(event, "event", max_depth=MAX_EVENT_DEPTH, tree=True)
     except TypeError as exc:
         return str(exc)
+    return None
+
+
+def carry_problem(flow: FlowState, nxt: Action, max_frame_bytes: int) -> str | None:
+    """Why the next action's execute request would not fit in one frame, or None.
+
+    Later actions receive the state and metadata earlier ones set in their event
+    (``event.step``, ``event.user``). When they no longer fit, the action that just set
+    them is blamed, not the next one, whose request could not even be encoded.
+    """
+    size = len(pack(flow.event_for(nxt))) + len(nxt.source.encode("utf-8", "surrogatepass")) + 1024
+    if size > max_frame_bytes:
+        return (f"state and metadata set by this action make the next action's request {size} bytes, "
+                f"over the {max_frame_bytes}-byte frame limit")
     return None
 
 
@@ -152,7 +166,8 @@ class FlowEngine:
                 params.update(language="js", timeout_s=timeout, memory_bytes=js_heap_bytes(limits))
             if action.digest not in w.compiled:
                 params["source"] = action.source
-            fut = w.execute(params, ctx, timeout, kind, limits.max_output_bytes)
+            fut = w.execute(params, ctx, timeout, kind, limits.max_output_bytes,
+                            max_queued=limits.max_queued_reply_bytes, cpu_budget_s=limits.supervisor_cpu_ms / 1000)
             cpu = self.cpu
             if cpu is not None:
                 cpu.begin(w, ctx.action_deadline - timeout, limits.cpu_limit_ms)
@@ -194,5 +209,11 @@ class FlowEngine:
                     rec.status = "failed_open"
                     continue
                 rec.status = "denied" if flow.denial and flow.denial["kind"] in ("denied", "validation_error") else "failed"
+            elif ctx.grew_event and i + 1 < len(actions) and \
+                    (problem := carry_problem(flow, actions[i + 1], flow.limits_for(actions[i + 1].slug).max_frame_bytes)):
+                # Blamed here, on the action that produced the data, not on the next one whose
+                # execute request could no longer be encoded.
+                flow.deny(action.slug, DenialKind.OUTPUT_LIMIT, problem, None)
+                rec.status = "failed"
             else:
                 rec.status = "ok"

@@ -38,6 +38,7 @@ class ExecutionContext(CallHandler):
         self.calls = 0
         self.log_entries = 0
         self.denied_here = False
+        self.grew_event = False   # state, metadata or user id changed: later actions' events grow
         self._fetch_slots: asyncio.Semaphore | None = None  # created on the first fetch
 
     # -- admission -----------------------------------------------------------------
@@ -81,6 +82,7 @@ class ExecutionContext(CallHandler):
 
     # -- state, logs, metadata, claims -------------------------------------------------------
     def _state_set(self, a: list[Any]) -> None:
+        self.grew_event = True
         self.flow.set_state(self.slug, a[0], a[1])
 
     def _log(self, a: list[Any]) -> None:
@@ -93,14 +95,17 @@ class ExecutionContext(CallHandler):
         self.flow.log(self.slug, level, truncate_utf8(message, self.limits.max_log_message_bytes))
 
     def _set_app_metadata(self, a: list[Any]) -> None:
+        self.grew_event = True
         self.flow.patch_metadata("app_metadata", a[0])
 
     def _set_user_metadata(self, a: list[Any]) -> None:
+        self.grew_event = True
         self.flow.patch_metadata("user_metadata", a[0])
 
     def _set_user_id(self, a: list[Any]) -> None:
         if not a[0]:
             raise Violation("protocol_error", "user id must be a non-empty string")
+        self.grew_event = True
         self.flow.set_user_id(a[0])
 
     def _claim(self, token: str, name: str, value: Any) -> None:
