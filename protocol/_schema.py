@@ -37,6 +37,10 @@ class ApiMethod(NamedTuple):
 
 
 MAX_JSON_DEPTH = 32
+# Values (objects, arrays and the scalars in them) in one api argument. A frame of tiny values
+# decodes to ~50 times its size in Python objects that the cyclic GC scans while they live:
+# the count, not only the bytes, is what the supervisor must bound.
+MAX_JSON_VALUES = 100_000
 
 P = Param
 METHODS: dict[str, ApiMethod] = {
@@ -107,7 +111,8 @@ _is = operator.is_
 _is_container = _CONTAINERS.__contains__
 
 
-def check_json(value: Any, where: str, max_depth: int = MAX_JSON_DEPTH, *, tree: bool = False) -> None:
+def check_json(value: Any, where: str, max_depth: int = MAX_JSON_DEPTH, *, tree: bool = False,
+               max_values: int | None = MAX_JSON_VALUES) -> int:
     """Raise ``TypeError`` unless ``value`` is a plain JSON value.
 
     Plain means exact types only: ``None``, ``bool``, ``int`` (64-bit), finite
@@ -125,13 +130,17 @@ def check_json(value: Any, where: str, max_depth: int = MAX_JSON_DEPTH, *, tree:
     ``tree=True`` promises that no object appears twice (a value fresh from the
     decoder); otherwise each level is de-duplicated, so a shared sub-object
     costs once per level and a cycle ends as "circular reference".
+
+    Returns the number of values inside ``value`` (0 for a scalar). More than
+    ``max_values`` raises ``ValueError`` as soon as a level goes over it.
     """
     t = type(value)
     if t in _PLAIN:
-        return
+        return 0
     if t not in _CONTAINERS:
         _check_scalars([value], [t], {t}, lambda bad: where)
-        return
+        return 0
+    count = 0
     levels: list[list[Any]] = []
     level, level_kinds = [value], [t]   # the containers at the current depth, and their types
     while level:
@@ -156,6 +165,9 @@ def check_json(value: Any, where: str, max_depth: int = MAX_JSON_DEPTH, *, tree:
         # flat list, and each object is touched as few times as possible (on a large frame
         # every touch of a container is a cache miss).
         members = list(chain(chain.from_iterable(map(dict.values, dicts)), chain.from_iterable(seqs)))
+        count += len(members)
+        if max_values is not None and count > max_values:
+            raise ValueError(f"{where}: more than {max_values} values (objects, arrays and their items)")
         kinds_of = list(map(type, members))
         types = set(kinds_of)
         if not types <= _PLAIN:
@@ -166,6 +178,7 @@ def check_json(value: Any, where: str, max_depth: int = MAX_JSON_DEPTH, *, tree:
         del members
         level_kinds = list(compress(kinds_of, map(_is_container, kinds_of)))
         del kinds_of
+    return count
 
 
 def _check_scalars(items: list[Any], kinds: list[type], types: set[type], at: Callable[[Any], str]) -> None:
@@ -245,11 +258,13 @@ def _depth_of(levels: list[list[Any]], container: Any) -> int:
     return next(d for d in range(len(levels) - 1, -1, -1) if any(map(_is, levels[d], repeat(container))))
 
 
-def check_params(method: ApiMethod, args: list[Any], *, tree: bool = False) -> list[Any]:
+def check_params(method: ApiMethod, args: list[Any], *, tree: bool = False, tally: list[int] | None = None) -> list[Any]:
     """Validate positional ``args`` for ``method``; return them padded with None.
 
-    Raises ``TypeError`` with a message meant for the action author. ``tree`` as
-    in :func:`check_json` (the supervisor checks values fresh from the decoder).
+    Raises ``TypeError`` (or ``ValueError`` for an argument of more than
+    ``MAX_JSON_VALUES`` values) with a message meant for the action author.
+    ``tree`` as in :func:`check_json` (the supervisor checks values fresh from
+    the decoder); ``tally[0]`` is increased by the number of values checked.
     """
     params = method.params
     required = sum(1 for p in params if not p.optional)
@@ -259,6 +274,7 @@ def check_params(method: ApiMethod, args: list[Any], *, tree: bool = False) -> l
     out = list(args) + [None] * (len(params) - len(args))
     for p, v in zip(params, out):
         where = f"api.{method.name}: {p.name}"
+        n = 0
         if v is None and p.optional:
             continue
         if p.kind is Kind.STR:
@@ -267,7 +283,9 @@ def check_params(method: ApiMethod, args: list[Any], *, tree: bool = False) -> l
         elif p.kind is Kind.OBJECT:
             if type(v) is not dict:
                 raise TypeError(f"{where} must be an object (dict), got {describe(v)}")
-            check_json(v, where, tree=tree)
+            n = check_json(v, where, tree=tree)
         else:
-            check_json(v, where, tree=tree)
+            n = check_json(v, where, tree=tree)
+        if tally is not None:
+            tally[0] += n
     return out

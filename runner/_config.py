@@ -37,6 +37,7 @@ class Limits:
     cpu_limit_ms: float | None = None   # CPU time per execution (denial.kind cpu_limit); None: wall clock only
     max_queued_reply_bytes: int = 2 << 20  # replies queued to a worker that does not read its pipe
     supervisor_cpu_ms: int = 500        # supervisor CPU time one execution's messages and api calls may use
+    max_values: int = 200_000           # values (objects, arrays, items) in one execution's api arguments
 
     def merged(self, overrides: dict[str, Any] | None) -> "Limits":
         if not overrides:

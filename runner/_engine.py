@@ -46,7 +46,7 @@ def event_problem(event: Any, max_frame_bytes: int) -> str | None:
         size = len(orjson.dumps(event))
     except (TypeError, orjson.JSONEncodeError) as exc:
         try:  # a precise message (the path of the bad value) when there is one
-            check_json(event, "event", max_depth=MAX_EVENT_DEPTH)
+            check_json(event, "event", max_depth=MAX_EVENT_DEPTH, max_values=None)
         except TypeError as precise:
             return str(precise)
         return f"event is not serialisable: {exc}"
@@ -54,7 +54,7 @@ def event_problem(event: Any, max_frame_bytes: int) -> str | None:
         return f"event of {size} bytes exceeds the {limit}-byte limit"
     try:
         # tree=True: orjson bounded the expanded size and refused cycles already.
-        check_json(event, "event", max_depth=MAX_EVENT_DEPTH, tree=True)
+        check_json(event, "event", max_depth=MAX_EVENT_DEPTH, tree=True, max_values=None)
     except TypeError as exc:
         return str(exc)
     return None

@@ -39,6 +39,7 @@ class ExecutionContext(CallHandler):
         self.log_entries = 0
         self.denied_here = False
         self.grew_event = False   # state, metadata or user id changed: later actions' events grow
+        self._values = [0]        # values (objects, arrays, items) in this execution's api arguments
         self._fetch_slots: asyncio.Semaphore | None = None  # created on the first fetch
 
     # -- admission -----------------------------------------------------------------
@@ -52,9 +53,13 @@ class ExecutionContext(CallHandler):
         if self.calls > self.limits.max_calls:
             raise Violation("output_limit", f"more than {self.limits.max_calls} api calls in one execution")
         try:
-            args = check_params(METHODS[method], params, tree=True)
-        except TypeError as exc:
+            args = check_params(METHODS[method], params, tree=True, tally=self._values)
+        except (TypeError, ValueError) as exc:
             raise Violation("protocol_error", f"invalid arguments from worker: {exc}") from None
+        if self._values[0] > self.limits.max_values:
+            # Bytes are bounded elsewhere; this bounds what they decode to and keep alive in the flow
+            # (a byte of msgpack can be a 56-byte Python object the cyclic GC scans).
+            raise Violation("output_limit", f"more than {self.limits.max_values} values in one execution's api calls")
         return fn, args
 
     def notify(self, method: str, params: list[Any]) -> None:

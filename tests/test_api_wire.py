@@ -259,15 +259,15 @@ def on_execute(event, api):
     v = 0
     for _ in range(30):
         v = [v]
-    chains = [v] * 25000          # ~800 KB on the wire, 750 000 containers for the supervisor to check
-    for i in range(4):
+    chains = [v] * 2900           # 90 000 values, under the 100 000 of one argument
+    for i in range(2):
         api.state.set(f"k{i}", chains)
 '''
 
 
 async def test_supervisor_cpu_budget_per_execution() -> None:
     """Messages that are cheap to send and costly to check end in output_limit once over the budget."""
-    async with make_runner(limits=Limits(supervisor_cpu_ms=20)) as r:
+    async with make_runner(limits=Limits(supervisor_cpu_ms=5)) as r:
         res = await run(r, NESTED_FLOOD)
         assert res["denial"]["kind"] == "output_limit", res["denial"]
         assert "supervisor CPU" in res["denial"]["reason"]
@@ -285,3 +285,77 @@ async def test_loop_lag_is_reported_in_stats() -> None:
         s = r.stats()
     assert s["loop_lag_max_ms"] >= 180, s   # blocked 250 ms; the tick was due at most 50 ms into it
     assert 0 <= s["loop_lag_ms"] and s["loop_lag_p99_ms"] <= s["loop_lag_max_ms"]
+
+
+RAW_FLOOD = '''
+import os, struct
+import msgpack
+
+def on_execute(event, api):
+    v = 0
+    for _ in range(30):
+        v = [v]
+    value = [v] * event.chains    # the proxy would refuse this; the attacker writes the frames itself
+    body = msgpack.packb([2, "state.set", ["k", value]])
+    for _ in range(event.frames):
+        os.write(4, struct.pack(">I", len(body)) + body)
+    import time
+    time.sleep(10)
+'''
+
+
+async def test_values_per_argument_and_per_execution_are_capped() -> None:
+    """What a frame decodes to is bounded too: 100 000 values per argument, 200 000 per execution."""
+    async with make_runner(limits=Limits(action_timeout_s=15.0)) as r:
+        one = await run(r, RAW_FLOOD, event={"chains": 30000, "frames": 1})       # 930 000 values in one frame
+        assert one["denial"]["kind"] == "protocol_error" and "more than 100000 values" in one["denial"]["reason"]
+        many = await run(r, RAW_FLOOD, event={"chains": 3000, "frames": 4})       # 93 000 each, 4 frames
+        assert many["denial"]["kind"] == "output_limit", many["denial"]
+        assert "values in one execution" in many["denial"]["reason"]
+        honest = await run(r, "def on_execute(event, api):\n    api.state.set('x', [[0]] * 40_000)\n"
+                              "    api.state.set('y', {'a': list(range(90_000))})\n")
+        assert honest["outcome"] == "allow", honest["denial"]
+        assert len(honest["state"]["a"]["x"]) == 40_000 and len(honest["state"]["a"]["y"]["a"]) == 90_000
+        caught = await run(r, "def on_execute(event, api):\n    try:\n        api.state.set('x', [0] * 100_001)\n"
+                              "    except ValueError as exc:\n        api.state.set('e', str(exc))\n")
+        assert "more than 100000 values" in caught["state"]["a"]["e"], caught
+
+
+async def test_other_tenants_are_unaffected_by_message_attacks(http_server: Any) -> None:
+    """Frames of nested containers and a reply flood from one tenant; another tenant's flows go on.
+
+    Before: one such frame held the loop ~3 s (a path string per element) and its values stayed
+    alive for the GC to scan. The bound separates "frozen" from "fine" on a loaded machine: the
+    loop is never late by more than 1 s, and the victim's flows all succeed.
+    """
+    from net_fixtures import LoopLag, rss_mb
+
+    cfg = RunnerConfig(pool_size=2, max_workers=6, fetch=FetchConfig(allow_hosts=("127.0.0.1",)),
+                       limits=Limits(action_timeout_s=15.0))
+    victim = "def on_execute(event, api):\n    api.state.set('n', event.n)\n"
+    async with make_runner(cfg) as r:
+        await run(r, victim, event={"n": 0}, tenant="victim")
+        before = rss_mb()
+
+        async def victims() -> list[float]:
+            times = []
+            for i in range(30):
+                t = asyncio.get_running_loop().time()
+                res = await run(r, victim, event={"n": i}, tenant="victim")
+                assert res["outcome"] == "allow" and res["state"] == {"a": {"n": i}}, res["denial"]
+                times.append(asyncio.get_running_loop().time() - t)
+                await asyncio.sleep(0.02)
+            return times
+
+        async with LoopLag() as lag:
+            attacks = asyncio.gather(run(r, RAW_FLOOD, event={"chains": 30000, "frames": 4}, tenant="evil"),
+                                     run(r, RAW_FLOOD, event={"chains": 3000, "frames": 4}, tenant="evil"),
+                                     run(r, flood_source(f"{http_server.url}/big?bytes=900000", 400), tenant="evil2"))
+            times = await victims()
+            results = await attacks
+        assert [res["denial"]["kind"] for res in results] == ["protocol_error", "output_limit", "output_limit"], \
+            [x["denial"] for x in results]
+        assert lag.worst < 1.0, f"the loop was late by {lag.worst:.2f} s"
+        assert max(times) < 5.0, times
+        assert rss_mb() - before < 50
+        assert r.stats()["loop_lag_max_ms"] < 1000

@@ -362,7 +362,7 @@ class Console:
 def _to_text(value: Any) -> str:
     try:
         check_json(value, "value")
-    except TypeError:
+    except (TypeError, ValueError):
         return str(value)
     import orjson
 
