@@ -202,6 +202,7 @@ def test_overloaded_is_503_with_retry_after(tmp_path: Path) -> None:
         with s.client() as c:
             slow = threading.Thread(target=flow, args=(c, "pre-login", {"request": {"sleep": 2.0}}))
             slow.start()
+            time.sleep(0.3)  # the slow flow takes the one slot first (else a poll can take it and the slow one gets 503)
             deadline = time.monotonic() + 20
             r = None
             while time.monotonic() < deadline:
