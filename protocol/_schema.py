@@ -10,9 +10,12 @@ untrusted. Which trigger offers which method is policy and lives in ``runner``.
 from __future__ import annotations
 
 import math
+import operator
 import re
+from bisect import bisect_right
+from itertools import accumulate, chain, compress, count, repeat
 from enum import Enum
-from typing import Any, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 
 class Kind(Enum):
@@ -34,6 +37,10 @@ class ApiMethod(NamedTuple):
 
 
 MAX_JSON_DEPTH = 32
+# Values (objects, arrays and the scalars in them) in one api argument. A frame of tiny values
+# decodes to ~50 times its size in Python objects that the cyclic GC scans while they live:
+# the count, not only the bytes, is what the supervisor must bound.
+MAX_JSON_VALUES = 100_000
 
 P = Param
 METHODS: dict[str, ApiMethod] = {
@@ -61,6 +68,18 @@ del P
 
 LOG_LEVELS = ("debug", "info", "warn", "error")
 
+# Every ``api.ApiError.code`` an action can see: the supervisor answers a failed value-returning
+# call with one of these, and the worker raises it as ``api.ApiError`` inside the action.
+API_ERROR_CODES: dict[str, str] = {
+    "http_fetch_denied": "api.fetch refused by policy (allowlist, scheme, credentials, internal address); "
+                         "the flow is denied even if the action catches it",
+    "http_fetch_timeout": "api.fetch did not finish in time; the flow is denied even if the action catches it",
+    "http_fetch_error": "api.fetch failed: DNS, connection, a bad init, a body over the limits, an undecodable body",
+    "cache_unavailable": "the cache backend is down",
+    "reply_too_large": "the result does not fit in one frame (Limits.max_frame_bytes)",
+    "internal_error": "the supervisor failed unexpectedly while serving the call (logged there)",
+}
+
 
 def truncate_utf8(text: str, limit: int) -> str:
     """At most ``limit`` UTF-8 bytes, never splitting a character (log messages: 4096 bytes)."""
@@ -84,7 +103,16 @@ def describe(value: Any) -> str:
     return t.__name__
 
 
-def check_json(value: Any, where: str, max_depth: int = MAX_JSON_DEPTH) -> None:
+_CONTAINERS = frozenset({dict, list, tuple})
+_PLAIN = frozenset({str, bool, type(None)})          # always fine, nothing to look at
+_ALLOWED = _PLAIN | {int, float} | _CONTAINERS
+_INT_MIN, _INT_END = -(2**63), 2**64
+_is = operator.is_
+_is_container = _CONTAINERS.__contains__
+
+
+def check_json(value: Any, where: str, max_depth: int = MAX_JSON_DEPTH, *, tree: bool = False,
+               max_values: int | None = MAX_JSON_VALUES) -> int:
     """Raise ``TypeError`` unless ``value`` is a plain JSON value.
 
     Plain means exact types only: ``None``, ``bool``, ``int`` (64-bit), finite
@@ -92,109 +120,151 @@ def check_json(value: Any, where: str, max_depth: int = MAX_JSON_DEPTH) -> None:
     Functions, datetimes, sets, bytes, big ints, NaN and circular structures
     raise, mirroring "functions, Date objects, BigInt and circular references
     throw at call time".
+
+    The supervisor runs this on every value a hostile worker sends, so its cost
+    is linear with a small constant: the value is walked one level at a time,
+    and each level's elements are judged in a few C-level passes (``map``,
+    ``compress``, ``set``), never a Python step or a string per element. It
+    keeps one pointer per container (the levels, to name the path of an
+    offending element; the path is built only when there is one to report).
+    ``tree=True`` promises that no object appears twice (a value fresh from the
+    decoder); otherwise each level is de-duplicated, so a shared sub-object
+    costs once per level and a cycle ends as "circular reference".
+
+    Returns the number of values inside ``value`` (0 for a scalar). More than
+    ``max_values`` raises ``ValueError`` as soon as a level goes over it.
     """
     t = type(value)
-    if t is str or t is bool or value is None:  # the common case, without building a walk
-        return
-    if _is_plain(value, max_depth):  # the fast verdict; the walk below only runs to name what is wrong
-        return
-    stack: list[tuple[Any, str, int]] = [(value, where, 0)]
-    on_path: set[int] = set()
-    # Iterative walk with an explicit exit marker so cycles are detected on the
-    # current path only (a shared, non-circular sub-object is fine).
-    while stack:
-        v, path, depth = stack.pop()
-        if v is _EXIT:
-            on_path.discard(path)  # type: ignore[arg-type]
-            continue
-        t = type(v)
-        if v is None or t is bool or t is str:
-            continue
-        if t is int:
-            if not -(2**63) <= v < 2**64:
-                raise TypeError(f"{path}: integer of {v.bit_length()} bits does not fit in 64 bits "
-                                "(like BigInt, it cannot be serialised)")
-            continue
-        if t is float:
-            if not math.isfinite(v):
-                raise TypeError(f"{path}: {v} is not a JSON number")
-            continue
-        if t is dict or t is list or t is tuple:
-            if depth >= max_depth:
-                raise TypeError(f"{path}: nested deeper than {max_depth} levels")
-            ident = id(v)
-            if ident in on_path:
-                raise TypeError(f"{path}: circular reference")
-            on_path.add(ident)
-            stack.append((_EXIT, ident, 0))  # type: ignore[arg-type]
-            if t is dict:
-                for k, item in v.items():
-                    if type(k) is not str:
-                        raise TypeError(f"{path}: object key of type {type(k).__name__} is not a string")
-                    stack.append((item, f"{path}[{k!r:.40}]", depth + 1))
-            else:
-                for i, item in enumerate(v):
-                    stack.append((item, f"{path}[{i}]", depth + 1))
-            continue
-        raise TypeError(f"{path}: {describe(v)} is not JSON-serialisable")
+    if t in _PLAIN:
+        return 0
+    if t not in _CONTAINERS:
+        _check_scalars([value], [t], {t}, lambda bad: where)
+        return 0
+    count = 0
+    levels: list[list[Any]] = []
+    level, level_kinds = [value], [t]   # the containers at the current depth, and their types
+    while level:
+        if len(levels) >= max_depth:
+            raise _too_deep(where, levels, level[0], max_depth)
+        if not tree and len(level) > 1:
+            level = list(dict(zip(map(id, level), level)).values())
+            level_kinds = list(map(type, level))
+        levels.append(level)
+        kinds = set(level_kinds)
+        if dict in kinds:
+            dicts = level if len(kinds) == 1 else list(compress(level, map(_is, level_kinds, repeat(dict))))
+            if not set(map(type, chain.from_iterable(dicts))) <= {str}:
+                holder = next(c for c in dicts if any(type(k) is not str for k in c))
+                key = next(k for k in holder if type(k) is not str)
+                raise TypeError(f"{_path(where, levels, holder)}: object key of type {type(key).__name__} "
+                                "is not a string")
+            seqs = [] if len(kinds) == 1 else list(compress(level, map(operator.is_not, level_kinds, repeat(dict))))
+        else:
+            dicts, seqs = [], level
+        # The next level's elements, gathered once (a pointer each): the passes below read a
+        # flat list, and each object is touched as few times as possible (on a large frame
+        # every touch of a container is a cache miss).
+        members = list(chain(chain.from_iterable(map(dict.values, dicts)), chain.from_iterable(seqs)))
+        count += len(members)
+        if max_values is not None and count > max_values:
+            raise ValueError(f"{where}: more than {max_values} values (objects, arrays and their items)")
+        kinds_of = list(map(type, members))
+        types = set(kinds_of)
+        if not types <= _PLAIN:
+            _check_scalars(members, kinds_of, types, lambda bad: _path(where, levels, _holder(levels[-1], bad), bad))
+        if types.isdisjoint(_CONTAINERS):
+            break
+        level = list(compress(members, map(_is_container, kinds_of)))
+        del members
+        level_kinds = list(compress(kinds_of, map(_is_container, kinds_of)))
+        del kinds_of
+    return count
 
 
-_EXIT = object()
-_MIN_INT, _MAX_INT = -(2**63), 2**64
+def _check_scalars(items: list[Any], kinds: list[type], types: set[type], at: Callable[[Any], str]) -> None:
+    """Ints must fit in 64 bits, floats be finite, and no type outside JSON appear (containers are the caller's).
 
-
-def _is_plain(v: Any, depth_left: int) -> bool:
-    """True if ``check_json`` would accept ``v``: the same rules, without building paths.
-
-    Recursion is bounded by ``depth_left`` (so a cycle ends as "too deep", and the
-    full walk then names it). False only sends the value to the full walk.
+    ``kinds`` is ``[type(x) for x in items]``, ``types`` its set.
     """
-    t = type(v)
-    if t is dict:
-        if depth_left <= 0:
-            return False
-        for k, item in v.items():
-            if type(k) is not str:
-                return False
-            ti = type(item)
-            if ti is str or ti is bool or item is None:
-                continue
-            if ti is dict or ti is list or ti is tuple:
-                if not _is_plain(item, depth_left - 1):
-                    return False
-            elif not _is_plain_scalar(item, ti):
-                return False
-        return True
-    if t is list or t is tuple:
-        if depth_left <= 0:
-            return False
-        for item in v:
-            ti = type(item)
-            if ti is str or ti is bool or item is None:
-                continue
-            if ti is dict or ti is list or ti is tuple:
-                if not _is_plain(item, depth_left - 1):
-                    return False
-            elif not _is_plain_scalar(item, ti):
-                return False
-        return True
-    return _is_plain_scalar(v, t)
+    bad = types - _ALLOWED
+    if bad:
+        v = next(x for x in items if type(x) in bad)
+        raise TypeError(f"{at(v)}: {describe(v)} is not JSON-serialisable")
+    if int in types:
+        ints = list(compress(items, map(_is, kinds, repeat(int))))
+        if min(ints) < _INT_MIN or max(ints) >= _INT_END:
+            v = next(x for x in ints if not _INT_MIN <= x < _INT_END)
+            raise TypeError(f"{at(v)}: integer of {v.bit_length()} bits does not fit in 64 bits "
+                            "(like BigInt, it cannot be serialised)")
+    if float in types:
+        if not all(map(math.isfinite, compress(items, map(_is, kinds, repeat(float))))):
+            v = next(x for x in items if type(x) is float and not math.isfinite(x))
+            raise TypeError(f"{at(v)}: {v} is not a JSON number")
 
 
-def _is_plain_scalar(v: Any, t: type) -> bool:
-    if t is str or t is bool or v is None:
-        return True
-    if t is int:
-        return _MIN_INT <= v < _MAX_INT
-    if t is float:
-        return math.isfinite(v)
-    return False
+def _holder(level: list[Any], member: Any) -> Any:
+    """The first container of ``level`` that holds ``member``, by identity (error paths only).
+
+    C-level like the walk itself: the offending frame is the attacker's, and naming the
+    path must not cost a Python step per container either.
+    """
+    for group in (list(compress(level, map(_is, map(type, level), repeat(dict)))),
+                  list(compress(level, map(operator.is_not, map(type, level), repeat(dict))))):
+        members = chain.from_iterable(map(dict.values, group)) if group and type(group[0]) is dict \
+            else chain.from_iterable(group)
+        pos = next(compress(count(), map(_is, members, repeat(member))), None)
+        if pos is not None:
+            return group[bisect_right(list(accumulate(map(len, group))), pos)]
+    raise LookupError("member not found in level")  # unreachable: the walk found it there
 
 
-def check_params(method: ApiMethod, args: list[Any]) -> list[Any]:
+def _too_deep(where: str, levels: list[list[Any]], container: Any, max_depth: int) -> TypeError:
+    """A container one level too deep: a cycle if it is its own ancestor, else plain depth."""
+    if not levels:
+        return TypeError(f"{where}: nested deeper than {max_depth} levels")
+    parent = _holder(levels[-1], container)
+    chain_ = _ancestry(levels, parent)
+    for i, anc in enumerate(chain_):
+        if anc is container or any(anc is a for a in chain_[i + 1:]):
+            return TypeError(f"{_path(where, levels, parent, container)}: circular reference")
+    return TypeError(f"{_path(where, levels, parent, container)}: nested deeper than {max_depth} levels")
+
+
+def _ancestry(levels: list[list[Any]], container: Any) -> list[Any]:
+    """[root, ..., container]: each level's holder of the next, found by identity (error paths only)."""
+    out = [container]
+    for level in reversed(levels[:-1]):
+        out.append(_holder(level, out[-1]))
+    out.reverse()
+    return out
+
+
+def _path(where: str, levels: list[list[Any]], container: Any, member: Any = None) -> str:
+    """``where[1]['b'][0]``: the route from the root to ``container`` (and ``member`` inside it)."""
+    route = _ancestry(levels[: _depth_of(levels, container) + 1], container)
+    if member is not None:
+        route.append(member)
+    parts = [where]
+    for parent, child in zip(route, route[1:]):
+        if type(parent) is dict:
+            key = next(k for k, v in parent.items() if v is child)
+            parts.append(f"[{key!r:.40}]")
+        else:
+            parts.append(f"[{next(i for i, v in enumerate(parent) if v is child)}]")
+    return "".join(parts)
+
+
+def _depth_of(levels: list[list[Any]], container: Any) -> int:
+    return next(d for d in range(len(levels) - 1, -1, -1) if any(map(_is, levels[d], repeat(container))))
+
+
+def check_params(method: ApiMethod, args: list[Any], *, tree: bool = False, tally: list[int] | None = None) -> list[Any]:
     """Validate positional ``args`` for ``method``; return them padded with None.
 
-    Raises ``TypeError`` with a message meant for the action author.
+    Raises ``TypeError`` (or ``ValueError`` for an argument of more than
+    ``MAX_JSON_VALUES`` values) with a message meant for the action author.
+    ``tree`` as in :func:`check_json` (the supervisor checks values fresh from
+    the decoder); ``tally[0]`` is increased by the number of values checked.
     """
     params = method.params
     required = sum(1 for p in params if not p.optional)
@@ -204,6 +274,7 @@ def check_params(method: ApiMethod, args: list[Any]) -> list[Any]:
     out = list(args) + [None] * (len(params) - len(args))
     for p, v in zip(params, out):
         where = f"api.{method.name}: {p.name}"
+        n = 0
         if v is None and p.optional:
             continue
         if p.kind is Kind.STR:
@@ -212,7 +283,9 @@ def check_params(method: ApiMethod, args: list[Any]) -> list[Any]:
         elif p.kind is Kind.OBJECT:
             if type(v) is not dict:
                 raise TypeError(f"{where} must be an object (dict), got {describe(v)}")
-            check_json(v, where)
+            n = check_json(v, where, tree=tree)
         else:
-            check_json(v, where)
+            n = check_json(v, where, tree=tree)
+        if tally is not None:
+            tally[0] += n
     return out

@@ -35,6 +35,9 @@ class Limits:
     max_output_bytes: int = 4 << 20     # all bytes a worker may send during one execution
     max_calls: int = 1000               # api calls per execution
     cpu_limit_ms: float | None = None   # CPU time per execution (denial.kind cpu_limit); None: wall clock only
+    max_queued_reply_bytes: int = 2 << 20  # replies queued to a worker that does not read its pipe
+    supervisor_cpu_ms: int = 500        # supervisor CPU time one execution's messages and api calls may use
+    max_values: int = 200_000           # values (objects, arrays, items) in one execution's api arguments
 
     def merged(self, overrides: dict[str, Any] | None) -> "Limits":
         if not overrides:
@@ -57,6 +60,8 @@ class Limits:
             raise ConfigError("limits.memory_mb must be at least 32 (the interpreter itself needs it)")
         if self.max_log_message_bytes > self.max_frame_bytes:
             raise ConfigError("limits.max_log_message_bytes cannot exceed limits.max_frame_bytes")
+        if self.max_queued_reply_bytes < self.max_frame_bytes + 4:
+            raise ConfigError("limits.max_queued_reply_bytes must hold at least one frame (max_frame_bytes + 4)")
 
 
 @dataclass(frozen=True)

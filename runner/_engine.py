@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from ..protocol import check_json
+from ..protocol import check_json, pack
 
 from ._config import RunnerConfig
 from ._cpu import CpuGovernor
@@ -32,21 +32,45 @@ _KILLED_KINDS = frozenset({"worker_crash", "protocol_error"})
 
 
 def event_problem(event: Any, max_frame_bytes: int) -> str | None:
-    """Why ``event`` cannot be a flow's event (not an object, not plain JSON, too deep, too large), or None."""
+    """Why ``event`` cannot be a flow's event (not an object, not plain JSON, too deep, too large), or None.
+
+    Size first, then structure: orjson (C, linear, stops at the first value it cannot
+    write) measures the serialised size before any per-element check runs, so an
+    oversized event is refused for the cost of one encode; ``check_json`` then judges
+    exact types, finite numbers and depth on a value already known to be small.
+    """
     if type(event) is not dict:
         return f"event must be a JSON object, got {type(event).__name__}"
-    try:
-        check_json(event, "event", max_depth=MAX_EVENT_DEPTH)
-    except TypeError as exc:
-        return str(exc)
-    except RecursionError:
-        return "event nested too deeply"
+    limit = max_frame_bytes // 2
     try:  # strings must be valid UTF-8 (lone surrogates cannot cross the wire)
         size = len(orjson.dumps(event))
     except (TypeError, orjson.JSONEncodeError) as exc:
+        try:  # a precise message (the path of the bad value) when there is one
+            check_json(event, "event", max_depth=MAX_EVENT_DEPTH, max_values=None)
+        except TypeError as precise:
+            return str(precise)
         return f"event is not serialisable: {exc}"
-    if size > max_frame_bytes // 2:
-        return f"event of {size} bytes exceeds the {max_frame_bytes // 2}-byte limit"
+    if size > limit:
+        return f"event of {size} bytes exceeds the {limit}-byte limit"
+    try:
+        # tree=True: orjson bounded the expanded size and refused cycles already.
+        check_json(event, "event", max_depth=MAX_EVENT_DEPTH, tree=True, max_values=None)
+    except TypeError as exc:
+        return str(exc)
+    return None
+
+
+def carry_problem(flow: FlowState, nxt: Action, max_frame_bytes: int) -> str | None:
+    """Why the next action's execute request would not fit in one frame, or None.
+
+    Later actions receive the state and metadata earlier ones set in their event
+    (``event.step``, ``event.user``). When they no longer fit, the action that just set
+    them is blamed, not the next one, whose request could not even be encoded.
+    """
+    size = len(pack(flow.event_for(nxt))) + len(nxt.source.encode("utf-8", "surrogatepass")) + 1024
+    if size > max_frame_bytes:
+        return (f"state and metadata set by this action make the next action's request {size} bytes, "
+                f"over the {max_frame_bytes}-byte frame limit")
     return None
 
 
@@ -142,7 +166,8 @@ class FlowEngine:
                 params.update(language="js", timeout_s=timeout, memory_bytes=js_heap_bytes(limits))
             if action.digest not in w.compiled:
                 params["source"] = action.source
-            fut = w.execute(params, ctx, timeout, kind, limits.max_output_bytes)
+            fut = w.execute(params, ctx, timeout, kind, limits.max_output_bytes,
+                            max_queued=limits.max_queued_reply_bytes, cpu_budget_s=limits.supervisor_cpu_ms / 1000)
             cpu = self.cpu
             if cpu is not None:
                 cpu.begin(w, ctx.action_deadline - timeout, limits.cpu_limit_ms)
@@ -184,5 +209,11 @@ class FlowEngine:
                     rec.status = "failed_open"
                     continue
                 rec.status = "denied" if flow.denial and flow.denial["kind"] in ("denied", "validation_error") else "failed"
+            elif ctx.grew_event and i + 1 < len(actions) and \
+                    (problem := carry_problem(flow, actions[i + 1], flow.limits_for(actions[i + 1].slug).max_frame_bytes)):
+                # Blamed here, on the action that produced the data, not on the next one whose
+                # execute request could no longer be encoded.
+                flow.deny(action.slug, DenialKind.OUTPUT_LIMIT, problem, None)
+                rec.status = "failed"
             else:
                 rec.status = "ok"

@@ -38,6 +38,8 @@ class ExecutionContext(CallHandler):
         self.calls = 0
         self.log_entries = 0
         self.denied_here = False
+        self.grew_event = False   # state, metadata or user id changed: later actions' events grow
+        self._values = [0]        # values (objects, arrays, items) in this execution's api arguments
         self._fetch_slots: asyncio.Semaphore | None = None  # created on the first fetch
 
     # -- admission -----------------------------------------------------------------
@@ -51,9 +53,13 @@ class ExecutionContext(CallHandler):
         if self.calls > self.limits.max_calls:
             raise Violation("output_limit", f"more than {self.limits.max_calls} api calls in one execution")
         try:
-            args = check_params(METHODS[method], params)
-        except TypeError as exc:
+            args = check_params(METHODS[method], params, tree=True, tally=self._values)
+        except (TypeError, ValueError) as exc:
             raise Violation("protocol_error", f"invalid arguments from worker: {exc}") from None
+        if self._values[0] > self.limits.max_values:
+            # Bytes are bounded elsewhere; this bounds what they decode to and keep alive in the flow
+            # (a byte of msgpack can be a 56-byte Python object the cyclic GC scans).
+            raise Violation("output_limit", f"more than {self.limits.max_values} values in one execution's api calls")
         return fn, args
 
     def notify(self, method: str, params: list[Any]) -> None:
@@ -81,6 +87,7 @@ class ExecutionContext(CallHandler):
 
     # -- state, logs, metadata, claims -------------------------------------------------------
     def _state_set(self, a: list[Any]) -> None:
+        self.grew_event = True
         self.flow.set_state(self.slug, a[0], a[1])
 
     def _log(self, a: list[Any]) -> None:
@@ -93,14 +100,17 @@ class ExecutionContext(CallHandler):
         self.flow.log(self.slug, level, truncate_utf8(message, self.limits.max_log_message_bytes))
 
     def _set_app_metadata(self, a: list[Any]) -> None:
+        self.grew_event = True
         self.flow.patch_metadata("app_metadata", a[0])
 
     def _set_user_metadata(self, a: list[Any]) -> None:
+        self.grew_event = True
         self.flow.patch_metadata("user_metadata", a[0])
 
     def _set_user_id(self, a: list[Any]) -> None:
         if not a[0]:
             raise Violation("protocol_error", "user id must be a non-empty string")
+        self.grew_event = True
         self.flow.set_user_id(a[0])
 
     def _claim(self, token: str, name: str, value: Any) -> None:

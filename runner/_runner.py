@@ -21,6 +21,7 @@ from ._config import RunnerConfig
 from ._engine import MAX_EVENT_DEPTH, FlowEngine  # noqa: F401  (MAX_EVENT_DEPTH re-exported)
 from ._errors import ConfigError, RunnerClosed, SandboxUnavailable
 from ._flow import Action, FlowResult, FlowState
+from ._lag import LagMonitor
 from ._launch import Launcher
 from ._pool import Pool
 from ._services import Services
@@ -50,6 +51,7 @@ class Runner:
         self._engine: FlowEngine | None = None
         self._start_task: asyncio.Future[None] | None = None
         self._close_task: asyncio.Future[None] | None = None
+        self._lag = LagMonitor()
         self.flows = 0
 
     # -- life cycle ------------------------------------------------------------------
@@ -74,6 +76,7 @@ class Runner:
 
     async def _start(self) -> None:
         cfg = self.config
+        self._lag.start()  # the loop's own lateness, in stats()
         self._services = Services(cfg)
         self._launcher = Launcher(cfg)
         await self._launcher.start()
@@ -126,6 +129,7 @@ class Runner:
         await self._teardown(grace)
 
     async def _teardown(self, grace: float = 0.0) -> None:
+        self._lag.stop()
         if self._pool is not None:
             await self._pool.close(grace)
         if self._inflight:  # flows whose workers were just killed answer now
@@ -144,6 +148,7 @@ class Runner:
         s["flows"] = self.flows
         if self._engine is not None and self._engine.cpu is not None:
             s.update(self._engine.cpu.stats())
+        s.update(self._lag.stats())
         if self._launcher is not None:
             s.update(self._launcher.stats())
         return s

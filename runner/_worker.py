@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import logging
 import os
 import signal
 import time
@@ -25,6 +26,7 @@ from typing import Any, Awaitable, Callable
 
 from ..protocol import (
     FrameDecoder,
+    FrameTooLarge,
     Notification,
     ProtocolError,
     Request,
@@ -37,6 +39,10 @@ from ..protocol import (
 from ._rand import random_u32
 from ._spawn import Spawned
 from ._errors import Violation
+
+
+_cpu = time.thread_time   # the loop thread's CPU time: what one execution's messages cost everyone else
+log = logging.getLogger("actionpool.worker")
 
 
 class State(enum.Enum):
@@ -80,7 +86,10 @@ class _Running:
     future: asyncio.Future[Outcome]
     started: float
     max_output: int
+    max_queued: int = 2 << 20     # bytes of replies queued to the worker (it is not reading them)
+    cpu_budget: float = 0.5       # seconds of supervisor CPU for this execution's messages and api calls
     bytes_in: int = 0
+    cpu: float = 0.0              # supervisor CPU used so far on behalf of this execution
     timer: asyncio.TimerHandle | None = None
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
 
@@ -191,8 +200,13 @@ class WorkerHandle(asyncio.Protocol):
 
     # -- execution ---------------------------------------------------------------
     def execute(self, params: dict[str, Any], handler: CallHandler, timeout: float, timeout_kind: str,
-                max_output: int) -> asyncio.Future[Outcome]:
-        """Send one execute request; the future resolves exactly once with its Outcome."""
+                max_output: int, *, max_queued: int = 2 << 20, cpu_budget_s: float = 0.5) -> asyncio.Future[Outcome]:
+        """Send one execute request; the future resolves exactly once with its Outcome.
+
+        ``max_output`` bounds the bytes the worker sends, ``max_queued`` the bytes of replies
+        waiting for it to read, ``cpu_budget_s`` the supervisor CPU its messages and api calls
+        may use; going over any of them kills the worker (``output_limit``).
+        """
         if self.state is not State.IDLE:
             # Died between being handed out and being used (an OOM kill, an external SIGKILL).
             fut: asyncio.Future[Outcome] = self._loop.create_future()
@@ -202,7 +216,7 @@ class WorkerHandle(asyncio.Protocol):
         self.state = State.BUSY
         # An unpredictable id: a blind forgery of the answer from inside the worker names no pending request.
         fut = self._loop.create_future()
-        run = _Running(random_u32(), handler, fut, time.perf_counter(), max_output)
+        run = _Running(random_u32(), handler, fut, time.perf_counter(), max_output, max_queued, cpu_budget_s)
         self._running = run
         self.executions += 1
         run.timer = self._loop.call_later(timeout, self._on_timeout, run, timeout_kind, timeout)
@@ -255,11 +269,14 @@ class WorkerHandle(asyncio.Protocol):
                 self._salvage_logs(run, data[:max(len(data) - (run.bytes_in - run.max_output), 0)])
                 self._violation("output_limit", f"worker sent more than {run.max_output} bytes in one execution")
                 return
+        start = _cpu()
         try:
             for value in self._decoder.feed(data):
                 self._dispatch(parse_message(value))
                 if self.state is State.DEAD:
                     return
+            if run is not None:
+                self._charge(run, _cpu() - start)
         except ProtocolError as exc:
             self._answered = None
             self._violation("protocol_error", f"{type(exc).__name__}: {exc}")
@@ -328,17 +345,61 @@ class WorkerHandle(asyncio.Protocol):
             self.kill(f"execution failed: {error.get('kind')}")
 
     async def _serve_request(self, run: _Running, req: Request) -> None:
+        """Run one value-returning call and answer it; every failure is an error reply the action can catch."""
         try:
-            result = await run.handler.request(req.method, req.params)
+            start = _cpu()
+            try:
+                coro = run.handler.request(req.method, req.params)   # admission: may raise Violation
+            finally:
+                self._charge(run, _cpu() - start)
+            if self._running is not run:
+                coro.close()
+                return
+            result = await _Metered(coro, self, run)
             reply = Response(req.msgid, None, result)
         except ApiFailure as exc:
-            reply = Response(req.msgid, {"kind": exc.kind, "message": str(exc)}, None)
+            reply = _error_reply(req.msgid, exc.kind, str(exc))
         except Violation as exc:
             if self._running is run:
                 self._violation(exc.kind, str(exc))
             return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            kind = getattr(exc, "error_kind", None)   # FetchError, CacheUnavailable raised unmapped
+            if type(kind) is not str:
+                log.exception("api.%s failed in the supervisor", req.method)
+                kind = "internal_error"
+            reply = _error_reply(req.msgid, kind, str(exc) or type(exc).__name__)
         if self._running is run and self.state is State.BUSY:
-            self._write(reply.wire())
+            self._reply(run, reply)
+
+    def _reply(self, run: _Running, reply: Response) -> None:
+        """Write one reply; an unencodable or oversized result becomes an error reply, never silence."""
+        try:
+            frame = encode_frame(reply.wire(), self._max_frame)
+        except FrameTooLarge as exc:
+            frame = encode_frame(_error_reply(reply.msgid, "reply_too_large", str(exc)).wire(), self._max_frame)
+        except (TypeError, ValueError) as exc:  # e.g. a string that is not valid UTF-8
+            frame = encode_frame(_error_reply(reply.msgid, "internal_error",
+                                              f"the reply could not be encoded: {type(exc).__name__}").wire(),
+                                 self._max_frame)
+        t = self._wtransport
+        if t is None or t.is_closing():
+            return
+        t.write(frame)
+        # Back-pressure: a worker that does not read its replies may not make us hold them.
+        queued = t.get_write_buffer_size()
+        if queued > run.max_queued:
+            self._violation("output_limit", f"{queued} bytes of replies queued to a worker that does not read "
+                                            f"them (limit {run.max_queued})")
+
+    def _charge(self, run: _Running, seconds: float) -> None:
+        """Count supervisor CPU against ``run``; over its budget the worker is killed."""
+        run.cpu += seconds
+        if run.cpu > run.cpu_budget and self._running is run:
+            self._violation("output_limit", f"api calls used more than {run.cpu_budget * 1000:.0f} ms of "
+                                            "supervisor CPU time in one execution")
 
     def eof_received(self) -> bool:
         self._pipe_closed()
@@ -460,3 +521,49 @@ class WorkerHandle(asyncio.Protocol):
             self._drain_logs(self._running)  # the pipe is closed next: read the lines still in it
             self._loop.create_task(self._crash_report(self._running))
         self._close_transports()
+
+
+def _error_reply(msgid: int, kind: str, message: str) -> Response:
+    """The error reply of a value-returning call: ``api.ApiError`` with ``.code == kind`` in the action."""
+    return Response(msgid, {"kind": kind, "message": message[:4096]}, None)
+
+
+class _Metered:
+    """Awaits a handler's coroutine, charging the loop thread's CPU time of each of its steps to one run.
+
+    Only the steps of this coroutine are measured (not the time it waits, nor other tasks), so a
+    fetch that waits 4 s on the network costs what its parsing and decoding cost.
+    """
+
+    __slots__ = ("_coro", "_handle", "_run")
+
+    def __init__(self, coro: Any, handle: WorkerHandle, run: _Running) -> None:
+        self._coro = coro
+        self._handle = handle
+        self._run = run
+
+    def __await__(self) -> Any:
+        return self
+
+    def __iter__(self) -> Any:
+        return self
+
+    def __next__(self) -> Any:
+        return self.send(None)
+
+    def send(self, value: Any) -> Any:
+        start = _cpu()
+        try:
+            return self._coro.send(value)
+        finally:
+            self._handle._charge(self._run, _cpu() - start)
+
+    def throw(self, *exc: Any) -> Any:
+        start = _cpu()
+        try:
+            return self._coro.throw(*exc)
+        finally:
+            self._handle._charge(self._run, _cpu() - start)
+
+    def close(self) -> None:
+        self._coro.close()

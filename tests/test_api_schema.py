@@ -47,7 +47,7 @@ def nested_dict(levels: int) -> Any:
     ],
 )
 def test_check_json_accepts_plain_values(value: Any) -> None:
-    assert check_json(value, "v") is None
+    assert check_json(value, "v") >= 0   # accepted: the number of values inside
 
 
 def test_shared_non_circular_sub_object_is_accepted() -> None:
@@ -452,3 +452,20 @@ def test_snake_aliases_do_not_collide_within_a_namespace() -> None:
 )
 def test_snake_case_general(camel: str, snake: str) -> None:
     assert snake_case(camel) == snake
+
+
+def test_check_json_counts_values_and_caps_them() -> None:
+    from actionpool.protocol._schema import MAX_JSON_VALUES
+
+    assert check_json("x", "v") == 0
+    assert check_json([1, [2, 3], {"a": None}], "v") == 6
+    assert check_json([0] * MAX_JSON_VALUES, "v") == MAX_JSON_VALUES
+    with pytest.raises(ValueError, match=r"^v: more than 100000 values"):
+        check_json([0] * (MAX_JSON_VALUES + 1), "v")
+    with pytest.raises(ValueError):
+        check_json([[[]] * 60_000, [[]] * 60_000], "v", tree=True)
+    assert check_json([0] * (MAX_JSON_VALUES + 1), "v", max_values=None) == MAX_JSON_VALUES + 1
+    tally = [0]
+    check_params(METHODS["state.set"], ["k", [1, 2]], tally=tally)
+    check_params(METHODS["log"], ["info", "m"], tally=tally)
+    assert tally == [2]

@@ -112,3 +112,48 @@ async def test_fault(name: str, body: str, stage: str, expected: str) -> None:
     async with make_runner() as r:
         res = await run(r, "def on_execute(event, api):\n    api.state.set('ok', True)\n")
     assert res["outcome"] == "allow"
+
+
+class _ReplyHandler:
+    """Value-returning calls whose results or failures the supervisor must still turn into a reply."""
+
+    def notify(self, method: str, params: list[Any]) -> None:
+        raise Violation("protocol_error", f"fake worker called {method}")
+
+    async def request(self, method: str, params: list[Any]) -> Any:
+        from actionpool.runner._errors import CacheUnavailable, FetchError
+
+        if method == "too_large":
+            return "x" * (2 << 20)            # over the 1 MiB frame
+        if method == "not_utf8":
+            return "\ud800"                   # cannot be encoded
+        if method == "bug":
+            raise RuntimeError("a bug in a handler")
+        if method == "fetch_error":
+            raise FetchError("raised without being mapped")
+        if method == "cache_down":
+            raise CacheUnavailable("redis at 127.0.0.1:1 is down")
+        return "fine"
+
+
+REPLY_CASES = [("too_large", "reply_too_large"), ("not_utf8", "internal_error"), ("bug", "internal_error"),
+               ("fetch_error", "http_fetch_error"), ("cache_down", "cache_unavailable"), ("ok", None)]
+
+
+@pytest.mark.parametrize("method,code", REPLY_CASES, ids=[c[0] for c in REPLY_CASES])
+async def test_every_request_is_answered(method: str, code: str | None) -> None:
+    """A reply over the frame limit, unencodable, or a handler that fails: an error reply, never silence."""
+    body = f"""
+recv(); hello(); m = recv()
+send([0, 5, {method!r}, []])
+r = recv()
+ok = r.msgid == 5 and ((r.error or {{}}).get('kind') == {code!r} if {code!r} else r.error is None)
+send([1, m.msgid, None if ok else {{'kind': 'uncaught_error', 'message': repr(r)[:300]}}, {{}}])
+time.sleep(30)
+"""
+    w = WorkerHandle(spawn_fake(body), max_frame=1 << 20)
+    await w.start({}, timeout=5.0)
+    outcome = await asyncio.wait_for(w.execute({}, _ReplyHandler(), 5.0, "timeout", 1 << 20), 10)
+    assert outcome.error is None, outcome.error
+    w.kill("done")
+    assert await w.wait_exit(5.0) is not None

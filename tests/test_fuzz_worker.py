@@ -552,3 +552,183 @@ def test_fuzz_reply_pipe_bytes(no_asyncio_errors: None) -> None:
         one()
         assert lr.runner.stats()["discarded"] >= sum(kinds.values())
     assert "protocol_error" in kinds and "timeout" in kinds, kinds
+
+
+# --------------------------------------------------------------------------------------------
+# the supervisor's message handlers in-process: WorkerHandle decoding + ExecutionContext admission
+#
+# The bytes a worker writes are fed straight into ``WorkerHandle.data_received`` (the asyncio
+# callback of its pipe) during a BUSY execution whose api calls go to a real ExecutionContext,
+# FlowState and Services. The "worker" is a ``sleep`` process in its own session, so a verdict's
+# kill is real and harms nothing. Every input must end in a clean state (no verdict yet, or the
+# worker's own answer) or a precise kind, with no exception escaping the callback and nothing
+# left running; the cost per input byte is measured.
+
+import os as _os
+import subprocess as _subprocess
+import time as _time
+import tracemalloc as _tracemalloc
+
+from actionpool.protocol import encode_frame
+from actionpool.runner._flow import FlowState
+from actionpool.runner._handlers import ExecutionContext
+from actionpool.runner._services import Services
+from actionpool.runner._spawn import Spawned
+from actionpool.runner._triggers import profile
+from actionpool.runner._worker import State, WorkerHandle
+
+VERDICTS = {"protocol_error", "output_limit"}          # what the supervisor decides on its own
+ANSWER_KINDS = {"uncaught_error", "memory_limit"}      # what an answering worker may report
+
+
+class Handled:
+    """One BUSY execution on a handle whose worker is a harmless stand-in process."""
+
+    def __init__(self, services: Services, limits: Limits | None = None) -> None:
+        self.proc = _subprocess.Popen(["sleep", "60"], start_new_session=True)
+        r1, w1 = _os.pipe()
+        r2, w2 = _os.pipe()
+        for fd in (w1, r2):   # the stand-in's ends: unused
+            _os.close(fd)
+        self.handle = WorkerHandle(Spawned(self.proc.pid, r1, w2), max_frame=MAX_FRAME)
+        self.handle.state = State.IDLE
+        lim = limits or Limits()
+        self.flow = FlowState(tenant="fz", trigger="post-login", event={}, actions=[Action(slug="fz", source="")],
+                              limits=lim, flow_timeout_s=30.0, denial_message="no")
+        ctx = ExecutionContext(self.flow, "fz", profile("post-login"), services, _time.monotonic() + 30)
+        self.future = self.handle.execute({}, ctx, 30.0, "timeout", lim.max_output_bytes,
+                                          max_queued=lim.max_queued_reply_bytes,
+                                          cpu_budget_s=lim.supervisor_cpu_ms / 1000)
+        run = self.handle._running
+        assert run is not None
+        self.msgid = run.msgid
+
+    async def settle(self) -> dict[str, Any] | None:
+        """Let request tasks run, end the execution if nothing did, return its error (None: clean answer)."""
+        for _ in range(5):
+            await asyncio.sleep(0)
+        run = self.handle._running
+        if run is not None:                  # no verdict and no answer: the timer would end it
+            assert self.handle.alive
+            self.handle._on_timeout(run, "timeout", 30.0)
+        outcome = await asyncio.wait_for(self.future, 5)
+        self.handle.kill("done")
+        self.proc.wait(5)
+        return outcome.error
+
+
+def rpc_frame(kind: int, *rest: Any) -> bytes:
+    return frame([kind, *rest])
+
+
+OFFERED = sorted(profile("post-login").methods)
+params_values = st.lists(st.one_of(json_scalars, json_values, st.binary(max_size=4),
+                                   st.just(float("nan")), st.just(2**64 - 1)), max_size=4)
+ops = st.one_of(
+    st.tuples(st.sampled_from(OFFERED), params_values).map(lambda t: ("notify", t)),
+    st.tuples(st.sampled_from(["cache.get", "cache.set", "cache.delete", "fetch"]), params_values).map(
+        lambda t: ("request", t)),
+    st.tuples(st.sampled_from(["log", "state.set"]), st.just(["info", "x"])).map(lambda t: ("notify", t)),
+    st.tuples(NOT_API, params_values).map(lambda t: ("notify", t)),
+    st.one_of(st.none(), st.dictionaries(st.sampled_from(["kind", "type", "message", "traceback"]),
+                                         st.sampled_from(["uncaught_error", "memory_limit", "allow", "x"]))).map(
+        lambda e: ("answer", e)),
+    reply_bytes.map(lambda b: ("raw", b)),
+)
+
+
+def render(op: tuple[str, Any], msgid: int) -> bytes:
+    kind, arg = op
+    if kind == "notify":
+        return rpc_frame(2, arg[0], arg[1])
+    if kind == "request":
+        return rpc_frame(0, 7, arg[0], arg[1])
+    if kind == "answer":
+        return rpc_frame(1, msgid, arg, {"ok": True})
+    return arg
+
+
+async def feed(seq: list[tuple[str, Any]], cuts: list[int], services: Services) -> str:
+    """Feed one rendered sequence, cut into pieces, to a BUSY handle; return how the execution ended."""
+    h = Handled(services)
+    data = b"".join(render(op, h.msgid) for op in seq)
+    pieces, last = [], 0
+    for c in sorted({c % (len(data) + 1) for c in cuts}):
+        pieces.append(data[last:c])
+        last = c
+    pieces.append(data[last:])
+    started = _time.thread_time()
+    for p in pieces:
+        if p:
+            h.handle.data_received(p)     # nothing may escape the protocol callback
+    spent = _time.thread_time() - started
+    assert spent < 0.5 + len(data) * 2e-6, (spent, len(data))
+    error = await h.settle()
+    kind = "answer" if error is None else error["kind"]
+    assert kind in VERDICTS | ANSWER_KINDS | {"answer", "timeout"}, error
+    if kind == "timeout":     # no verdict and no answer: then no well-formed answer was sent whole
+        assert not any(op[0] == "answer" for op in seq) or any(op[0] == "raw" for op in seq), seq
+    return kind
+
+
+async def _services() -> Services:
+    return Services(RunnerConfig())
+
+
+def test_fuzz_message_handlers(no_asyncio_errors: None) -> None:
+    verdicts: dict[str, int] = {}
+    loop = asyncio.new_event_loop()
+    services = loop.run_until_complete(_services())
+    try:
+        @FUZZ_CHEAP
+        @given(seq=st.lists(ops, min_size=1, max_size=6), cuts=st.lists(st.integers(0, 10_000), max_size=4))
+        @example(seq=[("answer", None)], cuts=[])
+        @example(seq=[("notify", ("state.set", ["k", 1])), ("answer", None)], cuts=[1, 5])
+        @example(seq=[("notify", ("user.setUserId", ["x"])), ("answer", None)], cuts=[])    # not offered
+        @example(seq=[("request", ("fetch", ["http://127.0.0.1:9/"])), ("answer", None)], cuts=[])
+        @example(seq=[("raw", b"\xff\xff\xff\xff")], cuts=[2])
+        @example(seq=[("answer", None), ("notify", ("log", ["info", "after"]))], cuts=[])
+        def one(seq: list[tuple[str, Any]], cuts: list[int]) -> None:
+            kind = loop.run_until_complete(feed(seq, cuts, services))
+            verdicts[kind] = verdicts.get(kind, 0) + 1
+
+        one()
+    finally:
+        loop.run_until_complete(services.aclose())
+        loop.close()
+    assert {"answer", "protocol_error"} <= set(verdicts), verdicts
+
+
+@pytest.mark.parametrize("shape", ["empty_lists", "chains_to_depth_limit", "small_dicts", "flat_mixed", "long_keys"])
+def test_handler_cost_per_byte(shape: str) -> None:
+    """A ~1 MiB frame of an adversarial shape, through data_received and admission: linear, bounded memory."""
+    from test_protocol_cost import SHAPES, peak_bytes, sized, timed
+
+    value, big = sized(SHAPES[shape], MAX_FRAME - 1024)
+    _, small = sized(SHAPES[shape], (MAX_FRAME - 1024) // 4)
+    loop = asyncio.new_event_loop()
+    services = loop.run_until_complete(_services())
+
+    def through_handler(data: bytes) -> None:
+        async def go() -> None:
+            h = Handled(services, Limits(supervisor_cpu_ms=600_000))   # cost is measured here, not capped
+            h.handle.data_received(data)
+            h.handle.data_received(rpc_frame(1, h.msgid, None, {"ok": True}))
+            error = await h.settle()    # stored, or refused for its number of values: never anything else
+            assert error is None or (error["kind"] == "protocol_error" and "values" in error["message"]), error
+        loop.run_until_complete(go())
+
+    try:
+        from actionpool.protocol import FrameDecoder
+        decode = timed(lambda: FrameDecoder(MAX_FRAME).feed(big))
+        whole = timed(lambda: through_handler(big))
+        part = timed(lambda: through_handler(small))
+        # Measured with the thread's CPU time; spawning the stand-in process is part of both.
+        assert whole <= 10 * decode + 0.1, (shape, whole, decode)
+        assert whole <= 8 * part + 0.1, (shape, whole, part)
+        value_bytes = peak_bytes(lambda: FrameDecoder(MAX_FRAME).feed(big))
+        peak = peak_bytes(lambda: through_handler(big))
+        assert peak <= 4 * value_bytes + (1 << 20), (shape, peak, value_bytes)
+    finally:
+        loop.run_until_complete(services.aclose())
+        loop.close()

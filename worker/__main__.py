@@ -70,6 +70,8 @@ def serve(rfd: int, wfd: int) -> None:
         elif type(msg) is Notification and msg.method == "shutdown":
             ch.flush()
             return
+        elif type(msg) is Response:  # a reply to a request of a finished execution: dropped
+            ch.stale += 1
         else:
             os._exit(EXIT_PROTOCOL)
 

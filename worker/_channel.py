@@ -5,6 +5,12 @@ with the next request or with the execution's answer, so a typical action
 costs the supervisor one wake-up. Value-returning calls flush and wait.
 While an ``async def`` handler runs, the pipe is also watched by the event
 loop so several ``await api.fetch(...)`` can be in flight at once.
+
+Request ids are unique for the worker's life, so every reply names the one
+request, and with it the one execution, it answers. A reply nobody waits for
+any more (its request was abandoned: a task cancelled when its execution
+ended, or the supervisor answered just as the execution did) is dropped and
+counted in ``stale``; it can never reach a later execution.
 """
 
 from __future__ import annotations
@@ -14,7 +20,8 @@ import os
 from collections import deque
 from typing import Any
 
-from ..protocol import FrameDecoder, InvalidMessage, Notification, Request, Response, encode_frame, parse_message
+from ..protocol import (FrameDecoder, FrameTooLarge, InvalidMessage, Notification, Request, Response, encode_frame,
+                        parse_message)
 from ..protocol._framing import HEADER
 
 FLUSH_AT = 64 * 1024
@@ -35,6 +42,7 @@ class Channel:
         self.coalesce = True
         self._next_id = 1
         self.waiting: dict[int, asyncio.Future[Any]] = {}
+        self.stale = 0   # replies to requests nobody waits for any more, dropped
 
     # -- writing -------------------------------------------------------------
     def queue(self, wire: list[Any]) -> None:
@@ -44,6 +52,9 @@ class Channel:
         except UnicodeEncodeError:
             # Raised inside the action at call time, like any other value that cannot be serialised.
             raise TypeError("a string argument is not valid UTF-8 (it contains a lone surrogate)") from None
+        except FrameTooLarge as exc:
+            name = wire[1] if wire[0] == 2 else wire[2]
+            raise ValueError(f"api.{name}: the arguments are too large to send ({exc})") from None
         self.out += frame
         if not self.coalesce or len(self.out) >= FLUSH_AT:
             self.flush()
@@ -110,8 +121,9 @@ class Channel:
 
     def _resolve(self, msg: Response) -> None:
         fut = self.waiting.get(msg.msgid)
-        if fut is None:
-            raise InvalidMessage(f"response to unknown request {msg.msgid}")
+        if fut is None:  # its request was abandoned (see the module docstring)
+            self.stale += 1
+            return
         if not fut.done():
             fut.set_result(msg)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from typing import Any, Callable
 
 from ..protocol import LOG_LEVELS, METHODS, ApiMethod, check_json, check_params, snake_case, truncate_utf8
@@ -21,16 +22,20 @@ from ._event import FrozenDict, FrozenList, thaw, view
 
 
 class ApiError(Exception):
-    """An api call the supervisor refused or that failed on the trusted side.
+    """A value-returning api call the supervisor refused or that failed on the trusted side.
 
-    ``error_kind`` is machine-readable (``http_fetch_denied``,
-    ``http_fetch_timeout``, ``http_fetch_error``, ``cache_unavailable``, ...).
+    ``code`` is machine-readable and one of ``protocol.API_ERROR_CODES``:
+    ``http_fetch_denied``, ``http_fetch_timeout``, ``http_fetch_error``,
+    ``cache_unavailable``, ``reply_too_large``, ``internal_error``.
+    ``error_kind`` and ``kind`` are the same value (the references' name).
     """
 
-    def __init__(self, error_kind: str, message: str) -> None:
-        super().__init__(f"{error_kind}: {message}")
-        self.error_kind = error_kind
-        self.kind = error_kind
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.error_kind = code
+        self.kind = code
+        self.message = message
 
 
 class ApiNotAvailable(Exception):
@@ -74,7 +79,7 @@ class Execution:
 def _response(resp: Any) -> Any:
     if resp.error is not None:
         err = resp.error if type(resp.error) is dict else {}
-        raise ApiError(str(err.get("kind", "api_error")), str(err.get("message", "the call failed")))
+        raise ApiError(str(err.get("kind", "internal_error")), str(err.get("message", "the call failed")))
     return view(resp.result)
 
 
@@ -103,55 +108,179 @@ def _plain(args: list[Any]) -> list[Any]:
     return [_plain_value(a) if type(a) in (FrozenDict, FrozenList, dict, list, tuple) else a for a in args]
 
 
+_MISSING: Any = object()
+
+
+def camel_case(name: str) -> str:
+    """``user_message`` -> ``userMessage`` (the references' spelling of a parameter)."""
+    first, *rest = name.split("_")
+    return first + "".join(w[:1].upper() + w[1:] for w in rest)
+
+
+def _keywords(m: ApiMethod) -> dict[str, int]:
+    """Parameter index by keyword, snake_case and camelCase alike (``user_message``, ``userMessage``)."""
+    out: dict[str, int] = {}
+    for i, p in enumerate(m.params):
+        out[p.name] = out[camel_case(p.name)] = i
+    return out
+
+
+def _bind(m: ApiMethod, kw: dict[str, int], args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
+    """Positional and keyword arguments as the wire's positional list, with Python's own TypeErrors."""
+    if not kwargs:
+        return list(args)
+    params = m.params
+    if len(args) > len(params):
+        raise TypeError(f"api.{m.name}() takes at most {len(params)} arguments ({len(args) + len(kwargs)} given)")
+    out = list(args) + [_MISSING] * (len(params) - len(args))
+    for k, v in kwargs.items():
+        i = kw.get(k)
+        if i is None:
+            raise TypeError(f"api.{m.name}() got an unexpected keyword argument {k!r}")
+        if out[i] is not _MISSING:
+            raise TypeError(f"api.{m.name}() got multiple values for argument {params[i].name!r}")
+        out[i] = v
+    for i, p in enumerate(params):
+        if out[i] is _MISSING:
+            if not p.optional:
+                raise TypeError(f"api.{m.name}() missing required argument {p.name!r}")
+            out[i] = None
+    return out
+
+
 def _make_method(m: ApiMethod) -> Callable[..., Any]:
     """One api method as a plain function of its namespace object (``self._ex`` is the execution)."""
     name = m.name
 
+    kw = _keywords(m)
+
     if name in ("user.setAppMetadata", "user.setUserMetadata"):
-        def set_metadata(self: Any, key_or_patch: Any, *value: Any) -> None:
+        def set_metadata(self: Any, *args: Any, **kwargs: Any) -> None:
+            """``(patch)`` or ``(key, value)``; as keywords ``patch=`` or ``key=``/``value=``."""
             ex: Execution = self._ex
             ex.check(m)
-            if value:
-                if len(value) != 1:
-                    raise TypeError(f"api.{name}() takes (key, value) or (patch)")
-                if type(key_or_patch) is not str:
-                    raise TypeError(f"api.{name}: key must be a string, got {type(key_or_patch).__name__}")
-                patch = {key_or_patch: value[0]}
+            if kwargs:
+                unknown = set(kwargs) - {"patch", "key", "value"}
+                if unknown:
+                    raise TypeError(f"api.{name}() got an unexpected keyword argument {sorted(unknown)[0]!r}")
+                if "patch" in kwargs:
+                    if args or len(kwargs) > 1:
+                        raise TypeError(f"api.{name}() takes (key, value) or (patch)")
+                    args = (kwargs["patch"],)
+                else:
+                    if "key" in kwargs and args:
+                        raise TypeError(f"api.{name}() got multiple values for argument 'key'")
+                    args = (*args, kwargs["key"]) if "key" in kwargs else args
+                    if "value" not in kwargs or len(args) != 1:
+                        raise TypeError(f"api.{name}() takes (key, value) or (patch)")
+                    args = (args[0], kwargs["value"])
+            if len(args) == 2:
+                key, value = args
+                if type(key) is not str:
+                    raise TypeError(f"api.{name}: key must be a string, got {type(key).__name__}")
+                patch = {key: value}
+            elif len(args) == 1:
+                patch = args[0]
             else:
-                patch = key_or_patch
+                raise TypeError(f"api.{name}() takes (key, value) or (patch) ({len(args)} arguments given)")
             ex.channel.queue(notification(name, check_params(m, _plain([patch]))))
         return set_metadata
 
     if name == "log":
-        def log(self: Any, level: Any, message: Any) -> None:
+        def log(self: Any, *args: Any, **kwargs: Any) -> None:
             ex: Execution = self._ex
             ex.check(m)
-            check_params(m, [level, message])
+            level, message = check_params(m, _bind(m, kw, args, kwargs))
             if level not in LOG_LEVELS:
                 raise ValueError(f"api.log: level must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
             ex.log(level, message)
         return log
 
-    if name == "fetch":
-        async def fetch(self: Any, url: Any, init: Any = None) -> Any:
+    if name == "user.setUserId":
+        def set_user_id(self: Any, *args: Any, **kwargs: Any) -> None:
             ex: Execution = self._ex
             ex.check(m)
-            args = check_params(m, _plain([url, init]))
-            return _response(await ex.channel.call_async(name, args))
+            params = check_params(m, _bind(m, kw, args, kwargs))
+            if not params[0]:
+                raise ValueError("api.user.setUserId: user_id must be a non-empty string")
+            ex.channel.queue(notification(name, params))
+        return set_user_id
+
+    if name == "fetch":
+        def fetch(self: Any, *args: Any, **kwargs: Any) -> Any:
+            ex: Execution = self._ex
+            ex.check(m)
+            params = check_params(m, _plain(_bind(m, kw, args, kwargs)))
+            return _Pending(ex.channel, params, sys._getframe(1))
         return fetch
 
     if m.returns:
-        def call(self: Any, *params: Any) -> Any:
+        def call(self: Any, *args: Any, **kwargs: Any) -> Any:
             ex: Execution = self._ex
             ex.check(m)
-            return _response(ex.channel.call(name, check_params(m, _plain(list(params)))))
+            return _response(ex.channel.call(name, check_params(m, _plain(_bind(m, kw, args, kwargs)))))
         return call
 
-    def notify(self: Any, *params: Any) -> None:
+    def notify(self: Any, *args: Any, **kwargs: Any) -> None:
         ex: Execution = self._ex
         ex.check(m)
-        ex.channel.queue(notification(name, check_params(m, _plain(list(params)))))
+        ex.channel.queue(notification(name, check_params(m, _plain(_bind(m, kw, args, kwargs)))))
     return notify
+
+
+class _Pending:
+    """What ``api.fetch(...)`` returns: a coroutine-like object that sends the request when first run.
+
+    Not a coroutine of this module, so an action that forgets ``await`` gets a warning naming
+    its own line (``a.py:7: RuntimeWarning: api.fetch(...) was never awaited``) rather than a
+    path inside the worker, and no request is sent. It has the coroutine protocol (``send``,
+    ``throw``, ``close``, ``__await__``), so ``await``, ``asyncio.gather``, ``ensure_future`` and
+    ``create_task`` all accept it.
+    """
+
+    __slots__ = ("_channel", "_params", "_file", "_line", "_inner")
+
+    def __init__(self, channel: Channel, params: list[Any], caller: Any) -> None:
+        self._channel = channel
+        self._params = params
+        self._file = caller.f_code.co_filename
+        self._line = caller.f_lineno
+        self._inner: Any = None
+
+    def _start(self) -> Any:
+        if self._inner is None:
+            self._inner = _fetch(self._channel, self._params)
+        return self._inner
+
+    def __await__(self) -> Any:
+        return self
+
+    def __iter__(self) -> Any:
+        return self
+
+    def __next__(self) -> Any:
+        return self._start().send(None)
+
+    def send(self, value: Any) -> Any:
+        return self._start().send(value)
+
+    def throw(self, *exc: Any) -> Any:
+        return self._start().throw(*exc)
+
+    def close(self) -> None:
+        if self._inner is None:
+            self._inner = False  # closed before it ran: nothing was sent, nothing to warn about
+        elif self._inner is not False:
+            self._inner.close()
+
+    def __del__(self) -> None:
+        if self._inner is None:
+            warnings.warn_explicit("api.fetch(...) was never awaited; no request was sent", RuntimeWarning,
+                                   self._file, self._line)
+
+
+async def _fetch(channel: Channel, params: list[Any]) -> Any:
+    return _response(await channel.call_async("fetch", params))
 
 
 class _Namespace:
@@ -233,7 +362,7 @@ class Console:
 def _to_text(value: Any) -> str:
     try:
         check_json(value, "value")
-    except TypeError:
+    except (TypeError, ValueError):
         return str(value)
     import orjson
 
