@@ -85,7 +85,7 @@ class Runner:
         try:
             w = await self._launcher.launch(self._pool.default_profile)
         except BaseException as exc:
-            await self._teardown()
+            await self._teardown(wait_flows=False)  # the flows in flight are waiting for this very start
             if cfg.sandbox.mode == "strict" and isinstance(exc, Exception):
                 raise SandboxUnavailable(f"strict sandbox mode: worker refused to start: {exc}") from None
             raise
@@ -98,7 +98,7 @@ class Runner:
             await w.shutdown(cfg.kill_grace_s)
             await self._pool.start()
         except BaseException:
-            await self._teardown()
+            await self._teardown(wait_flows=False)
             raise
         self._engine = FlowEngine(cfg, self._pool, self._services)
 
@@ -128,11 +128,11 @@ class Runner:
             self._engine.closing = True  # what is still running now is denied as ``shutdown``
         await self._teardown(grace)
 
-    async def _teardown(self, grace: float = 0.0) -> None:
+    async def _teardown(self, grace: float = 0.0, *, wait_flows: bool = True) -> None:
         self._lag.stop()
         if self._pool is not None:
             await self._pool.close(grace)
-        if self._inflight:  # flows whose workers were just killed answer now
+        if self._inflight and wait_flows:  # flows whose workers were just killed answer now
             done, pending = await asyncio.wait(list(self._inflight), timeout=max(grace, 1.0) + 5.0)
             if pending:
                 log.error("actionpool: %d flow(s) did not answer after close", len(pending))

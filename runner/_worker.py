@@ -42,7 +42,7 @@ from ._errors import Violation
 
 
 _cpu = time.thread_time   # the loop thread's CPU time: what one execution's messages cost everyone else
-log = logging.getLogger("actionpool.worker")
+log = logging.getLogger("actionpool")
 
 
 class State(enum.Enum):
@@ -136,6 +136,7 @@ class WorkerHandle(asyncio.Protocol):
         self._pipes: list[Any] = []
         self.on_exit: list[Callable[[], None]] = []   # cleanups once the process is gone (its cgroup)
         self._raw_closed = False
+        self._tasks: set[asyncio.Task[Any]] = set()   # crash reports in progress
         self._answered: tuple[_Running, dict[str, Any] | None] | None = None
 
     # -- life cycle ------------------------------------------------------------
@@ -187,6 +188,8 @@ class WorkerHandle(asyncio.Protocol):
                 pass
         self.kill("shut down")
         await self.wait_exit(grace)
+        if self._tasks:  # a crash report in progress answers its execution first
+            await asyncio.wait(list(self._tasks), timeout=max(grace, 1.0))
 
     async def wait_exit(self, timeout: float) -> int | None:
         try:
@@ -411,7 +414,7 @@ class WorkerHandle(asyncio.Protocol):
     def _pipe_closed(self) -> None:
         if self._running is not None:
             # The answer waits for the exit status so it can name the signal or code.
-            self._loop.create_task(self._crash_report(self._running))
+            self._background(self._crash_report(self._running))
         elif self.state is not State.DEAD:
             self.kill("closed its pipe")
 
@@ -456,6 +459,17 @@ class WorkerHandle(asyncio.Protocol):
         return True
 
     # -- plumbing -------------------------------------------------------------------
+    def _background(self, coro: Any) -> None:
+        """A task this handle owns: kept until done, awaited by ``shutdown``, its failure logged."""
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: "asyncio.Task[Any]") -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("worker %d: background task failed", self.pid, exc_info=task.exception())
+
     def _write(self, wire: list[Any]) -> None:
         t = self._wtransport
         if t is not None and not t.is_closing():
@@ -505,13 +519,14 @@ class WorkerHandle(asyncio.Protocol):
             try:
                 verdict = self.memory_check()
             except Exception:
+                log.exception("worker %d: could not read its memory cgroup's OOM verdict", self.pid)
                 verdict = False
             self.memory_check = lambda: verdict
         for fn in self.on_exit:
             try:
                 fn()
             except Exception:  # a cleanup failing must not break death handling
-                pass
+                log.exception("worker %d: cleanup after exit failed", self.pid)
         self.on_exit.clear()
         if not self._exited.done():
             self._exited.set_result(self.returncode)
@@ -519,7 +534,7 @@ class WorkerHandle(asyncio.Protocol):
             self.kill(f"exited: {describe_exit(self.returncode)}")
         elif self._running is not None:
             self._drain_logs(self._running)  # the pipe is closed next: read the lines still in it
-            self._loop.create_task(self._crash_report(self._running))
+            self._background(self._crash_report(self._running))
         self._close_transports()
 
 

@@ -1,7 +1,7 @@
 """The ``actionpool`` command, run as a real subprocess, against every example in ``examples/``.
 
-Each test starts ``python -m runner.cli`` (not the console script, so the
-suite does not depend on ``pip install``), parses the FlowResult JSON it
+Each test starts ``python -m actionpool.runner.cli`` (not the console script,
+so the suite does not depend on the script being on PATH), parses the FlowResult JSON it
 prints and checks the exit status: 0 allow, 3 deny, 2 bad input. The
 fetch example talks to a real HTTP server on 127.0.0.1 started by the test;
 the cache example's cross-run test uses the suite's real redis-server.

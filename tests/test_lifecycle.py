@@ -80,12 +80,14 @@ async def test_a_cancelled_first_caller_does_not_abandon_the_start(launcher_star
     assert wait_gone(children() - before) == set()
 
 
-async def test_a_failed_start_fails_every_caller_and_leaves_nothing(tmp_path: Any) -> None:
+async def test_a_failed_start_fails_every_caller_and_leaves_nothing(tmp_path: Any,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
     before = children()
     r = make_runner(RunnerConfig(pool_size=1, fork_template=False, python=str(tmp_path / "no-such-python")))
     outcomes = await asyncio.gather(*(run(r, OK) for _ in range(3)), return_exceptions=True)
     assert all(isinstance(o, Exception) for o in outcomes), outcomes
     assert len({type(o) for o in outcomes}) == 1
+    assert "did not answer" not in caplog.text  # the failed start does not wait for the flows waiting on it
     await r.close()
     assert wait_gone(children() - before) == set()
 
