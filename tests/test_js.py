@@ -57,7 +57,7 @@ exports.onExecute = async (event, api) => { runs += 1; api.state.set('n', [loads
     action = js(src)
     async with make_runner() as r:
         first = await run(r, [action])
-        second = await run(r, [action])
+        second = await run(r, [action], trigger="pre-login")  # another trigger: the module is not loaded again
     assert first["state"]["a"]["n"] == [1, 1]
     assert second["state"]["a"]["n"] == [1, 2]
 
