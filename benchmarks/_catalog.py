@@ -51,6 +51,7 @@ PHASES: tuple[Phase, ...] = (
     )),
     Phase("1", "scenarios", "actionpool.benchmarks.scenarios:phase_s1", (
         RowSpec("s1.latency", "S1 trivial post-login action (3 api calls), 1 client", "latency"),
+        RowSpec("s1.latency_js", "S1 the same action in JavaScript, 1 client", "latency"),
     ), aliases=("s1",)),
     Phase("2", "scenarios", "actionpool.benchmarks.scenarios:phase_s2", (
         RowSpec("s2.throughput", "S2 trivial action, 64 concurrent flows, 2 workers", "load", C),

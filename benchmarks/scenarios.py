@@ -50,6 +50,12 @@ def on_execute_post_login(event, api):
     api.session.setCustomClaim("tier", "enterprise")
 '''
 
+SRC_TRIVIAL_JS = """
+api.state.set('tier', 'enterprise');
+api.log('info', 'tagged account tier');
+api.session.setCustomClaim('tier', 'enterprise');
+"""  # S1's action as a JavaScript bare body (issue 11)
+
 SRC_FETCH = '''
 async def on_execute_post_login(event, api):
     res = await api.fetch(%r, {"method": "GET"})
@@ -155,6 +161,12 @@ async def _s1(knobs: dict[str, Any], rec: Recorder, deadline: Deadline) -> None:
             _fill(row, *await _flows(r, actions, knobs["iterations"], 1, deadline))
             row["extra"]["stats"] = r.stats()
             row["extra"]["sandbox"] = r.sandbox_report
+        row["extra"]["leaked_processes"] = _leaked()
+    with rec.row("s1.latency_js") as row:
+        actions = [_api().Action(slug="tag", source=SRC_TRIVIAL_JS, language="js")]
+        async with _runner(_config(knobs, pool_size=2, max_workers=2), deadline) as r:
+            await _warm(r, actions, deadline)
+            _fill(row, *await _flows(r, actions, knobs["iterations"], 1, deadline))
         row["extra"]["leaked_processes"] = _leaked()
 
 

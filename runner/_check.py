@@ -162,3 +162,7 @@ def check_file(path: str, trigger: str | None) -> Report:
     except OSError as exc:
         raise CheckUsageError(f"{path}: cannot read: {exc.strerror}") from None
     return checker(path, source, trigger)
+
+from ._check_js import check_js  # noqa: E402  (registered here so every checker is known where check_file looks)
+
+CHECKERS[".js"] = check_js

@@ -67,9 +67,14 @@ class NotDeployed(Decision):
         return "failed"
 
 
-def _served(slug: str, v: Version, secrets: dict[str, str], limits: dict[str, Any], failure: str) -> Action:
-    """A deployed version as an Action; its failure policy and version travel with it."""
-    a = Action(slug=slug, source=v.source, secrets=secrets, limits=limits, filename=f"{slug}.py")
+def _served(slug: str, v: Version, secrets: dict[str, str], limits: dict[str, Any], failure: str,
+            suffix: str = ".py") -> Action:
+    """A deployed version as an Action; its failure policy and version travel with it.
+
+    The language is the configured file's (``.js``: JavaScript, via Action's file name); an action with
+    no file in the config is Python.
+    """
+    a = Action(slug=slug, source=v.source, secrets=secrets, limits=limits, filename=f"{slug}{suffix}")
     set_failure_policy(a, failure)
     object.__setattr__(a, "version", v.version)
     return a
@@ -322,7 +327,8 @@ class Sidecar:
             if len(self._actions) > 4096:
                 self._actions.clear()
             a = self._actions[key] = _served(slug, v, tenant.secrets, spec.limits if spec else {},
-                                             spec.failure if spec else "closed")
+                                             spec.failure if spec else "closed",
+                                             spec.file.suffix if spec and spec.file else ".py")
         return a
 
     def _resolve(self, tenant: TenantSpec, trigger: str) -> tuple[list[Action], dict[str, str]]:

@@ -40,9 +40,9 @@ def test_quick_run_writes_table_json_and_plot(tmp_path: Path, capsys: pytest.Cap
     assert {"schema", "meta", "knobs", "rows", "ratios", "errors", "plot"} <= doc.keys()
     assert doc["meta"]["preset"] == "quick" and doc["meta"]["cpus"] >= 1
     rows = {r["id"]: r for r in doc["rows"]}
-    assert set(BASELINE_ROWS) | {"s1.latency"} == rows.keys()
+    assert set(BASELINE_ROWS) | {"s1.latency", "s1.latency_js"} == rows.keys()
 
-    for row_id in (*BASELINE_ROWS, "s1.latency"):
+    for row_id in (*BASELINE_ROWS, "s1.latency", "s1.latency_js"):
         row = rows[row_id]
         assert row["error"] is None, f"{row_id}: {row['error']}"
         assert row["n"] > 0

@@ -57,7 +57,7 @@ exports.onExecute = async (event, api) => { runs += 1; api.state.set('n', [loads
     action = js(src)
     async with make_runner() as r:
         first = await run(r, [action])
-        second = await run(r, [action])
+        second = await run(r, [action], trigger="pre-login")  # another trigger: the module is not loaded again
     assert first["state"]["a"]["n"] == [1, 1]
     assert second["state"]["a"]["n"] == [1, 2]
 
@@ -283,3 +283,26 @@ catch (e) { api.state.set('err', [e.name, e.kind, e.error_kind]); }
     res = await run_js(src)
     assert res["state"]["a"]["err"] == ["ApiError", "http_fetch_denied", "http_fetch_denied"]
     assert res["denial"]["kind"] == "http_fetch_denied"  # "treated as a deny", even when caught
+
+
+def test_check_js_files(tmp_path: Any, capsys: Any) -> None:
+    from actionpool.runner.cli import main as cli_main
+
+    (tmp_path / "typo.js").write_text("exports.onExecutePostLogn = async (event, api) => {};\n")
+    (tmp_path / "obj.js").write_text("module.exports = {\n  onExecutePostLogin,\n  helper: 1,\n};\n"
+                                     "function onExecutePostLogin(event, api) {}\n")
+    (tmp_path / "broken.js").write_text("const a = 1;\nconst b = ;\n")
+    # closing the wrapper early must not make check run anything (it would spin forever here)
+    (tmp_path / "escape.js").write_text("}); for (;;) {} (function () {\n")
+    root = __import__("pathlib").Path(__file__).resolve().parent.parent / "examples" / "js"
+    assert cli_main(["check", str(root / "pre_user_registration.js"), "--trigger", "pre-user-registration"]) == 0
+    assert cli_main(["check", str(root / "fraud_check.js"), str(tmp_path / "obj.js"), "--trigger", "post-login"]) == 0
+    assert cli_main(["check", str(tmp_path / "escape.js")]) == 0
+    out = capsys.readouterr().out
+    assert "pre_user_registration.js: ok: onExecutePreUserRegistration" in out
+    assert "fraud_check.js: ok: (bare body)" in out and "obj.js: ok: onExecutePostLogin" in out
+    assert cli_main(["check", str(tmp_path / "typo.js"), "--trigger", "post-login"]) == 1
+    assert cli_main(["check", str(tmp_path / "broken.js")]) == 1
+    out = capsys.readouterr().out
+    assert "did you mean onExecutePostLogin?" in out
+    assert "broken.js:2:11: SyntaxError" in out

@@ -37,7 +37,7 @@ const MAX_DEPTH = 32, MAX_TEXT = config.max_text;
 const fileName = config.filename, srcFirst = config.first_line, srcLast = config.last_line;
 let oom = false;      // set when the engine ran out of memory, even if the action caught it
 let cur = null;       // the running execution: {active, api, pending}
-let handler = null, factory = null;
+let factory = null;
 
 // Descriptors without a prototype: a "get"/"set"/"value" planted on Object.prototype must not leak into them.
 function def(obj, key, value) {
@@ -290,32 +290,30 @@ function settle(ex, error) {
   cur = null;
   host("$done", S("[" + (error === null ? "null" : error) + "," + (oom ? "true" : "false") + "]"));
 }
-function load(names) {
-  if (config.module) {
+// Module-level code runs once per context (like a Node module); each run picks its trigger's handler.
+let exported = null;
+function handlerFor(names) {
+  if (!config.module) return factory;
+  if (exported === null) {
     const module = {exports: {}};
+    exported = module;  // a module whose top level threw is not run twice
     apply(factory, undefined, [module.exports, module, require]);
-    const exp = module.exports;
-    for (let i = 0; i < names.length; i++) {
-      const fn = exp !== null && (typeof exp === "object" || typeof exp === "function") ? exp[names[i]] : undefined;
-      if (typeof fn === "function") return fn;
-    }
-    throw new HandlerNotFound(fileName + ": no handler found; assign exports." + names[0] +
-                              " = async (event, api) => { ... } or exports." + names[names.length - 1]);
   }
-  return factory;
+  const exp = exported.exports;
+  for (let i = 0; i < names.length; i++) {
+    const fn = exp !== null && (typeof exp === "object" || typeof exp === "function") ? exp[names[i]] : undefined;
+    if (typeof fn === "function") return fn;
+  }
+  throw new HandlerNotFound(fileName + ": no handler found; assign exports." + names[0] +
+                            " = async (event, api) => { ... } or exports." + names[names.length - 1]);
 }
 function run(eventText, namesText) {
   const ex = {active: true, pending: create(null)};
   cur = ex;
   try {
-    const names = parse(namesText);
-    if (config.module) {
-      if (handler === null || handler.trigger !== names[0]) handler = {trigger: names[0], fn: load(names)};
-    } else if (handler === null) {
-      handler = {trigger: "", fn: factory};
-    }
+    const fn = handlerFor(parse(namesText));
     const event = deepFreeze(parse(eventText));
-    const result = apply(handler.fn, undefined, [event, buildApi(ex)]);
+    const result = apply(fn, undefined, [event, buildApi(ex)]);
     apply(then, apply(resolveP, P, [result]),
           [function () { settle(ex, null); }, function (e) { settle(ex, errorInfo(e)); }]);
   } catch (e) {

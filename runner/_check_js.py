@@ -1,0 +1,106 @@
+"""``actionpool check`` for JavaScript actions: does the file parse, and which handler would run?
+
+Parsed by the same engine the worker runs (QuickJS), never run: the script
+handed to the engine starts with ``throw``, so even a source that closes the
+wrapper function early (``}); ...``) has nothing executed before the throw;
+parsing the whole script comes first, and a syntax error anywhere is
+reported with the action's own line and column.
+
+A module (``exports.onExecute<Trigger> = ...``) must assign the trigger's
+handler or ``exports.onExecute``; names that look like a handler but are not
+one get a "did you mean". A bare body is the handler of every trigger.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+
+import _quickjs
+
+from ..worker._js import handler_names, is_module
+
+from ._check import Report
+from ._triggers import TRIGGERS
+
+_SENTINEL = "actionpool-check-parsed"
+_POS = re.compile(r"<input>:(\d+):(\d+)")
+# exports.NAME =, exports['NAME'] =, and the keys of module.exports = { NAME, NAME: ..., NAME() {...} }
+_ASSIGNED = re.compile(r"(?<![\w$.])(?:module\s*\.\s*)?exports\s*(?:\.\s*([A-Za-z_$][\w$]*)|\[\s*['\"]([^'\"]+)['\"]\s*\])\s*=(?!=)")
+_OBJECT_EXPORT = re.compile(r"(?<![\w$.])module\s*\.\s*exports\s*=\s*\{")
+_KEY = re.compile(r"\s*(?:async\s+)?\*?\s*([A-Za-z_$][\w$]*)")
+
+
+def _parse_error(source: str, module: bool) -> str | None:
+    """None if the source parses; else "LINE:COL: SyntaxError: message" in the action's own coordinates."""
+    wrapper = "(function (exports, module, require) {\n" if module else "(async function (event, api) {\n"
+    script = f"throw {_SENTINEL!r};\n{wrapper}{source}\n}})"
+    ctx = _quickjs.Context()
+    ctx.set_memory_limit(256 << 20)
+    ctx.set_time_limit(10.0)  # parsing only; a pathological source still ends
+    try:
+        ctx.eval(script)
+    except _quickjs.JSException as exc:
+        text = str(exc)
+        if text.startswith(_SENTINEL):
+            return None
+        head = text.split("\n", 1)[0].strip()
+        m = _POS.search(text)
+        if m is None:
+            return head
+        return f"{int(m.group(1)) - 2}:{m.group(2)}: {head}"
+    return "the engine ran the check script instead of refusing it"  # cannot happen: it starts with throw
+
+
+def _exported_names(source: str) -> set[str]:
+    names = {a or b for a, b in _ASSIGNED.findall(source)}
+    for m in _OBJECT_EXPORT.finditer(source):
+        depth, i, top = 1, m.end(), []
+        while i < len(source) and depth:  # the object literal's own level, nested brackets left out
+            ch = source[i]
+            if ch in "{[(":
+                depth += 1
+            elif ch in "}])":
+                depth -= 1
+            elif depth == 1:
+                top.append(ch)
+            i += 1
+        for part in "".join(top).split(","):
+            key = _KEY.match(part)
+            if key:
+                names.add(key.group(1))
+    return names
+
+
+def check_js(path: str, source: str, trigger: str | None) -> Report:
+    report = Report(path)
+    module = is_module(source)
+    problem = _parse_error(source, module)
+    if problem is not None:
+        report.problems.append(problem)
+        return report
+    triggers = [trigger] if trigger else list(TRIGGERS)
+    if not module:
+        for t in triggers:
+            report.handlers[t] = "(bare body)"
+        return report
+    exported = _exported_names(source)
+    for t in triggers:
+        found = next((n for n in handler_names(t) if n in exported), None)
+        if found is not None:
+            report.handlers[t] = found
+    every_valid = {n for t in TRIGGERS for n in handler_names(t)}
+    candidates = sorted({n for t in triggers for n in handler_names(t)})
+    for name in sorted(exported - every_valid):
+        close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.75) or \
+            difflib.get_close_matches(name, sorted(every_valid), n=1, cutoff=0.75)
+        if close:
+            report.problems.append(f"exports.{name} is not a handler name; did you mean {close[0]}?")
+    if not report.handlers:
+        if trigger:
+            specific, catch_all = handler_names(trigger)
+            report.problems.append(f"no handler for {trigger}: assign exports.{specific} = async (event, api) => {{...}} "
+                                   f"or exports.{catch_all}")
+        else:
+            report.problems.append("no handler: assign exports.onExecute<Trigger> or exports.onExecute")
+    return report
