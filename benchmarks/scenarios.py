@@ -183,7 +183,8 @@ async def _s2(knobs: dict[str, Any], rec: Recorder, deadline: Deadline) -> None:
 async def _s3(knobs: dict[str, Any], rec: Recorder, deadline: Deadline) -> None:
     with rec.row("s3.latency") as row:
         actions = [_trivial("tag-a"), _trivial("tag-b"), _trivial("tag-c")]
-        async with _runner(_config(knobs, pool_size=2, max_workers=2), deadline) as r:
+        # Three actions are three owners (a worker belongs to one action), so the working set is 3 workers.
+        async with _runner(_config(knobs, pool_size=3, max_workers=3), deadline) as r:
             await _warm(r, actions, deadline)
             _fill(row, *await _flows(r, actions, knobs["iterations"], 1, deadline))
             row["extra"]["stats"] = r.stats()
