@@ -78,6 +78,8 @@ class Template:
             self._pidfd = None
         try:
             await asyncio.wait_for(self._ready, self.start_timeout)
+        except TemplateError:
+            raise
         except BaseException:
             self._dead("did not start")
             raise TemplateError("fork template did not start") from None
@@ -137,7 +139,9 @@ class Template:
                 os.waitpid(self.pid, os.WNOHANG)
             except (ProcessLookupError, ChildProcessError):
                 pass
-        for fut in self._pending.values():
+        # A template that dies while starting fails its start now, not after start_timeout.
+        waiting = [*self._pending.values(), *([self._ready] if self._ready is not None else [])]
+        for fut in waiting:
             if not fut.done():
                 fut.set_exception(TemplateError(f"fork template {why}"))
         self._pending.clear()

@@ -343,3 +343,22 @@ async def test_the_minimal_filesystem_view_hides_every_host_path_and_proc(tmp_pa
     assert view["works"] == ["3.0", "Europe/Paris"]
     assert view["cwd"] == "/"
     assert "fs_view" in report["prepared"]
+
+
+async def test_a_template_that_dies_while_starting_fails_its_start_at_once(tmp_path: Any) -> None:
+    """A template that cannot start (here: an interpreter that exits at once) fails start() when it dies,
+    not after start_timeout; a runner then falls back to spawning each worker."""
+    import time
+
+    from actionpool.runner._errors import TemplateError
+    from actionpool.runner._template import Template
+
+    dies = tmp_path / "dies"
+    dies.write_text("#!/bin/sh\nexit 3\n")
+    dies.chmod(0o755)
+    t = Template(python=str(dies), start_timeout=30.0)
+    t0 = time.monotonic()
+    with pytest.raises(TemplateError, match="fork template"):
+        await t.start()
+    assert time.monotonic() - t0 < 10.0  # its death, not the 30 s timeout, ended the wait
+    await t.close()
