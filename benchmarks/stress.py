@@ -343,6 +343,11 @@ def stress_config(concurrency: int, *, sandbox_mode: str = "degraded") -> Runner
         limits=Limits(action_timeout_s=ACTION_TIMEOUT_S, flow_timeout_s=20.0, memory_mb=MEMORY_MB),
         fetch=FetchConfig(allow_hosts=("127.0.0.1",), timeout_s=5.0),
         sandbox=SandboxConfig(mode=sandbox_mode),  # type: ignore[arg-type]
+        # A memory bomb needs ~30-80 ms of CPU to reach its cap. Past the default 50 ms budget it is demoted
+        # (SCHED_IDLE), and on a saturated machine a demoted bomb can starve until its time limit: then it is
+        # denied as `timeout`, not `memory_limit`. The stress mix checks exact kinds, so its budget lets a bomb
+        # reach its cap first; spinners (2 s) are still demoted. Demotion itself is measured by S8.
+        cpu_budget_ms=250,
     )
 
 

@@ -46,10 +46,12 @@ class DenialKind(StrEnum):
     WORKER_CRASH = "worker_crash"              # the worker died or could not start
     PROTOCOL_ERROR = "protocol_error"          # the worker broke the protocol
     OUTPUT_LIMIT = "output_limit"              # the worker sent or queued too much
-    HTTP_FETCH_DENIED = "http_fetch_denied"    # fetch refused by policy (uncaught)
-    HTTP_FETCH_TIMEOUT = "http_fetch_timeout"  # fetch timed out (uncaught)
-    HTTP_FETCH_ERROR = "http_fetch_error"      # fetch failed (uncaught)
-    CACHE_UNAVAILABLE = "cache_unavailable"    # the cache backend failed (uncaught)
+    HTTP_FETCH_DENIED = "http_fetch_denied"    # a fetch refused by policy: the flow halts even if the action catches it
+    HTTP_FETCH_TIMEOUT = "http_fetch_timeout"  # a fetch timed out: the flow halts even if the action catches it
+    # The two below are ApiError codes the action can catch; left uncaught they deny as ``uncaught_error``
+    # (reason ``ApiError: <code>: ...``). They are members so that failure policies can name them.
+    HTTP_FETCH_ERROR = "http_fetch_error"      # a fetch failed (connection, status line, body cap, ...)
+    CACHE_UNAVAILABLE = "cache_unavailable"    # the cache backend failed
     OVERLOADED = "overloaded"                  # no worker within the queue bounds
     INVALID_EVENT = "invalid_event"            # the event was unusable; no action ran
     SHUTDOWN = "shutdown"                      # the runner closed while the flow was in flight

@@ -233,9 +233,25 @@ class WorkerHandle(asyncio.Protocol):
     def _on_timeout(self, run: _Running, kind: str, timeout: float) -> None:
         if self._running is run:
             self._drain_logs(run)
-            what = "flow" if kind == "flow_timeout" else "action"
-            self._finish(run, {"kind": kind, "message": f"{what} exceeded its {timeout:.3g}s time limit; worker killed"}, False)
+            if self._oom_killed():
+                # The kernel already OOM-killed it; a demoted (SCHED_IDLE) worker on a busy machine can take
+                # longer to be scheduled and exit than its time limit: the verdict is still its memory.
+                self._finish(run, {"kind": "memory_limit",
+                                   "message": "worker killed for exceeding its memory limit (OOM kill)"}, False)
+            else:
+                what = "flow" if kind == "flow_timeout" else "action"
+                self._finish(run, {"kind": kind, "message": f"{what} exceeded its {timeout:.3g}s time limit; worker killed"},
+                             False)
             self.kill(kind)
+
+    def _oom_killed(self) -> bool:
+        if self.memory_check is None:
+            return False
+        try:
+            return bool(self.memory_check())
+        except Exception:
+            log.exception("worker %d: could not read its memory cgroup's OOM verdict", self.pid)
+            return False
 
     def _finish(self, run: _Running, error: dict[str, Any] | None, reusable: bool) -> None:
         if self._running is not run:

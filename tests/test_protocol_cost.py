@@ -198,7 +198,10 @@ def test_oversized_event_is_refused_before_its_structure_is_walked() -> None:
     problem = eng.check_event(event)
     assert problem is not None and "exceeds" in problem
     peak = peak_bytes(lambda: eng.check_event(event))
-    assert peak <= 2 * len(orjson.dumps(event)) + (64 << 10)
+    # What the one encode costs is orjson's (its buffer strategy differs between releases): the check
+    # may cost that encode and nothing proportional on top of it.
+    encode_peak = peak_bytes(lambda: orjson.dumps(event))
+    assert peak <= encode_peak + (64 << 10), (peak, encode_peak)
 
 
 def test_event_errors_still_name_the_path() -> None:
