@@ -87,24 +87,23 @@ def _set_autogroup_nice(path: str | None, nice: int) -> None:
             pass
 
 
-def demote(pid: int) -> None:
-    """Move every thread of ``pid`` to SCHED_IDLE (threads it starts later inherit it), its autogroup to nice 19."""
+def _set_class(pid: int, policy: int, autogroup_nice: int) -> None:
     for tid in _tasks(pid):
         try:
-            os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+            os.sched_setscheduler(tid, policy, os.sched_param(0))
         except ProcessLookupError:
             pass
-    _set_autogroup_nice(_own_autogroup(pid), 19)
+    _set_autogroup_nice(_own_autogroup(pid), autogroup_nice)
+
+
+def demote(pid: int) -> None:
+    """Move every thread of ``pid`` to SCHED_IDLE (threads it starts later inherit it), its autogroup to nice 19."""
+    _set_class(pid, os.SCHED_IDLE, 19)
 
 
 def restore(pid: int) -> None:
     """Back to SCHED_OTHER. Raises PermissionError without CAP_SYS_NICE (leaving SCHED_IDLE needs it)."""
-    for tid in _tasks(pid):
-        try:
-            os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
-        except ProcessLookupError:
-            pass
-    _set_autogroup_nice(_own_autogroup(pid), 0)
+    _set_class(pid, os.SCHED_OTHER, 0)
 
 
 class _Watch:
