@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import re
 
 import pytest
 
@@ -43,16 +44,26 @@ def on_execute(event, api):
 '''
 
 
-def _autogroup_nice(pid: int) -> int | None:
-    """The nice value of ``pid``'s autogroup if it is not ours (None without autogroups)."""
+def _autogroup(pid: int | str) -> tuple[str, int] | None:
+    """``(group, nice)`` read off ``/proc/<pid>/autogroup``, or None where it is absent or says less.
+
+    The file is ``/autogroup-<id> nice <n>`` on most kernels; some (CI among them) print
+    less, or nothing for a task whose group is a cgroup's.
+    """
     try:
         with open(f"/proc/{pid}/autogroup") as f:
-            theirs = f.read().split()
-        with open("/proc/self/autogroup") as f:
-            ours = f.read().split()
-    except (OSError, IndexError):
+            m = re.match(r"\s*(\S+)\s+nice\s+(-?\d+)", f.read())
+    except OSError:
         return None
-    return int(theirs[2]) if theirs[0] != ours[0] else None
+    return (m.group(1), int(m.group(2))) if m else None
+
+
+def _autogroup_nice(pid: int) -> int | None:
+    """The nice value of ``pid``'s autogroup if it is not ours (None without readable autogroups)."""
+    theirs, ours = _autogroup(pid), _autogroup("self")
+    if theirs is None or ours is None or theirs[0] == ours[0]:
+        return None
+    return theirs[1]
 
 
 async def _flow(r, action: Action, **event) -> dict:
