@@ -129,6 +129,7 @@ class RunnerConfig:
     worker_binding: WorkerBinding = "action"
     max_queue: int = 1000                    # flows waiting for a worker before new ones are refused
     queue_timeout_s: float = 10.0            # how long a flow may wait for a worker
+    fair_wait_s: float = 0.5                 # a flow waiting this long gets the next start slot, whatever its tenant's share
     spawn_concurrency: int = field(default_factory=lambda: len(os.sched_getaffinity(0)) or 2)  # workers starting at once: one per usable CPU
     idle_timeout_s: float = 60.0             # idle workers beyond pool_size are retired after this
     min_idle_per_tenant: int = 0             # idle workers kept bound to each tenant that has flows
@@ -161,7 +162,8 @@ class RunnerConfig:
                 raise ConfigError(f"{name} must be a positive integer or None, got {v!r}")
         if self.max_workers is not None and self.pool_size > self.max_workers:
             raise ConfigError("pool_size cannot exceed max_workers")
-        for name in ("queue_timeout_s", "worker_start_timeout_s", "kill_grace_s", "idle_timeout_s", "cpu_budget_ms"):
+        for name in ("queue_timeout_s", "worker_start_timeout_s", "kill_grace_s", "idle_timeout_s", "cpu_budget_ms",
+                     "fair_wait_s"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ConfigError(f"{name} must be a non-negative number, got {v!r}")

@@ -12,7 +12,9 @@
   and ``max_queue_per_tenant``, for at most ``queue_timeout_s``; past a bound it is refused at once
   (:class:`Overloaded`). A tenant holds at most ``max_busy_per_tenant`` workers at once, so
   another tenant's flows always find capacity. Start slots and capacity freed while tenants wait
-  go round-robin over the waiting tenants, not first to the same tenant's next waiter.
+  go round-robin over the waiting tenants, not first to the same tenant's next waiter; within a
+  tenant, to the key holding the fewest workers. A flow that has waited ``fair_wait_s`` gets the
+  next start slot, oldest first, so no flow starves behind a stream of lighter tenants' flows.
 * A worker that failed, was killed, or served ``max_executions`` executions is discarded.
 
 The state is split like pebble's pool: ``WorkerSide`` (processes) and ``TaskSide`` (flows) each
@@ -67,7 +69,7 @@ class Pool:
                  max_workers: int, max_queue: int, max_executions: int, default_profile: tuple[Any, ...],
                  spawn_concurrency: int = 2, idle_timeout_s: float = 60.0, min_idle_per_tenant: int = 0,
                  max_busy_per_tenant: int | None = None, max_queue_per_tenant: int | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 fair_wait_s: float = 0.5, clock: Callable[[], float] = time.monotonic) -> None:
         self._launch = launch
         self._clock = clock
         self.ws = WorkerSide(max_workers, clock)
@@ -78,6 +80,7 @@ class Pool:
         self.default_profile = default_profile
         self.spawn_concurrency = spawn_concurrency
         self.idle_timeout_s = idle_timeout_s
+        self.fair_wait_s = fair_wait_s
         self.min_idle_per_tenant = min_idle_per_tenant
         self.max_busy_per_tenant = max_busy_per_tenant or policy.default_tenant_cap(max_workers)
         self.max_queue_per_tenant = (max_queue_per_tenant if max_queue_per_tenant is not None
@@ -111,6 +114,7 @@ class Pool:
                    spawn_concurrency=cfg.spawn_concurrency,
                    idle_timeout_s=cfg.idle_timeout_s, min_idle_per_tenant=cfg.min_idle_per_tenant,
                    max_busy_per_tenant=cfg.max_busy_per_tenant, max_queue_per_tenant=cfg.max_queue_per_tenant,
+                   fair_wait_s=cfg.fair_wait_s,
                    default_profile=(limits.memory_mb, limits.cpu_seconds, limits.max_open_files))
 
     # -- views (tests and stats read these) ----------------------------------------------------------
@@ -302,9 +306,10 @@ class Pool:
             if self._tenant_room(tenant) <= 0:
                 raise Overloaded(f"this tenant already holds its cap of {self.max_busy_per_tenant} workers; "
                                  f"none became free within {timeout:.3g}s") from None
-            if self.ws.full():
+            if self.ws.full() and not self.ws.n_idle:
                 raise Overloaded(f"all {self.ws.capacity} workers busy; none became free within {timeout:.3g}s") from None
-            raise Overloaded(f"no worker could be started within {timeout:.3g}s") from None
+            raise Overloaded(f"no worker could be started within {timeout:.3g}s ({self.ts.n_waiting} flows waiting "
+                             f"for {self.spawn_concurrency} start slots)") from None
         except asyncio.CancelledError:
             if fut.done() and not fut.cancelled() and fut.exception() is None:
                 self.release(fut.result(), True)  # handed over just as the caller gave up
@@ -442,26 +447,45 @@ class Pool:
         # recently served), so one tenant's many waiting keys cannot take every slot.
         per_tenant: dict[str, list[list[Any]]] = {}
         for tenant, key, want in wants:
-            per_tenant.setdefault(tenant, []).append([key, want])
+            per_tenant.setdefault(tenant, []).append([key, want, tenant])
+        # Before that, waiters that have waited fair_wait_s: oldest first (anti-starvation).
+        heads = [(e, self.ts.head_since(e[0]) or now) for todo in per_tenant.values() for e in todo]
+        for e in policy.starving(heads, now, self.fair_wait_s):
+            if self._tenant_room(e[2]) <= 0:
+                continue
+            if not self._start_one(e):
+                return self._maybe_recheck(deferred)
         order = sorted(per_tenant, key=lambda t: self.ts.busy(t) + self._spawning_by_tenant.get(t, 0))
         progress = True
         while progress:
             progress = False
             for tenant in order:
-                todo = per_tenant[tenant]
-                while todo and todo[0][1] <= 0:
-                    todo.pop(0)
-                if not todo or self._tenant_room(tenant) <= 0:
+                # Within the tenant, the key with the fewest workers (held or starting) first: a hot key
+                # with many waiters must not take every slot while its other keys have no worker at all.
+                pick = policy.fair_pick(per_tenant[tenant], lambda e: e[1] > 0, self._workers_of)
+                if pick is None or self._tenant_room(tenant) <= 0:
                     continue
-                if self.ws.starting >= self.spawn_concurrency:
+                if not self._start_one(pick):
                     return self._maybe_recheck(deferred)
-                key = todo[0][0]
-                if self.ws.full() and not self.ws.evict_lru(key, self.pool_size):
-                    return self._maybe_recheck(deferred)
-                todo[0][1] -= 1
-                self._start_for(key, tenant)
                 progress = True
         self._maybe_recheck(deferred)
+
+    def _start_one(self, entry: list[Any]) -> bool:
+        """Start a worker for ``entry`` = [key, starts still wanted, tenant]; False when no slot is free."""
+        key, want, tenant = entry
+        if want <= 0:
+            return True
+        if self.ws.starting >= self.spawn_concurrency:
+            return False
+        if self.ws.full() and not self.ws.evict_lru(key, self.pool_size):
+            return False
+        entry[1] -= 1
+        self._start_for(key, tenant)
+        return True
+
+    def _workers_of(self, entry: list[Any]) -> int:
+        key = entry[0]
+        return self.ts.held_count(key) + self.ws.spawning.get(key, 0)
 
     def _maybe_recheck(self, deferred: bool) -> None:
         if deferred and self._recheck is None and not self.closed:

@@ -96,6 +96,20 @@ def fair_pick(order: Iterable[T], eligible: Callable[[T], bool], load: Callable[
     return best
 
 
+def starving(heads: Iterable[tuple[T, float]], now: float, after_s: float) -> list[T]:
+    """Entries whose oldest waiter began to wait ``after_s`` ago or earlier, oldest first.
+
+    Fair order (the tenant holding the least, then the least recently served) decides who goes
+    first while flows are served promptly. When starts are the bottleneck, that order alone
+    lets a busy tenant's flows (and a key whose worker dies after every execution) wait behind a
+    stream of light tenants' flows until their timeout; a waiter this old goes first instead.
+    A flood cannot use this to take every worker: the per-tenant caps still hold.
+    """
+    due = [(since, i, item) for i, (item, since) in enumerate(heads) if now - since >= after_s]
+    due.sort(key=lambda d: (d[0], d[1]))
+    return [item for _, _, item in due]
+
+
 def retire_due(last_used: float, now: float, idle_timeout_s: float) -> bool:
     return now - last_used >= idle_timeout_s
 

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator
 from ._pool_workers import Key
 from ._worker import WorkerHandle
 
-Waiter = tuple[int, "asyncio.Future[WorkerHandle]"]
+Waiter = tuple[int, "asyncio.Future[WorkerHandle]", float]   # (sequence, future, when it began to wait)
 
 
 class _Queue:
@@ -43,7 +43,7 @@ class TaskSide:
     # -- waiting -------------------------------------------------------------------------------------
     def enqueue(self, key: Key, tenant: str, fut: "asyncio.Future[WorkerHandle]") -> Waiter:
         self._seq += 1
-        entry = (self._seq, fut)
+        entry = (self._seq, fut, self.clock())
         q = self.queues.get(key)
         if q is None:
             q = self.queues[key] = _Queue(tenant)
@@ -83,7 +83,7 @@ class TaskSide:
         """The oldest live waiter of ``key`` (dropping ones that gave up), or None."""
         q = self.queues.get(key)
         while q is not None and q.entries:
-            _, fut = q.entries.popleft()
+            fut = q.entries.popleft()[1]
             self._dec(key, q)
             if not fut.done():
                 return fut
@@ -109,9 +109,10 @@ class TaskSide:
             for key in list(keys):
                 yield tenant, key
 
-    def head_seq(self, key: Key) -> int:
+    def head_since(self, key: Key) -> float | None:
+        """When the oldest waiter of ``key`` began to wait (None: nobody waits)."""
         q = self.queues.get(key)
-        return q.entries[0][0] if q is not None and q.entries else 0
+        return q.entries[0][2] if q is not None and q.entries else None
 
     # -- handed-out workers -------------------------------------------------------------------------
     def hold(self, w: WorkerHandle, key: Key, tenant: str) -> None:

@@ -197,6 +197,13 @@ async def test_idle_retirement_keeps_the_young_and_the_warm_spares() -> None:
     await pool.close(0)
 
 
+def test_starving_waiters_go_oldest_first() -> None:
+    heads = [("young", 99.9), ("old", 90.0), ("older", 80.0), ("edge", 99.5)]
+    assert policy.starving(heads, now=100.0, after_s=0.5) == ["older", "old", "edge"]
+    assert policy.starving(heads, now=100.0, after_s=30.0) == []
+    assert policy.starving([("a", 1.0), ("b", 1.0)], now=5.0, after_s=1.0) == ["a", "b"]   # ties keep their order
+
+
 async def test_tenant_caps_on_busy_workers_and_on_queued_flows() -> None:
     clock = Clock()
     pool, _ = make_pool(clock, max_workers=10, max_busy_per_tenant=2, max_queue_per_tenant=1)
@@ -277,3 +284,90 @@ async def test_start_slots_go_to_the_tenant_holding_the_least() -> None:
     s = pool.stats()["state"]
     assert s["waiting_keys"] == s["held_keys"] == s["spawning_keys"] == s["spawning_tenants"] == 0
     await pool.close(0)
+
+
+def _gated_pool(clock: Clock, **kw: Any) -> tuple[Pool, asyncio.Event]:
+    """A pool whose starts finish only when the test opens the gate (one start slot by default)."""
+    gate = asyncio.Event()
+
+    async def launch(profile: Any) -> FakeWorker:
+        await gate.wait()
+        gate.clear()
+        return FakeWorker(clock)
+
+    opts: dict[str, Any] = dict(pool_size=0, max_workers=100, max_queue=100, max_executions=1000,
+                                default_profile=PROFILE, spawn_concurrency=1)
+    opts.update(kw)
+    return Pool(launch, clock=clock, **opts), gate  # type: ignore[arg-type]
+
+
+async def _open(gate: asyncio.Event) -> None:
+    gate.set()
+    await settle()
+
+
+async def test_a_hot_key_does_not_take_every_start_slot_of_its_tenant() -> None:
+    """Within one tenant, the key with the fewest workers gets the next start, not the one with most waiters."""
+    clock = Clock()
+    pool, gate = _gated_pool(clock, fair_wait_s=60.0)
+    hot = [asyncio.ensure_future(pool.acquire("hot", "d", PROFILE, 30.0, tenant="A")) for _ in range(5)]
+    await settle()
+    cold = asyncio.ensure_future(pool.acquire("cold", "d", PROFILE, 30.0, tenant="A"))
+    await settle()
+    assert dict(pool.ws.spawning) == {("hot", PROFILE): 1}
+    await _open(gate)      # hot's first worker: hot now has one, cold none, so cold's start is next
+    assert sum(f.done() for f in hot) == 1 and dict(pool.ws.spawning) == {("cold", PROFILE): 1}
+    await _open(gate)
+    assert cold.done() and cold.result().tenant == "cold"
+    pool.release(cold.result(), True)
+    released: set[int] = set()
+    for _ in range(20):    # the other hot flows: served by releases and further starts
+        for i, f in enumerate(hot):
+            if f.done() and i not in released:
+                released.add(i)
+                pool.release(f.result(), True)
+        if len(released) == len(hot):
+            break
+        await _open(gate)
+    assert len(released) == len(hot)
+    await pool.close(0)
+
+
+async def test_a_waiter_past_fair_wait_goes_first_whatever_its_tenants_share() -> None:
+    """Fair order puts the busy tenant last; once its flow has waited fair_wait_s it gets the next slot."""
+    clock = Clock()
+    pool, gate = _gated_pool(clock, fair_wait_s=0.5)
+    busy = await _acquire_started(pool, gate, "big0", "BIG")   # BIG holds a worker: last in fair order
+    big = asyncio.ensure_future(pool.acquire("big1", "d", PROFILE, 30.0, tenant="BIG"))
+    await settle()
+    assert dict(pool.ws.spawning) == {("big1", PROFILE): 1}   # nobody else waits: BIG's flow starts
+    small = [asyncio.ensure_future(pool.acquire(f"s{i}", "d", PROFILE, 30.0, tenant=f"S{i}")) for i in range(3)]
+    big2 = asyncio.ensure_future(pool.acquire("big2", "d", PROFILE, 30.0, tenant="BIG"))
+    await settle()
+    await _open(gate)      # big1 served; the slot goes to S0 (holds nothing; big2 has waited 0 s)
+    assert big.done() and dict(pool.ws.spawning) == {("s0", PROFILE): 1}
+    clock.now += 1.0       # big2 has now waited past fair_wait_s; S1 and S2 arrived at the same time, but hold less
+    await _open(gate)
+    assert small[0].done() and dict(pool.ws.spawning) == {("s1", PROFILE): 1}, pool.ws.spawning
+    # S1, S2 and big2 all waited 1 s: the oldest (S1 and S2 were queued before big2) go first, big2 next,
+    # not after every later small tenant.
+    later = asyncio.ensure_future(pool.acquire("s9", "d", PROFILE, 30.0, tenant="S9"))
+    await settle()
+    await _open(gate)
+    assert dict(pool.ws.spawning) == {("s2", PROFILE): 1}
+    await _open(gate)
+    assert dict(pool.ws.spawning) == {("big2", PROFILE): 1}, "the starving flow of BIG precedes the young S9"
+    await _open(gate)
+    await _open(gate)
+    assert big2.done() and later.done()
+    for f in (big, big2, later, *small):
+        pool.release(f.result(), True)
+    pool.release(busy, True)
+    await pool.close(0)
+
+
+async def _acquire_started(pool: Pool, gate: asyncio.Event, owner: str, tenant: str) -> Any:
+    fut = asyncio.ensure_future(pool.acquire(owner, "d", PROFILE, 30.0, tenant=tenant))
+    await settle()
+    await _open(gate)
+    return fut.result()
