@@ -25,6 +25,7 @@ import errno
 import itertools
 import os
 import time
+from typing import Callable
 from dataclasses import dataclass
 
 from ._errors import CgroupError
@@ -150,6 +151,13 @@ class Cgroup:
         self._oom_base = 0
         self._peak_fd: int | None = None  # v2: memory.peak reset is per open file (Linux 6.12+)
         self.removed = False
+        self.on_removed: Callable[["Cgroup"], None] | None = None  # the manager forgets it
+
+    def _gone(self) -> None:
+        self.removed = True
+        if self.on_removed is not None:
+            self.on_removed(self)
+            self.on_removed = None
 
     @property
     def dirs(self) -> list[str]:
@@ -233,7 +241,7 @@ class Cgroup:
                 if exc.errno == errno.EBUSY:
                     return False
                 raise CgroupError(exc.errno, f"cannot remove cgroup {d}: {exc.strerror}") from None
-        self.removed = True
+        self._gone()
         return True
 
     def remove(self) -> None:
@@ -253,7 +261,7 @@ class Cgroup:
                     if exc.errno != errno.EBUSY or time.monotonic() > deadline:
                         raise CgroupError(exc.errno, f"cannot remove cgroup {d}: {exc.strerror}") from None
                     time.sleep(0.01)
-        self.removed = True
+        self._gone()
 
     def __repr__(self) -> str:
         return f"Cgroup({self.name!r}, {self.version}, {self.memory_dir!r})"
@@ -269,7 +277,9 @@ class CgroupManager:
         tag = f"m{os.getpid()}-{next(_serial)}"
         self._roots = [os.path.join(b, root_name) for b in (bases.memory, bases.pids) if b is not None]
         self._dirs = [os.path.join(r, tag) for r in self._roots]  # [memory(, pids v1)]
-        self._cgroups: list[Cgroup] = []
+        # Only the cgroups not yet removed: a removed one forgets itself, so this is O(live workers)
+        # however many workers a long-lived supervisor started.
+        self._cgroups: dict[Cgroup, None] = {}
         self._made = False
 
     @classmethod
@@ -348,7 +358,8 @@ class CgroupManager:
         except OSError as exc:
             raise CgroupError(exc.errno, f"cannot create cgroup {mem_dir}: {exc.strerror}") from None
         cg = Cgroup(name, self.version, mem_dir, None)
-        self._cgroups.append(cg)
+        self._cgroups[cg] = None
+        cg.on_removed = self._forget
         try:
             if pids_dir is not None:
                 os.mkdir(pids_dir)
@@ -372,24 +383,25 @@ class CgroupManager:
                 cg.remove()
             except OSError:
                 pass
-            self._cgroups.remove(cg)
+            self._forget(cg)
             raise CgroupError(exc.errno, f"cannot configure cgroup {mem_dir}: {exc.strerror}") from None
         return cg
 
+    def _forget(self, cg: Cgroup) -> None:
+        self._cgroups.pop(cg, None)
+
     @property
     def cgroups(self) -> list[Cgroup]:
-        return [c for c in self._cgroups if not c.removed]
+        return list(self._cgroups)
 
     def cleanup(self) -> None:
         """Remove every cgroup this manager created, its own directory, and <root_name> if empty."""
         errors: list[str] = []
-        for cg in self._cgroups:
-            if not cg.removed:
-                try:
-                    cg.remove()
-                except OSError as exc:
-                    errors.append(str(exc))
-        self._cgroups = [c for c in self._cgroups if not c.removed]
+        for cg in list(self._cgroups):
+            try:
+                cg.remove()
+            except OSError as exc:
+                errors.append(str(exc))
         for d in self._dirs + self._roots:
             try:
                 os.rmdir(d)

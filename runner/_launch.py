@@ -194,4 +194,7 @@ class Launcher:
             self.cgroups = None
 
     def stats(self) -> dict[str, Any]:
-        return self.template.stats() if self.template is not None else {}
+        out = self.template.stats() if self.template is not None else {}
+        if self.cgroups is not None:
+            out["cgroups"] = len(self.cgroups.cgroups)   # live workers' cgroups (and ones still being removed)
+        return out

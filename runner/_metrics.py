@@ -9,7 +9,6 @@ registry (tests run several in one process).
 
 from __future__ import annotations
 
-import asyncio
 import re
 from typing import Any, Callable, Iterator
 
@@ -34,13 +33,13 @@ _GAUGES = {
     "starting": ("actionpool_workers_starting", "Workers being started"),
     "busy": ("actionpool_workers_busy", "Workers running an execution"),
     "waiting": ("actionpool_flows_waiting", "Flows waiting for a worker"),
+    "flows_in_flight": ("actionpool_flows_in_flight", "Flows begun and not yet answered"),
 }
 
 
 class _RunnerCollector(Collector):
-    def __init__(self, stats: Callable[[], dict[str, Any]], lag: Callable[[], float]) -> None:
+    def __init__(self, stats: Callable[[], dict[str, Any]]) -> None:
         self._stats = stats
-        self._lag = lag
 
     def collect(self) -> Iterator[Any]:
         s = self._stats()
@@ -53,11 +52,9 @@ class _RunnerCollector(Collector):
         if "template_respawns" in s:
             yield CounterMetricFamily("actionpool_template_restarts", "Fork template restarts",
                                       value=s["template_respawns"])
-        lag = next((s[k] for k in ("loop_lag_s", "event_loop_lag_s") if isinstance(s.get(k), (int, float))), None)
-        if lag is None and isinstance(s.get("loop_lag_ms"), (int, float)):
-            lag = s["loop_lag_ms"] / 1000.0
-        yield GaugeMetricFamily("actionpool_event_loop_lag_seconds", "Event-loop lag (latest sample)",
-                                value=self._lag() if lag is None else lag)
+        if isinstance(s.get("loop_lag_ms"), (int, float)):   # the Runner's own watcher (runner/_lag.py)
+            yield GaugeMetricFamily("actionpool_event_loop_lag_seconds", "Event-loop lag (latest sample)",
+                                    value=s["loop_lag_ms"] / 1000.0)
 
 
 class Metrics:
@@ -76,8 +73,7 @@ class Metrics:
                                 ["status"], registry=r)
         self.shadow_runs = Counter("actionpool_shadow_runs", "Shadow runs beside the live version",
                                    ["tenant", "slug", "result"], registry=r)
-        self._lag = 0.0
-        r.register(_RunnerCollector(stats, lambda: self._lag))
+        r.register(_RunnerCollector(stats))
 
     def flow(self, tenant: str, trigger: str, result: dict[str, Any], seconds: float) -> None:
         self.flows.labels(tenant, trigger, result["outcome"]).inc()
@@ -98,11 +94,3 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
-
-    async def watch_loop_lag(self, every_s: float = 0.25) -> None:
-        """Sample how late a timer fires: what a flow's first await waits behind."""
-        loop = asyncio.get_running_loop()
-        while True:
-            t0 = loop.time()
-            await asyncio.sleep(every_s)
-            self._lag = max(0.0, loop.time() - t0 - every_s)

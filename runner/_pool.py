@@ -449,7 +449,8 @@ class Pool:
         for tenant, key, want in wants:
             per_tenant.setdefault(tenant, []).append([key, want, tenant])
         # Before that, waiters that have waited fair_wait_s: oldest first (anti-starvation).
-        heads = [(e, self.ts.head_since(e[0]) or now) for todo in per_tenant.values() for e in todo]
+        heads = [(e, since) for todo in per_tenant.values() for e in todo
+                 if (since := self.ts.head_since(e[0])) is not None]
         for e in policy.starving(heads, now, self.fair_wait_s):
             if self._tenant_room(e[2]) <= 0:
                 continue

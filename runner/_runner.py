@@ -146,6 +146,7 @@ class Runner:
     def stats(self) -> dict[str, Any]:
         s = self._pool.stats() if self._pool else {}
         s["flows"] = self.flows
+        s["flows_in_flight"] = len(self._inflight)
         if self._engine is not None and self._engine.cpu is not None:
             s.update(self._engine.cpu.stats())
         s.update(self._lag.stats())

@@ -144,7 +144,6 @@ class Sidecar:
                         raise ConfigError(f"{self.config.path}: tenants.{tenant.name}.actions.{spec.slug}.file: "
                                           f"cannot read {spec.file}: {exc}") from None
                     await self.store.seed(tenant.name, spec.slug, source)
-        self._spawn(self.metrics.watch_loop_lag())
         self.started = True
 
     async def shutdown(self, grace: float | None = None) -> None:

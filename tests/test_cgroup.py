@@ -135,6 +135,16 @@ def test_remove_refuses_while_a_process_lives_then_cleanup_removes_everything() 
     assert mgr.cgroups == []
 
 
+def test_a_removed_cgroup_is_forgotten(manager: CgroupManager) -> None:
+    """A supervisor that starts a million workers keeps only the live ones' cgroups (issue 12: RSS bounded)."""
+    kept = manager.create("kept", 64 * MiB)
+    for i in range(200):
+        cg = manager.create(f"w{i}", 64 * MiB)
+        assert cg.try_remove() if i % 2 else (cg.remove() or True)
+    assert manager.cgroups == [kept]
+    assert len(manager._cgroups) == 1  # noqa: SLF001 - the bookkeeping itself, not a filtered view
+
+
 def test_detect_sweeps_directories_of_dead_supervisors(manager: CgroupManager) -> None:
     cg = manager.create("alive", 64 * MiB)
     root = os.path.dirname(os.path.dirname(cg.memory_dir))

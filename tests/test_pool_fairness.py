@@ -29,6 +29,8 @@ async def test_emptied_keys_leave_no_state_behind() -> None:
         assert grown["state"]["idle_keys"] > 1
         # The timer retires them; no flow needs to come along.
         await wait_for_condition(lambda: r.stats()["live"] <= cfg.pool_size and r.stats()["starting"] == 0)
+        # Each retired worker's cgroup is removed and forgotten (where this host gives cgroups).
+        await wait_for_condition(lambda: r.stats().get("cgroups", 0) <= r.stats()["live"])
         s = r.stats()
     assert s["state"] == {"idle_keys": 1 if s["warm_unassigned"] else 0, "spawning_keys": 0, "waiting_keys": 0,
                           "waiting_tenants": 0, "held_keys": 0, "busy_tenants": 0, "spawning_tenants": 0,

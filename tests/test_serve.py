@@ -110,6 +110,15 @@ def flow(c: httpx.Client, trigger: str, event: dict[str, Any] | None = None, ten
     return c.post(f"/v1/tenants/{tenant}/flows/{trigger}", json=event if event is not None else {"user": {}}, **kw)
 
 
+def wait_in_flight(c: httpx.Client, n: int, timeout: float = 10.0) -> None:
+    """Poll /metrics until ``n`` flows are in flight (begun in the Runner, not yet answered)."""
+    deadline = time.monotonic() + timeout
+    needle = f"actionpool_flows_in_flight {float(n)}"
+    while needle not in c.get("/metrics").text:
+        assert time.monotonic() < deadline, f"never saw {n} flow(s) in flight"
+        time.sleep(0.01)
+
+
 # ------------------------------------------------------------------ config
 
 
@@ -238,7 +247,7 @@ def test_decision_blocks_with_hyphenated_slugs_and_metrics(sidecar: Serve) -> No
                    'actionpool_denials_total{kind="denied"} 1.0', 'actionpool_denials_total{kind="decision_error"} 1.0',
                    "actionpool_flow_duration_seconds_bucket", "actionpool_workers_live", "actionpool_workers_idle",
                    "actionpool_workers_starting", "actionpool_worker_kills_total", "actionpool_template_restarts_total",
-                   "actionpool_event_loop_lag_seconds"):
+                   "actionpool_event_loop_lag_seconds", "actionpool_flows_in_flight 0.0"):
         assert needle in text, needle
 
 
@@ -296,7 +305,7 @@ def test_deploy_rollback_versions_and_in_flight_flows(sidecar: Serve) -> None:
         results: list[dict[str, Any]] = []
         t = threading.Thread(target=lambda: results.append(flow(c, "pre-login", {"request": {"sleep": 1.5}}).json()))
         t.start()
-        time.sleep(0.3)  # let the slow flow start on v1
+        wait_in_flight(c, 1)  # the slow flow began on v1
         r = c.put("/v1/tenants/acme/actions/slow", content=NEW_SLOW)
         assert r.status_code == 201
         v2 = r.json()["version"]
@@ -361,7 +370,7 @@ def test_sigterm_drains_in_flight_flows_then_exits_0(tmp_path: Path) -> None:
             results: list[httpx.Response] = []
             t = threading.Thread(target=lambda: results.append(flow(c, "pre-login", {"request": {"sleep": 2.0}})))
             t.start()
-            time.sleep(0.5)  # the slow flow is in flight
+            wait_in_flight(c, 1)
             s.proc.send_signal(signal.SIGTERM)
             deadline = time.monotonic() + 10
             with httpx.Client(base_url=s.url, headers=AUTH, timeout=10) as c2:
