@@ -41,6 +41,9 @@ log = logging.getLogger("actionpool.pool")
 __all__ = ["Pool", "Key"]
 
 
+REFILL_DELAY_S = 0.01   # a spare taken by a flow is replaced this much later (see Pool._take_spare)
+
+
 class _Expired(Exception):
     """A waiting flow's queue timeout passed."""
 
@@ -92,6 +95,7 @@ class Pool:
         self._tenant_warming: dict[Key, int] = {}       # min_idle_per_tenant starts in flight, by key
         self._warming = 0                               # unassigned warm starts in flight
         self._recheck: asyncio.TimerHandle | None = None
+        self._refill: asyncio.TimerHandle | None = None   # replacing a spare just taken (see _take_spare)
         self._sweeper: asyncio.TimerHandle | None = None
         self._in_grow = False          # _grow retiring a worker must not re-enter itself through _on_dead
         self._spawn_failures = 0       # consecutive failed starts
@@ -264,8 +268,15 @@ class Pool:
         w = self.ws.take((None, key[1]), "")
         if w is not None:
             w.tenant = key[0]
-            self._replenish()
+            # Replace it once this flow had the CPU: a start (fork, sandbox, hello: ~5 ms of CPU over
+            # three processes) begun now lands on the cores exactly while the spare's first flow runs.
+            if self._refill is None and not self.closed:
+                self._refill = asyncio.get_running_loop().call_later(REFILL_DELAY_S, self._refill_now)
         return w
+
+    def _refill_now(self) -> None:
+        self._refill = None
+        self._replenish()
 
     def _hand(self, fut: "asyncio.Future[WorkerHandle]", w: WorkerHandle, key: Key, tenant: str) -> None:
         w.tenant = key[0]
@@ -557,10 +568,10 @@ class Pool:
     # -- shutdown ---------------------------------------------------------------------------------------
     async def close(self, grace: float) -> None:
         self.closed = True
-        for handle in (self._recheck, self._sweeper):
+        for handle in (self._recheck, self._sweeper, self._refill):
             if handle is not None:
                 handle.cancel()
-        self._recheck = self._sweeper = None
+        self._recheck = self._sweeper = self._refill = None
         for _, key in list(self.ts.fair_keys()):
             while (fut := self.ts.pop(key)) is not None:
                 fut.set_exception(PoolClosed("pool closed"))

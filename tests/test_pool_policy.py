@@ -183,13 +183,14 @@ async def test_idle_retirement_keeps_the_young_and_the_warm_spares() -> None:
     clock = Clock()
     pool, _ = make_pool(clock, pool_size=2, max_workers=10, idle_timeout_s=60.0)
     await pool.start()
-    old = await pool.acquire("old", "d", PROFILE, 1.0)     # takes a spare; another is started
+    old = await pool.acquire("old", "d", PROFILE, 1.0)     # takes a spare; it is replaced soon after
     await settle()
     pool.release(old, True)
     clock.now += 30
     young = await pool.acquire("young", "d", PROFILE, 1.0)
     await settle()
-    pool.release(young, True)
+    pool.release(young, True)                              # a quiet moment: the spares are topped up
+    await settle()
     clock.now += 31                                        # old: 61 s idle; young: 31 s
     pool.sweep()
     assert not old.alive and young.alive

@@ -190,3 +190,47 @@ async def test_event_with_non_json_values_is_denied() -> None:
                                           event={"name": "\ud800"}, tenant="t")
     assert bad.denial is not None and bad.denial["kind"] == "invalid_event" and "event['user']['when']" in bad.denial["reason"]
     assert lone_surrogate.denial is not None and lone_surrogate.denial["kind"] == "invalid_event"
+
+
+def test_the_warm_up_execution_talks_to_nobody_and_leaves_nothing() -> None:
+    """``Runtime.prime`` runs the whole execution path against a NullChannel: no byte reaches the pipe."""
+    import asyncio
+    import linecache
+    import os
+    import sys
+
+    from actionpool.worker._channel import Channel
+    from actionpool.worker._runtime import PRIME_FILENAME, PRIME_HASH, Runtime
+
+    r_fd, w_fd = os.pipe()
+    saved = sys.stdout, sys.stderr
+    loop = asyncio.new_event_loop()
+    try:
+        rt = Runtime(Channel(r_fd, w_fd, 1 << 20), loop)
+        error, result = rt.prime()
+        assert (error, result) == (None, {"ok": True})   # every call of it succeeded
+        assert PRIME_HASH not in rt.modules and PRIME_FILENAME not in linecache.cache and rt.current is None
+        os.set_blocking(r_fd, False)
+        with pytest.raises(BlockingIOError):
+            os.read(r_fd, 1)                                # nothing was written to the supervisor's pipe
+    finally:
+        sys.stdout, sys.stderr = saved
+        loop.close()
+        os.close(r_fd)
+        os.close(w_fd)
+
+
+async def test_a_fresh_workers_first_flow_sees_nothing_of_the_warm_up() -> None:
+    """The warm-up's cache write, log line, state and claim never reach a flow, the cache or the audit."""
+    src = '''
+import linecache, sys
+def on_execute(event, api):
+    api.state.set("tier", api.cache.get("tier"))
+    api.state.set("modules", [k for k in sys.modules if "warm" in k])
+    api.state.set("lines", [k for k in linecache.cache if "warm-up" in k])
+'''
+    async with make_runner() as r:
+        res = await run(r, src)
+    assert res["outcome"] == "allow"
+    assert res["state"]["a"] == {"tier": None, "modules": [], "lines": []}
+    assert res["claims"]["access_token"] == {} and not any("warm-up" in e["message"] for e in res["logs"])

