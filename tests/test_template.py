@@ -315,7 +315,12 @@ def _not_on_the_way(path: str) -> bool:
 
     from actionpool.runner._spawn import PKG_DIR
 
-    granted = [os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, PKG_DIR, *sys.path) if p]
+    # What the worker's view holds: the interpreter's prefixes and the package (its own sys.path is the stdlib's,
+    # under -I -S). Not this process's sys.path: pytest prepends the parent of the repository (a package), which
+    # for a clone in /tmp is /tmp itself.
+    prefixes = (os.path.realpath(sys.prefix), os.path.realpath(sys.base_prefix))
+    stdlib = [p for p in sys.path if p and os.path.realpath(p).startswith(prefixes)]
+    granted = [os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, PKG_DIR, *stdlib)]
     return not any(g == path or g.startswith(path.rstrip("/") + "/") or path.startswith(g + "/") for g in granted)
 
 
