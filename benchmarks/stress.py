@@ -28,7 +28,6 @@ import argparse
 import asyncio
 import json
 import math
-import os
 import random
 import sys
 import threading

@@ -15,7 +15,7 @@ import re
 from bisect import bisect_right
 from itertools import accumulate, chain, compress, count, repeat
 from enum import Enum
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 
 class Kind(Enum):

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import inspect
-import os
-import sys
-from typing import Any, AsyncIterator, Awaitable, Callable
+import time
+from typing import Any
 
 import psutil
 import pytest
@@ -83,3 +81,11 @@ async def run(runner: Runner, sources: str | list[str] | list[Action], *, trigge
     result = await runner.run_flow(trigger=trigger, actions=actions, event=event if event is not None else {"user": {}},
                                    tenant=tenant, **kw)
     return result.to_dict()
+
+
+async def wait_for_condition(cond: Any, timeout: float = 20.0) -> None:
+    """Poll ``cond()`` every 5 ms until it holds; fail after ``timeout`` seconds (synchronisation, never a sleep)."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached before the deadline"
+        await asyncio.sleep(0.005)

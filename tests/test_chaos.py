@@ -24,11 +24,11 @@ from typing import Any
 import psutil
 import pytest
 
-from conftest import children, make_runner, wait_gone
+from conftest import children, make_runner, wait_for_condition, wait_gone
 from actionpool.runner import Action, FetchConfig, Limits, RunnerClosed, RunnerConfig, SandboxUnavailable
 
 from actionpool.benchmarks.stress import NORMAL_KINDS, Kind, LocalServer, event_for, mismatches
-from test_stress import Gate, wait_for_condition
+from test_stress import Gate
 
 FLOW_BOUND_S = 30.0
 CONCURRENCY = 16

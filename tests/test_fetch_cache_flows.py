@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from conftest import make_runner, run
-from actionpool.runner import Action, FetchConfig, Limits, RunnerConfig
+from actionpool.runner import FetchConfig, Limits, RunnerConfig
 
 FETCH = '''
 import json

@@ -11,7 +11,6 @@ less than 50 MB.
 from __future__ import annotations
 
 import asyncio
-import gzip
 import json
 import logging
 import threading
@@ -381,7 +380,7 @@ async def test_query_strings_never_reach_the_logs(http_server: LocalHTTPServer,
         assert res["status"] == 200
         for url in (f"http://127.0.0.1:{dead}/x?api_key=SECRET",
                     f"{http_server.url}/slow?ms=3000&api_key=SECRET",
-                    f"http://not-listed.test/?api_key=SECRET"):
+                    "http://not-listed.test/?api_key=SECRET"):
             with pytest.raises(ApiFailure) as err:
                 await services.fetch("t", url, None, 0.5)
             assert "SECRET" not in str(err.value)

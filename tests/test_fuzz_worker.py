@@ -567,9 +567,7 @@ def test_fuzz_reply_pipe_bytes(no_asyncio_errors: None) -> None:
 import os as _os
 import subprocess as _subprocess
 import time as _time
-import tracemalloc as _tracemalloc
 
-from actionpool.protocol import encode_frame
 from actionpool.runner._flow import FlowState
 from actionpool.runner._handlers import ExecutionContext
 from actionpool.runner._services import Services

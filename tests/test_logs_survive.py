@@ -9,6 +9,8 @@ a few milliseconds, then gets itself killed.
 
 from __future__ import annotations
 
+import pytest
+
 from actionpool import Limits, RunnerConfig
 
 from conftest import make_runner, run
@@ -30,39 +32,23 @@ EXPECTED = [
 ]
 
 
-async def test_logs_before_a_timeout_kill_are_kept() -> None:
-    src = BEFORE + "    while True:\n        pass\n"
-    cfg = RunnerConfig(pool_size=1, limits=Limits(action_timeout_s=1.0))
-    async with make_runner(cfg) as r:
-        res = await run(r, src)
-    assert res["denial"]["kind"] == "timeout"
-    assert res["logs"] == EXPECTED
+SPIN = "    while True:\n        pass\n"
+KILLS = {
+    # denial kind: (how the action gets itself killed, the limits that kill it)
+    "timeout": (SPIN, Limits(action_timeout_s=1.0)),
+    "flow_timeout": (SPIN, Limits(action_timeout_s=10.0, flow_timeout_s=1.0)),
+    "memory_limit": ("    hog = []\n    while True:\n        hog.append(bytearray(1 << 20))\n",
+                     Limits(memory_mb=64, action_timeout_s=20.0)),
+    "output_limit": ("    while True:\n        api.state.set('k', 'x' * 60000)\n", Limits(max_output_bytes=100_000)),
+}
 
 
-async def test_logs_before_a_flow_timeout_kill_are_kept() -> None:
-    src = BEFORE + "    while True:\n        pass\n"
-    cfg = RunnerConfig(pool_size=1, limits=Limits(action_timeout_s=10.0, flow_timeout_s=1.0))
-    async with make_runner(cfg) as r:
-        res = await run(r, src)
-    assert res["denial"]["kind"] == "flow_timeout"
-    assert res["logs"] == EXPECTED
-
-
-async def test_logs_before_a_memory_kill_are_kept() -> None:
-    src = BEFORE + "    hog = []\n    while True:\n        hog.append(bytearray(1 << 20))\n"
-    cfg = RunnerConfig(pool_size=1, limits=Limits(memory_mb=64, action_timeout_s=20.0))
-    async with make_runner(cfg) as r:
-        res = await run(r, src)
-    assert res["denial"]["kind"] == "memory_limit", res["denial"]
-    assert res["logs"] == EXPECTED
-
-
-async def test_logs_before_an_output_kill_are_kept() -> None:
-    src = BEFORE + "    while True:\n        api.state.set('k', 'x' * 60000)\n"
-    cfg = RunnerConfig(pool_size=1, limits=Limits(max_output_bytes=100_000))
-    async with make_runner(cfg) as r:
-        res = await run(r, src)
-    assert res["denial"]["kind"] == "output_limit", res["denial"]
+@pytest.mark.parametrize("kind", list(KILLS))
+async def test_logs_before_a_kill_are_kept(kind: str) -> None:
+    tail, limits = KILLS[kind]
+    async with make_runner(RunnerConfig(pool_size=1, limits=limits)) as r:
+        res = await run(r, BEFORE + tail)
+    assert res["denial"]["kind"] == kind, res["denial"]
     assert res["logs"] == EXPECTED
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from conftest import make_runner
-from test_stress import SLOW, Gate, wait_for_condition
+from conftest import make_runner, wait_for_condition
+from test_stress import SLOW, Gate
 from actionpool.runner import Action, FetchConfig, Limits, RunnerConfig
 
 

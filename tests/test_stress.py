@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from typing import Any
 
-import pytest
 
-from conftest import make_runner
+from conftest import make_runner, wait_for_condition
 from actionpool.runner import Action, FetchConfig, Limits, RunnerConfig
 
 from actionpool.benchmarks.stress import HOSTILE_KINDS, main as stress_main, run_stress
@@ -120,13 +118,6 @@ SLOW = Action(slug="slow", source=(
     "    r = await api.fetch(event.url)\n"
     "    api.state.set('body', r.body)\n"
     "    api.state.set('n', event.n)\n"))
-
-
-async def wait_for_condition(cond: Any, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not reached before the deadline"
-        await asyncio.sleep(0.005)
 
 
 async def test_back_pressure_refuses_the_surplus_at_once() -> None:

@@ -447,7 +447,7 @@ async def test_a_forged_answer_cannot_act_in_the_next_flow(targets: Targets, bin
     source = (ACTIONS / "forged_answer_hijacks_next_flow.py").read_text()
     attacker = Action(slug="hijacker", source=source, filename="forged_answer_hijacks_next_flow.py")
     async with make_runner(dataclasses.replace(CONFIG, worker_binding=binding)) as r:
-        first = await flow(r, attacker, targets.event())
+        await flow(r, attacker, targets.event())   # it forges its answer and keeps running
         nxt = await flow(r, NORMAL, {"user": {}})
         later = await flow(r, NORMAL, {"user": {}})
     assert await fds_settle(fds_before + FD_SLACK) <= fds_before + FD_SLACK
