@@ -18,8 +18,9 @@ import time
 from types import FrameType
 
 from ._errors import ConfigError
-from ._serve_config import is_loopback, load_config
+from ._serve_config import ServerSpec, is_loopback, load_config
 from ._server import Sidecar
+from ._serve_preflight import start_problem
 
 log = logging.getLogger("actionpool.serve")
 
@@ -51,6 +52,20 @@ def _uvicorn_server() -> type:
     return DrainingServer
 
 
+def _guarded_protocol(spec: ServerSpec, app: Sidecar) -> type:
+    """The guarded protocol class; the connection cap from the fd budget unless the config sets one."""
+    from ._http_guard import Guard, connection_budget, protocol_class, raise_fd_limit
+
+    fd_limit = raise_fd_limit()
+    cap = spec.max_connections
+    guard = Guard(max_connections=cap if cap is not None else
+                  (lambda: connection_budget(fd_limit, int(app.runner.stats().get("capacity") or 0))),
+                  header_timeout_s=spec.header_timeout_s, max_head_bytes=spec.max_head_bytes,
+                  max_headers=spec.max_headers, on_close=lambda r: app.metrics.connections_closed.labels(r).inc())
+    app.metrics.watch_connections(lambda: guard.open, lambda: guard.max_connections)
+    return protocol_class(guard)
+
+
 def serve(config_path: str, host: str = "127.0.0.1", port: int = 8080, *, log_level: str = "warning") -> int:
     """Run the sidecar until SIGTERM/SIGINT; the process's exit status."""
     import uvicorn
@@ -64,11 +79,19 @@ def serve(config_path: str, host: str = "127.0.0.1", port: int = 8080, *, log_le
         print(f"actionpool serve: error: {config_path}: server.token_env: not set, so the sidecar serves loopback "
               f"only; --host {host} is not a loopback address", file=sys.stderr)
         return 2
+    # Before anything starts: the port and the store, each refused with one line that says what to do.
+    problem = start_problem(host, port, cfg.store_url, config_path)
+    if problem is not None:
+        print(f"actionpool serve: error: {problem[1]}", file=sys.stderr)
+        return problem[0]
     app = Sidecar(cfg)
-    # httptools when installed (the serve extra has it): about 0.1 ms less per request than h11 here.
-    # The plain asyncio loop: the runner's subprocess and signal handling are tested on it.
+    # httptools (the serve extra has it: about 0.1 ms less per request than h11 here) under the guard that
+    # bounds every connection before the token is read (runner/_http_guard.py). The plain asyncio loop: the
+    # runner's subprocess and signal handling are tested on it. No limit_concurrency: it answers 503 to every
+    # new request once idle strangers fill it; the guard evicts them instead.
     ucfg = uvicorn.Config(app, host=host, port=port, lifespan="on", log_level=log_level, access_log=False,
-                          loop="asyncio", http="auto",
+                          loop="asyncio", http=_guarded_protocol(cfg.server, app), ws="none",
+                          timeout_keep_alive=cfg.server.keepalive_timeout_s,  # type: ignore[arg-type]
                           timeout_graceful_shutdown=max(1, int(cfg.server.drain_grace_s) + 1),
                           server_header=False, date_header=False)
     server = _uvicorn_server()(ucfg, app)

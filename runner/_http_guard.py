@@ -1,0 +1,316 @@
+"""Bounds on what a connection may do before the token is read (docs/security.md, "Strangers").
+
+uvicorn's httptools protocol leaves four holes a peer without a token can use:
+a connection that never sends a byte stays open for ever (no first-byte
+timer), a head that never ends is buffered whole (httptools has no head cap,
+and ``on_url``/``on_header`` accumulate), a head may carry any number of
+headers, and uvicorn's own ``limit_concurrency`` answers 503 to *every* new
+request once idle strangers fill it, which locks the gateway out. This module
+subclasses the protocol and closes them per connection:
+
+* a **head timer** (``header_timeout_s``) armed when the connection opens and
+  when the first byte of a later head arrives; it is cancelled when the head
+  is complete. It covers the first byte, slowloris and partial heads. Between
+  requests uvicorn's keep-alive timer (``keepalive_timeout_s``) runs.
+* **head bytes** are counted in ``data_received`` *before* the parser sees
+  them: the parser is fed at most the room left under ``max_head_bytes``, so
+  it never buffers more; past it the answer is 431 and the connection closes.
+  Header lines are counted in ``on_header`` (431 past ``max_headers``).
+* a **connection table** (:class:`Guard`): at ``max_connections`` a new
+  connection evicts the oldest one that has never completed a head, else the
+  one idle longest between requests; connections with a request in progress
+  are never evicted (a new connection is refused when all are). Both lookups
+  are O(1) (insertion-ordered dicts), so a flood costs constant work per accept.
+* bytes of a request body that arrive after the answer (a 401 sent before the
+  body was read) are discarded for at most ``header_timeout_s``, then the
+  connection closes.
+
+After a 431 or 408 the answer is written, the write side shut and the reader
+discards what is still in flight for a short linger before closing, so the
+peer reads the status rather than a reset.
+
+Pipelining: a head that starts inside the same read as the previous body is
+counted from the next read on, so a pipelined head may reach about twice
+``max_head_bytes`` before the cap: still a bound per connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import random
+import resource
+import struct
+import termios
+from typing import Any, Callable
+
+import httptools
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from ._pool_policy import FD_RESERVE, FDS_PER_WORKER
+
+DEFAULT_CONNECTION_CAP = 10_000   # with max_head_bytes = 16 KiB, at most ~160 MB of heads buffered at once
+LINGER_S = 2.0                    # after a 431/408: how long unread input is drained before the close
+LINGER_BYTES = 1 << 20            # ... and how much of it, at most
+PEEK_CANDIDATES = 8               # at the cap: head-less connections with unread input skipped, at most
+JITTER = 0.25                     # head timers fire in [1 - JITTER, 1] x header_timeout_s (see _g_arm)
+REASONS = ("header_timeout", "idle_timeout", "head_too_large", "too_many_headers", "evicted", "refused",
+           "unread_body")
+
+
+def raise_fd_limit() -> int | None:
+    """Raise RLIMIT_NOFILE's soft limit to the hard one; the soft limit now (None: unlimited)."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard != resource.RLIM_INFINITY and soft != hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        elif hard == resource.RLIM_INFINITY and soft == resource.RLIM_INFINITY:
+            return None
+        return soft
+    except (ValueError, OSError):
+        return None
+
+
+def connection_budget(fd_limit: int | None, workers: int) -> int:
+    """Connections the fd budget allows: the limit less the pool's pipes and the runner's reserve."""
+    if fd_limit is None:
+        return DEFAULT_CONNECTION_CAP
+    return max(16, min(DEFAULT_CONNECTION_CAP, fd_limit - FD_RESERVE - FDS_PER_WORKER * workers - 16))
+
+
+class Guard:
+    """The per-process connection table and the bounds every connection is held to."""
+
+    def __init__(self, *, max_connections: int | Callable[[], int], header_timeout_s: float, max_head_bytes: int,
+                 max_headers: int, on_close: Callable[[str], None] | None = None) -> None:
+        self._cap = max_connections
+        self.header_timeout_s = header_timeout_s
+        self.max_head_bytes = max_head_bytes
+        self.max_headers = max_headers
+        self.on_close = on_close
+        self.open = 0
+        self.fresh: dict[Any, None] = {}   # connections that never completed a head, oldest first
+        self.idle: dict[Any, None] = {}    # connections between requests, idle longest first
+        self.closed: dict[str, int] = dict.fromkeys(REASONS, 0)
+
+    @property
+    def max_connections(self) -> int:
+        if callable(self._cap):   # derived from the pool's size, known once the runner has started
+            self._cap = self._cap()
+        return self._cap
+
+    def count(self, reason: str) -> None:
+        self.closed[reason] += 1
+        if self.on_close is not None:
+            self.on_close(reason)
+
+    def admit(self, conn: Any) -> bool:
+        """Make room for ``conn`` (evicting an idle or head-less connection); False when there is none."""
+        if self.open >= self.max_connections:
+            victim = next(iter(self.fresh), None)
+            for _ in range(PEEK_CANDIDATES):
+                # A connection whose bytes wait in the kernel was accepted in the same burst and not read yet
+                # (a gateway sends its head at once; an idle stranger has nothing there): it gets another round.
+                if victim is None or not victim._g_pending():
+                    break
+                del self.fresh[victim]
+                self.fresh[victim] = None
+                victim = next(iter(self.fresh))
+            if victim is None:
+                victim = next(iter(self.idle), None)
+            if victim is None:
+                self.count("refused")
+                return False
+            victim._guard_drop("evicted")
+        self.open += 1
+        self.fresh[conn] = None
+        return True
+
+    def forget(self, conn: Any) -> None:
+        self.open -= 1
+        self.fresh.pop(conn, None)
+        self.idle.pop(conn, None)
+
+
+class _Reject(Exception):
+    """Raised from a parser callback to stop parsing a head that broke a bound."""
+
+
+_PHRASES = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
+
+
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol held to a :class:`Guard` (set on a subclass by :func:`protocol_class`)."""
+
+    guard: Guard
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._g_in_head = True        # waiting for (the rest of) a request head
+        self._g_head = 0              # bytes of the current head fed to the parser
+        self._g_headers = 0           # header lines of the current head
+        self._g_reject: str | None = None
+        self._g_timer: asyncio.TimerHandle | None = None
+        self._g_lingering = False
+        self._g_drained = 0           # bytes discarded while lingering
+        self._g_admitted = self.guard.admit(self)
+        if not self._g_admitted:
+            transport.abort()
+            return
+        self._g_arm("header_timeout")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._g_cancel()
+        if self._g_admitted:
+            self._g_admitted = False
+            self.guard.forget(self)
+        super().connection_lost(exc)
+
+    def _g_pending(self) -> bool:
+        """Whether input waits in the kernel, unread (FIONREAD: one ioctl, nothing consumed)."""
+        sock = self.transport.get_extra_info("socket")
+        if sock is None:
+            return False
+        try:
+            return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0] > 0
+        except OSError:
+            return False
+
+    # -- timers ------------------------------------------------------------------------------------
+    def _g_arm(self, reason: str) -> None:
+        # Jittered: a flood opened within a few seconds would otherwise expire, and reconnect, in one wave
+        # of thousands of closes per loop turn (measured: the slowest gateway flows sat inside those waves).
+        self._g_cancel()
+        delay = self.guard.header_timeout_s * (1.0 - JITTER * random.random())
+        self._g_timer = self.loop.call_later(delay, self._g_expired, reason)
+
+    def _g_cancel(self) -> None:
+        if self._g_timer is not None:
+            self._g_timer.cancel()
+            self._g_timer = None
+
+    def _g_expired(self, reason: str) -> None:
+        self._g_timer = None
+        if self.transport.is_closing() or self._g_lingering:
+            return
+        if reason == "header_timeout" and self._g_head == 0:
+            reason = "idle_timeout"   # not a byte of a head: an idle stranger, closed without a word
+            self._guard_drop(reason)
+        elif reason == "header_timeout":
+            self._g_refuse(408, reason, f"request head not complete within {self.guard.header_timeout_s:g} s")
+        else:
+            self._guard_drop(reason)
+
+    def timeout_keep_alive_handler(self) -> None:
+        if not self.transport.is_closing():
+            self.guard.count("idle_timeout")
+        super().timeout_keep_alive_handler()
+
+    # -- closing -----------------------------------------------------------------------------------
+    def _guard_drop(self, reason: str) -> None:
+        """Close at once (eviction, idle); the table forgets the connection now, not a loop turn later."""
+        self.guard.count(reason)
+        self._g_cancel()
+        if self._g_admitted:
+            self._g_admitted = False
+            self.guard.forget(self)
+        self.transport.abort()
+
+    def _g_refuse(self, status: int, reason: str, message: str) -> None:
+        """Answer ``status`` and close; unread input is drained for a moment so the peer reads the answer."""
+        self.guard.count(reason)
+        self._g_cancel()
+        busy = self.cycle is not None and not self.cycle.response_complete
+        if busy or self.transport.is_closing():   # a pipelined head behind a running request: no room to answer
+            self.transport.abort()
+            return
+        body = b'{"error":"' + message.encode() + b'"}'
+        self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+                             b"connection: close\r\n\r\n%s" % (status, _PHRASES[status], len(body), body))
+        self._g_lingering = True
+        try:
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+        except OSError:   # the peer is already gone (ENOTCONN): nothing to linger for
+            self.transport.abort()
+            return
+        self._g_timer = self.loop.call_later(LINGER_S, self.transport.abort)
+
+    # -- input -------------------------------------------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        if self._g_lingering:   # discarded; the linger timer closes, or this does past LINGER_BYTES
+            self._g_drained += len(data)
+            if self._g_drained > LINGER_BYTES:
+                self.transport.abort()
+            return
+        self._unset_keepalive_if_required()
+        g = self.guard
+        if self._g_in_head and self._g_timer is None:
+            self._g_arm("header_timeout")   # first byte of a head after a keep-alive wait
+        while data:
+            # Never more than the head's room while a head is open (the parser buffers it); body bytes go
+            # in pieces of the same size, so a head that begins inside a piece is counted from the next.
+            room = g.max_head_bytes - self._g_head if self._g_in_head else g.max_head_bytes
+            if room <= 0:
+                self._g_refuse(431, "head_too_large", f"request head larger than {g.max_head_bytes} bytes")
+                return
+            piece, data = (data[:room], data[room:]) if len(data) > room else (data, b"")
+            if self._g_in_head:
+                self._g_head += len(piece)
+            try:
+                self.parser.feed_data(piece)
+            except httptools.HttpParserUpgrade:
+                self._unsupported_upgrade_warning()
+            except httptools.HttpParserError:
+                if self._g_reject is not None:
+                    self._g_refuse(431, self._g_reject, f"more than {g.max_headers} request headers")
+                    return
+                self.logger.warning("Invalid HTTP request received.")
+                self._g_cancel()
+                self.send_400_response("Invalid HTTP request received.")
+                return
+            if self.transport.is_closing():
+                return
+        if self._g_in_head and self._g_head >= g.max_head_bytes:
+            self._g_refuse(431, "head_too_large", f"request head larger than {g.max_head_bytes} bytes")
+
+    # -- parser callbacks --------------------------------------------------------------------------
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._g_headers += 1
+        if self._g_headers > self.guard.max_headers:
+            self._g_reject = "too_many_headers"
+            raise _Reject()
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._g_in_head = False
+        self._g_cancel()
+        self.guard.fresh.pop(self, None)
+        self.guard.idle.pop(self, None)
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        # The next head starts here: its count begins at zero (its timer at its first byte, or now if the
+        # answer has gone out and the connection waits for nothing but the body's end).
+        self._g_in_head, self._g_head, self._g_headers = True, 0, 0
+        if self._g_timer is not None:   # the unread-body timer: the body did end
+            self._g_cancel()
+        super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.transport.is_closing() or self._g_lingering:
+            return
+        if not self._g_in_head:   # answered before the body was read (401, 413, 405): drain it, bounded
+            self._g_arm("unread_body")
+        elif self.cycle is not None and self.cycle.response_complete and self._g_admitted:
+            self.guard.idle[self] = None   # between requests: may be evicted, after head-less strangers
+
+
+def protocol_class(guard: Guard) -> type[GuardedHttpToolsProtocol]:
+    """A protocol class for ``uvicorn.Config(http=...)`` whose connections share ``guard``."""
+    return type("SidecarHttpProtocol", (GuardedHttpToolsProtocol,), {"guard": guard})
+
+
+__all__ = ["Guard", "GuardedHttpToolsProtocol", "protocol_class", "raise_fd_limit", "connection_budget", "REASONS"]

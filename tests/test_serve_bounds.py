@@ -1,0 +1,400 @@
+"""Issue 16, classes 1 and 2: what strangers and noisy tenants can do to a real ``actionpool serve``.
+
+Strangers (no token) get bounded connections: idle and slowloris connections are
+closed by the head timer, a flood beyond ``max_connections`` evicts them rather
+than locking out the gateway, and heads are capped in bytes and in lines
+before the parser buffers them (runner/_http_guard.py). Tenants get their own
+in-flight caps, and a body is read (within ``body_timeout_s``) before a flow
+slot is taken (runner/_server.py). Real serve processes, real sockets.
+"""
+
+from __future__ import annotations
+
+import resource
+import select
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+import psutil
+import pytest
+
+from actionpool.runner._errors import ConfigError
+from actionpool.runner._http_guard import connection_budget
+from actionpool.runner._serve_config import load_config
+from serve_fixtures import AUTH, TOKEN, Serve, start_serve, write_config
+
+pytestmark = pytest.mark.timeout(120)
+
+SLOW = """
+    import time
+    def on_execute(event, api):
+        time.sleep(float((event.request or {}).get("sleep") or 0))
+        api.session.setCustomClaim("done", True)
+"""
+
+CONFIG = """
+    [runner]
+    pool_size = 1
+    max_workers = 8
+    [runner.limits]
+    action_timeout_s = 20.0
+    flow_timeout_s = 30.0
+    [server]
+    token_env = "AP_TOKEN"
+    max_body_bytes = 65536
+    drain_grace_s = 1
+    max_head_bytes = 8192
+    max_headers = 20
+    {server_extra}
+    [tenants.acme.actions.slow]
+    file = "actions/slow.py"
+    [tenants.acme.flows]
+    pre-login = ["slow"]
+    [tenants.beta.actions.slow]
+    file = "actions/slow.py"
+    [tenants.beta.flows]
+    pre-login = ["slow"]
+"""
+
+
+def serve_with(tmp_path: Path, server_extra: str) -> Serve:
+    return start_serve(write_config(tmp_path, CONFIG.format(server_extra=server_extra), {"slow.py": SLOW}))
+
+
+@pytest.fixture
+def quick(tmp_path: Path) -> Iterator[Serve]:
+    """Short timers: the head and body timeouts expire within a test."""
+    s = serve_with(tmp_path, "header_timeout_s = 1.0\nkeepalive_timeout_s = 1.0\nbody_timeout_s = 1.5\n"
+                             "max_inflight_per_tenant = 1")
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def connect(s: Serve) -> socket.socket:
+    host, port = s.url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=10)
+
+
+def read_until_closed(sock: socket.socket, timeout: float = 15.0) -> bytes:
+    """Everything the server sends until it closes the connection (a reset counts as closed)."""
+    sock.settimeout(timeout)
+    out = b""
+    try:
+        while chunk := sock.recv(65536):
+            out += chunk
+    except ConnectionResetError:
+        pass
+    return out
+
+
+def read_response(sock: socket.socket) -> bytes:
+    """One whole response (head and Content-Length body) from a keep-alive connection."""
+    sock.settimeout(10)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"closed after {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length:"))
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "closed mid-body"
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
+def metric(c: httpx.Client, name: str) -> float:
+    total = 0.0
+    for line in c.get("/metrics").text.splitlines():
+        if line.startswith(name) and not line.startswith("#"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def flow(c: httpx.Client, tenant: str = "acme", sleep: float = 0, **kw: Any) -> httpx.Response:
+    return c.post(f"/v1/tenants/{tenant}/flows/pre-login", json={"user": {}, "request": {"sleep": sleep}}, **kw)
+
+
+# -- strangers ---------------------------------------------------------------------------------------
+
+def test_idle_connections_are_closed_after_the_head_timeout(quick: Serve) -> None:
+    """Connections that never send a byte are closed (no answer); a partial head gets 408 and a close."""
+    idle = [connect(quick) for _ in range(5)]
+    partial = connect(quick)
+    partial.sendall(b"POST /v1/tenants/acme/flows/pre-login HTTP/1.1\r\nHost: x\r\n")
+    for sock in idle:
+        assert read_until_closed(sock) == b""
+        sock.close()
+    answer = read_until_closed(partial)
+    partial.close()
+    assert answer.startswith(b"HTTP/1.1 408 "), answer
+    with quick.client() as c:
+        assert metric(c, 'actionpool_connections_closed_by_guard_total{reason="idle_timeout"}') >= 5
+        assert metric(c, 'actionpool_connections_closed_by_guard_total{reason="header_timeout"}') >= 1
+
+
+def test_keepalive_connection_idle_past_its_timeout_is_closed(quick: Serve) -> None:
+    sock = connect(quick)
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    answer = read_until_closed(sock)
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 200 ") and b'"alive"' in answer
+    with quick.client() as c:
+        assert metric(c, 'actionpool_connections_closed_by_guard_total{reason="idle_timeout"}') >= 1
+
+
+def test_body_left_unread_after_a_401_is_not_a_way_to_hold_the_connection(quick: Serve) -> None:
+    """A stranger's flow request gets 401 before its body is read; trickling the body on does not keep the
+    connection: it is closed header_timeout_s after the answer."""
+    sock = connect(quick)
+    sock.sendall(b"POST /v1/tenants/acme/flows/pre-login HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n{")
+    sock.settimeout(10)
+    assert sock.recv(4096).startswith(b"HTTP/1.1 401 ")
+    deadline = time.monotonic() + 15
+    try:
+        while time.monotonic() < deadline:
+            sock.sendall(b" ")   # a byte now and then: each would restart a plain idle timer
+            readable, _, _ = select.select([sock], [], [], 0.2)
+            if readable and sock.recv(4096) == b"":
+                break
+        else:
+            raise AssertionError("the connection was still open 15 s after the 401")
+    except OSError:
+        pass   # reset: closed
+    finally:
+        sock.close()
+    with quick.client() as c:
+        assert metric(c, 'actionpool_connections_closed_by_guard_total{reason="unread_body"}') >= 1
+
+
+def test_idle_flood_beyond_the_cap_does_not_lock_out_the_gateway(tmp_path: Path) -> None:
+    """300 stranger connections against max_connections = 64 (timers long): an authenticated flow on a new
+    connection is still served, because the strangers are evicted, oldest first."""
+    s = serve_with(tmp_path, "max_connections = 64\nheader_timeout_s = 60.0")
+    socks: list[socket.socket] = []
+    try:
+        for i in range(300):
+            sock = connect(s)
+            if i % 2:
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")   # half of them: slowloris heads
+            socks.append(sock)
+        with s.client() as c:
+            r = flow(c)
+            assert r.status_code == 200, r.text
+            assert r.json()["outcome"] == "allow"
+            assert metric(c, 'actionpool_connections_closed_by_guard_total{reason="evicted"}') >= 300 - 64
+            assert metric(c, "actionpool_connections_open") <= 64
+            assert metric(c, "actionpool_connections_max") == 64
+        # The oldest strangers were the ones evicted: the first connection is closed.
+        assert read_until_closed(socks[0]) == b""
+    finally:
+        for sock in socks:
+            sock.close()
+        s.stop()
+
+
+def test_strangers_are_evicted_before_an_idle_keepalive_connection(tmp_path: Path) -> None:
+    """At the cap, connections that never completed a head go first: the gateway's keep-alive connection,
+    idle between two requests, survives 40 strangers against max_connections = 16."""
+    s = serve_with(tmp_path, "max_connections = 16\nheader_timeout_s = 60.0\nkeepalive_timeout_s = 60.0")
+    request = (b"GET /v1/tenants/acme/runs/nope HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + TOKEN.encode()
+               + b"\r\n\r\n")
+    gateway = connect(s)
+    strangers: list[socket.socket] = []
+    try:
+        gateway.sendall(request)
+        assert read_response(gateway).startswith(b"HTTP/1.1 404 ")
+        strangers = [connect(s) for _ in range(40)]
+        assert read_until_closed(strangers[0]) == b""   # the oldest stranger made room
+        gateway.sendall(request)
+        assert read_response(gateway).startswith(b"HTTP/1.1 404 ")   # the same connection, still served
+    finally:
+        gateway.close()
+        for sock in strangers:
+            sock.close()
+        s.stop()
+
+
+def test_header_stream_is_cut_off_with_431_and_rss_does_not_grow(quick: Serve) -> None:
+    """An endless header value: 431 once the head passes max_head_bytes; 32 MB sent, the RSS stays put."""
+    rss = psutil.Process(quick.proc.pid)
+    with quick.client() as c:
+        assert c.get("/healthz").status_code == 200
+    before = rss.memory_info().rss
+    sock = connect(quick)
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Stream: ")
+    chunk, sent, answer = b"a" * 65536, 0, b""
+    try:
+        while sent < 32 << 20:
+            sock.sendall(chunk)
+            sent += len(chunk)
+            readable, _, _ = select.select([sock], [], [], 0)
+            if readable and not answer:
+                answer = sock.recv(65536)
+    except OSError:
+        pass   # the server closed after its linger: the stream is cut off
+    if not answer:
+        answer = read_until_closed(sock)
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+    assert b"larger than 8192 bytes" in answer
+    grown = rss.memory_info().rss - before
+    assert grown < 8 << 20, f"RSS grew by {grown} bytes under a {sent}-byte header stream"
+    with quick.client() as c:
+        assert metric(c, 'actionpool_connections_closed_by_guard_total{reason="head_too_large"}') >= 1
+
+
+def test_head_just_under_the_cap_is_served_and_over_it_is_431(quick: Serve) -> None:
+    with quick.client() as c:
+        assert c.get("/healthz", headers={"X-Pad": "a" * 7000}).status_code == 200
+        r = c.get("/healthz", headers={"X-Pad": "a" * 9000})
+        assert r.status_code == 431 and r.headers["connection"] == "close"
+
+
+def test_too_many_headers_get_431(quick: Serve) -> None:
+    with quick.client() as c:
+        assert c.get("/healthz", headers={f"X-H{i}": "v" for i in range(10)}).status_code == 200
+        r = c.get("/healthz", headers={f"X-H{i}": "v" for i in range(40)})
+        assert r.status_code == 431, r.text
+        assert "more than 20 request headers" in r.json()["error"]
+        assert metric(c, 'actionpool_connections_closed_by_guard_total{reason="too_many_headers"}') >= 1
+
+
+# -- tenants -----------------------------------------------------------------------------------------
+
+def test_stalled_body_gets_408_and_holds_no_flow_slot(quick: Serve) -> None:
+    """max_inflight_per_tenant = 1: while one upload of acme stalls inside the app's body read (seen through
+    its 100 Continue), another acme flow runs; the stalled one gets 408 and a close."""
+    sock = connect(quick)
+    sock.sendall(b"POST /v1/tenants/acme/flows/pre-login HTTP/1.1\r\nHost: x\r\n"
+                 b"Authorization: Bearer " + TOKEN.encode() + b"\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 100\r\nExpect: 100-continue\r\n\r\n")
+    sock.settimeout(10)
+    assert sock.recv(1024).startswith(b"HTTP/1.1 100 ")   # the app is reading the body now
+    sock.sendall(b'{"user": ')
+    with quick.client() as c:
+        r = flow(c)
+        assert r.status_code == 200, r.text
+    answer = read_until_closed(sock)
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 408 "), answer
+    assert b"body_timeout_s" in answer and b"connection: close" in answer.lower()
+    with quick.client() as c:
+        assert flow(c).status_code == 200   # the slot was never taken, so nothing leaked
+
+
+def test_one_tenant_filling_its_cap_does_not_fail_another_tenants_flows(tmp_path: Path) -> None:
+    """max_inflight = 8, per-tenant cap derived (3/4: 6). acme sends 10 slow flows at once: 6 run, 4 get 503
+    naming the per-tenant cap, and beta's flows all succeed while acme's 6 are in flight."""
+    s = serve_with(tmp_path, "max_inflight = 8")
+    results: list[httpx.Response] = []
+    lock = threading.Lock()
+
+    def slow_acme() -> None:
+        with s.client() as c:
+            r = flow(c, "acme", sleep=8)
+        with lock:
+            results.append(r)
+
+    threads = [threading.Thread(target=slow_acme) for _ in range(10)]
+    try:
+        for t in threads:
+            t.start()
+        with s.client() as c:
+            deadline = time.monotonic() + 30
+            while len(results) < 4:   # the four over the cap are refused at once
+                assert time.monotonic() < deadline, "acme's flows over its cap were not refused"
+                time.sleep(0.02)   # polling a condition with a deadline
+            refused = list(results)
+            for r in refused:
+                assert r.status_code == 503 and r.headers["retry-after"] == "1"
+                assert "server.max_inflight_per_tenant = 6" in r.json()["error"]
+            for _ in range(3):
+                r = flow(c, "beta")
+                assert r.status_code == 200, r.text
+                assert r.json()["outcome"] == "allow"
+            assert len(results) == 4, "beta's flows finished after acme's slow ones: acme's were not in flight"
+        for t in threads:
+            t.join(60)
+        assert sorted(r.status_code for r in results) == [200] * 6 + [503] * 4
+    finally:
+        for t in threads:
+            t.join(60)
+        s.stop()
+
+
+def test_global_cap_names_itself(tmp_path: Path) -> None:
+    s = serve_with(tmp_path, "max_inflight = 1")
+    try:
+        done = threading.Event()
+
+        def slow() -> None:
+            with s.client() as c:
+                flow(c, "acme", sleep=6)
+            done.set()
+
+        t = threading.Thread(target=slow)
+        t.start()
+        with s.client() as c:
+            deadline = time.monotonic() + 20
+            while "actionpool_flows_in_flight 1.0" not in c.get("/metrics").text:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)   # polling a condition with a deadline
+            r = flow(c, "beta")
+            assert r.status_code == 503 and "(server.max_inflight)" in r.json()["error"]
+            assert not done.is_set()
+        t.join(60)
+    finally:
+        s.stop()
+
+
+# -- config ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("line,key", [
+    ("max_connections = 1", "server.max_connections"),
+    ("header_timeout_s = 0", "server.header_timeout_s"),
+    ("keepalive_timeout_s = -1", "server.keepalive_timeout_s"),
+    ("body_timeout_s = nan", "server.body_timeout_s"),
+    ("max_head_bytes = 100", "server.max_head_bytes"),
+    ("max_headers = 2", "server.max_headers"),
+    ("max_inflight_per_tenant = 0", "server.max_inflight_per_tenant"),
+    ("max_inflight_per_tenant = 600", "server.max_inflight_per_tenant"),
+    ("max_headers = \"many\"", "server.max_headers"),
+])
+def test_bad_bounds_name_the_key(tmp_path: Path, line: str, key: str) -> None:
+    path = write_config(tmp_path, f"[server]\n{line}\n")
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(path, env={})
+
+
+def test_default_connection_cap_comes_from_the_fd_budget(tmp_path: Path) -> None:
+    """No max_connections: started with a soft fd limit of 1024, the sidecar raises it to the hard one and
+    derives the cap from it (less the pool's pipes and a reserve)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, soft), hard))   # inherited by the serve process
+    try:
+        s = serve_with(tmp_path, "")
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    try:
+        got_soft, got_hard = psutil.Process(s.proc.pid).rlimit(psutil.RLIMIT_NOFILE)
+        assert got_soft == got_hard == hard
+        with s.client() as c:
+            assert metric(c, "actionpool_connections_max") == connection_budget(None if hard < 0 else hard, 8)
+    finally:
+        s.stop()
+
+
+def test_connection_budget_leaves_room_for_the_pool() -> None:
+    assert connection_budget(1024, 100) == 1024 - 256 - 400 - 16
+    assert connection_budget(None, 8) == 10_000
+    assert connection_budget(300, 100) == 16   # a tiny limit still serves a few connections
+    assert AUTH["Authorization"].endswith(TOKEN)
