@@ -355,7 +355,7 @@ class Fetcher:
         self._backend = _PinnedBackend(network_backend, max_head_lines=config.max_response_header_lines,
                                        max_head_bytes=config.max_response_head_bytes)
         if config.stub is not None:
-            stub = StubPool(compile_stub(config.stub))
+            stub = StubPool(compile_stub(config.stub), config.stub_redact)
             make_pool: Callable[[], Any] = lambda: stub  # noqa: E731
         else:
             make_pool = self._make_pool

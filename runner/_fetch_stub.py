@@ -110,13 +110,19 @@ def load_fetch_stub(path: str) -> dict[str, Any]:
 class StubPool:
     """Stands where a tenant's connection pool would; answers from the stub, never from the network."""
 
-    def __init__(self, replies: dict[str, StubReply]) -> None:
+    def __init__(self, replies: dict[str, StubReply], redact: tuple[str, ...] = ()) -> None:
+        """``redact``: values replaced in a request's key before the lookup (``FetchConfig.stub_redact``)."""
+        from ._history import Redactor
+
         self._replies = replies
+        self._redact = Redactor(redact) if redact else None
 
     async def handle_async_request(self, request: httpcore.Request) -> httpcore.Response:
         url = request.url
         key = stub_key(request.method.decode("ascii"), url.scheme.decode("ascii"), url.host.decode("ascii"),
                        url.port, url.target.decode("ascii"))
+        if self._redact is not None:
+            key = self._redact.text(key)
         reply = self._replies.get(key)
         if reply is None:
             raise FetchError(f"api.fetch: the fetch stub has no entry for {key!r:.300}")

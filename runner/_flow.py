@@ -137,6 +137,9 @@ class FlowResult:
     logs: list[dict[str, Any]]
     actions: list[ActionRecord]
     duration_ms: float
+    # The fetches the flow made (request, capped response or error), kept only when the caller asked
+    # (``run_flow(record_fetches=True)``: run history); not part of ``to_dict()``.
+    fetches: list[dict[str, Any]] | None = None
 
     @property
     def allowed(self) -> bool:
@@ -178,6 +181,7 @@ class FlowState:
         self.user_id: str | None = None
         self.claims: dict[str, dict[str, Any]] = {"access_token": {}, "id_token": {}}
         self.logs: list[dict[str, Any]] = []
+        self.fetches: list[dict[str, Any]] | None = None  # a list when run history asked for them
         self.records = [ActionRecord(a.slug) for a in actions]
         self._limits: dict[str, Limits] = {}
         for a in actions:
@@ -245,4 +249,5 @@ class FlowState:
             logs=self.logs,
             actions=self.records,
             duration_ms=(time.monotonic() - self.started) * 1000.0,
+            fetches=self.fetches,
         )

@@ -160,8 +160,13 @@ class Runner:
 
     # -- flows ----------------------------------------------------------------------------
     async def run_flow(self, *, trigger: str, actions: Iterable[Action], event: Any, tenant: str = "default",
-                       denial_message: str | None = None, flow_id: str | None = None) -> FlowResult:
-        """Run ``actions`` in order for one login or registration; always returns one FlowResult."""
+                       denial_message: str | None = None, flow_id: str | None = None,
+                       record_fetches: bool = False) -> FlowResult:
+        """Run ``actions`` in order for one login or registration; always returns one FlowResult.
+
+        ``record_fetches``: keep each ``api.fetch`` request and its (capped) response in
+        ``FlowResult.fetches``, for run history and replay; off, the fetch path keeps nothing.
+        """
         if self._closed:
             raise RunnerClosed("runner is closed")
         prof = profile(trigger)
@@ -173,6 +178,8 @@ class Runner:
         flow = FlowState(tenant=tenant, trigger=trigger, event=event if type(event) is dict else {}, actions=actions,
                          limits=self.config.limits, flow_timeout_s=self.config.limits.flow_timeout_s,
                          denial_message=denial_message or self.config.denial_message, flow_id=flow_id)
+        if record_fetches:
+            flow.fetches = []
         task = asyncio.current_task()
         if task is not None:
             self._inflight.add(task)

@@ -20,6 +20,11 @@ def add_parsers(sub: Any) -> None:
     r.add_argument("--config", required=True, metavar="FILE")
     r.add_argument("--source", metavar="FILE", help="a draft of one action of the flow")
     r.add_argument("--slug", help="the draft's slug (default: from the file name)")
+    fetch = r.add_mutually_exclusive_group()
+    fetch.add_argument("--fetch-stub", metavar="FILE", help="answer api.fetch from this stub file (JSON: "
+                       "\"METHOD URL\" -> {status, headers, body}) instead of the run's recorded responses")
+    fetch.add_argument("--live-fetch", action="store_true", help="make real api.fetch requests (repeats the "
+                       "recorded run's side effects); default: answer from the responses recorded with the run")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -29,4 +34,5 @@ def run(args: argparse.Namespace) -> int:
         return serve(args.config, args.host, args.port, log_level=args.log_level)
     from ._replay import replay
 
-    return asyncio.run(replay(args.config, args.flow_id, args.source, args.slug))
+    return asyncio.run(replay(args.config, args.flow_id, args.source, args.slug, fetch_stub=args.fetch_stub,
+                              live_fetch=args.live_fetch))
