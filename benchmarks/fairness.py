@@ -111,7 +111,7 @@ async def _spin(args: argparse.Namespace) -> dict[str, Any]:
 
 async def _cost(args: argparse.Namespace) -> dict[str, Any]:
     rn = _api()
-    cfg = rn.RunnerConfig(pool_size=2, max_workers=2, cpu_budget_ms=args.budget_ms)
+    cfg = rn.RunnerConfig(pool_size=2, max_workers=2, max_busy_per_tenant=2, cpu_budget_ms=args.budget_ms)
     action = rn.Action(slug="tag", source=SRC_TRIVIAL)
     async with rn.Runner(cfg) as r:
         lat: list[float] = []

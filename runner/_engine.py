@@ -19,8 +19,10 @@ from ..protocol import check_json, pack
 from ._config import RunnerConfig
 from ._cpu import CpuGovernor
 from ._errors import DenialKind, Overloaded, PoolClosed
+from ._failure import environment_kind
 from ._flow import Action, FlowState, js_heap_bytes
 from ._handlers import ExecutionContext
+from ._hints import failure_reason
 from ._pool import Pool
 from ._services import Services
 from ._triggers import TriggerProfile
@@ -190,13 +192,20 @@ class FlowEngine:
                 rec.status = "failed"
             elif outcome.error is not None:
                 err = outcome.error
-                ekind = err.get("kind", "worker_crash")
+                # An uncaught ApiError of the environment (cache down, fetch timed out or failed) is denied
+                # as its code, once the supervisor confirms this execution's calls failed so.
+                ekind = environment_kind(err, ctx.failed_calls) or err.get("kind", "worker_crash")
                 etype = err.get("type") or None
-                reason = f"{etype}: {err.get('message', '')}" if etype else err.get("message", ekind)
+                reason = failure_reason(err, ekind, limits.memory_mb)  # with a hint for newcomers' mistakes
                 extra = {"traceback": err["traceback"]} if err.get("traceback") else {}
                 fails_open = getattr(action, "fails_open", None)  # failure = "open" (runner/_failure.py)
-                if fails_open is not None and fails_open(ekind):  # recorded, and the flow goes on
+                # Open only if whatever this execution itself denied (a fetch timeout is recorded as it
+                # happens) may open too: an action that called deny and then failed stays denied.
+                if fails_open is not None and fails_open(ekind) and \
+                        (not ctx.denied_here or flow.denial is None or fails_open(flow.denial["kind"])):
                     flow.log(action.slug, "warn", f"failed open: {ekind}: {reason}")
+                    if ctx.denied_here:
+                        flow.denial = None
                     rec.status = "failed_open"
                     continue
                 flow.deny(action.slug, ekind, reason, None, error_code=etype, **extra)

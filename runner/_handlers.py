@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from ..protocol import LOG_LEVELS, METHODS, check_params, truncate_utf8
 
+from ._services import InvalidFetchRequest
 from ._worker import ApiFailure, CallHandler, Violation
 
 if TYPE_CHECKING:
@@ -40,6 +41,9 @@ class ExecutionContext(CallHandler):
         self.denied_here = False
         self.grew_event = False   # state, metadata or user id changed: later actions' events grow
         self._values = [0]        # values (objects, arrays, items) in this execution's api arguments
+        # ApiError codes this execution's calls really failed with: the engine believes a worker's
+        # "died of an uncaught cache_unavailable" only if it is here (runner/_failure.py).
+        self.failed_calls: set[str] = set()
         self._fetch_slots: asyncio.Semaphore | None = None  # created on the first fetch
 
     # -- admission -----------------------------------------------------------------
@@ -128,9 +132,14 @@ class ExecutionContext(CallHandler):
 
     # -- cache and fetch (value-returning requests) ----------------------------------------------
     async def _cache_get(self, a: list[Any]) -> Any:
-        return await self.services.cache_get(self.flow.tenant, self.flow.trigger, a[0])
+        try:
+            return await self.services.cache_get(self.flow.tenant, self.flow.trigger, a[0])
+        except ApiFailure as exc:
+            self.failed_calls.add(exc.kind)
+            raise
 
     async def _cache_set(self, a: list[Any]) -> Any:
+        # A backend that is down is a result ({"type": "error", "code": "CacheUnavailable"}), never raised.
         return await self.services.cache_set(self.flow.tenant, self.flow.trigger, a[0], a[1], a[2])
 
     async def _cache_delete(self, a: list[Any]) -> Any:
@@ -147,8 +156,11 @@ class ExecutionContext(CallHandler):
         async with self._fetch_slots:
             try:
                 return await self.services.fetch(self.flow.tenant, a[0], a[1], budget,
-                                                 max_reply_bytes=self.limits.max_frame_bytes)
+                                                 max_reply_bytes=self.limits.max_frame_bytes,
+                                                 record=self.flow.fetches)
             except ApiFailure as exc:
+                if not isinstance(exc, InvalidFetchRequest):   # the action's own mistake never fails open
+                    self.failed_calls.add(exc.kind)
                 if exc.kind in ("http_fetch_denied", "http_fetch_timeout"):
                     # "treated as a deny": the flow halts even if the action catches it
                     self._record_denial(exc.kind, str(exc), None)

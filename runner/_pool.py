@@ -10,10 +10,12 @@
   ``idle_timeout_s`` retire on a timer.
 * A flow that finds no idle worker waits in a FIFO per key, bounded by ``max_queue`` (all flows)
   and ``max_queue_per_tenant``, for at most ``queue_timeout_s``; past a bound it is refused at once
-  (:class:`Overloaded`). A tenant holds at most ``max_busy_per_tenant`` workers at once, so
-  another tenant's flows always find capacity. Start slots and capacity freed while tenants wait
-  go round-robin over the waiting tenants, not first to the same tenant's next waiter; within a
-  tenant, to the key holding the fewest workers. A flow that has waited ``fair_wait_s`` gets the
+  (:class:`Overloaded`). A tenant holds at most ``max_busy_per_tenant`` workers at once (by
+  default never all of them, even in a small pool), so another tenant's flows always find
+  capacity: a slot no single tenant can fill, started for them (evicting an idle worker) within a
+  start. Start slots and capacity freed while tenants wait go round-robin over the waiting
+  tenants, not first to the same tenant's next waiter; within a tenant, to the key holding the
+  fewest workers. A flow that has waited ``fair_wait_s`` gets the
   next start slot, oldest first, so no flow starves behind a stream of lighter tenants' flows.
 * A worker that failed, was killed, or served ``max_executions`` executions is discarded.
 
@@ -87,7 +89,7 @@ class Pool:
         self.min_idle_per_tenant = min_idle_per_tenant
         self.max_busy_per_tenant = max_busy_per_tenant or policy.default_tenant_cap(max_workers)
         self.max_queue_per_tenant = (max_queue_per_tenant if max_queue_per_tenant is not None
-                                     else policy.default_tenant_cap(max_queue))
+                                     else policy.default_queue_cap(max_queue))
         self.exec_ema_s = 0.0          # how long a worker is held per acquire (moving average)
         self.spawn_ema_s = 0.05        # how long a new worker takes to say hello (moving average)
         self.reuse_ema = 1.0           # share of releases that give back a reusable worker

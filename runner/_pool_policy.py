@@ -18,7 +18,6 @@ T = TypeVar("T")
 WORKER_MEMORY_ESTIMATE_MB = 6.0
 FDS_PER_WORKER = 4          # supervisor side: two pipe ends, a pidfd, one spare (a cgroup file while starting)
 FD_RESERVE = 256            # descriptors kept for everything else (sockets of fetch, redis, logs)
-SMALL_POOL = 8              # below this, a pool is too small to keep a share back from any one tenant
 
 
 def physical_memory_bytes() -> int:
@@ -43,12 +42,25 @@ def capacity(budget_mb: float, per_worker_mb: float, fd_limit: int | None) -> in
 
 
 def default_tenant_cap(total: int) -> int:
-    """Most of a resource one tenant may hold: all of a small pool, three quarters of a larger one.
+    """Most of a resource one tenant may hold: three quarters of it, and never all of it (from 2 up).
 
-    The quarter kept back is what another tenant's flows can always get, however many slow flows
-    one tenant has in flight; a pool of a few workers is too small to split.
+    What is kept back (a quarter, at least one) is what another tenant's flows can always get,
+    however many slow flows one tenant has in flight: a busy worker cannot be taken back, so a
+    tenant holding every slot would make the others wait for its slowest flows (in a pool of 4,
+    for up to ``queue_timeout_s``, then ``overloaded``). With a slot always free of it, another
+    tenant's flow gets a worker within a start (an idle worker of the busy tenant is evicted for
+    it). Only a pool of one cannot keep anything back.
     """
-    return total if total < SMALL_POOL else total - total // 4
+    return total if total < 2 else total - max(1, total // 4)
+
+
+def default_queue_cap(total: int) -> int:
+    """Flows of one tenant that may wait: all of a short queue (under 8), three quarters of a longer one.
+
+    Waiting costs no worker, so a short queue is not split; the busy cap above is what keeps
+    a slot free for other tenants.
+    """
+    return total if total < 8 else total - total // 4
 
 
 def refuse_reason(tenant_waiting: int, tenant_queue_cap: int, total_waiting: int, max_queue: int) -> str | None:

@@ -1,10 +1,13 @@
 """The authority the supervisor holds on behalf of actions: the cache and outbound HTTP.
 
 One ``Services`` per Runner: one cache backend, one Fetcher (whose capacity is
-partitioned per tenant). Every failure of a backend reaches the action as an
-:class:`ApiFailure` with a documented kind (``api.ApiError.error_kind``):
-``cache_unavailable``, ``http_fetch_denied``, ``http_fetch_timeout`` or
-``http_fetch_error``; nothing else escapes to the worker's message loop.
+partitioned per tenant). ``cache.set`` and ``cache.delete`` answer with the
+reference's result object even when the backend is down
+(``{"type": "error", "code": "CacheUnavailable"}``); every other failure of a
+backend reaches the action as an :class:`ApiFailure` with a documented kind
+(``api.ApiError.error_kind``): ``cache_unavailable`` (``cache.get``),
+``http_fetch_denied``, ``http_fetch_timeout`` or ``http_fetch_error``; nothing
+else escapes to the worker's message loop.
 Messages are redacted of query strings, since denial reasons reach the audit
 log.
 """
@@ -20,6 +23,15 @@ from ._redact import redact_query
 from ._worker import ApiFailure
 
 log = logging.getLogger("actionpool.fetch")
+log_cache = logging.getLogger("actionpool.cache")
+
+# What api.cache.set and api.cache.delete return while the backend is down (their other errors are
+# results too); api.cache.get, which has no result object, raises ApiError ``cache_unavailable``.
+CACHE_UNAVAILABLE_RESULT = {"type": "error", "code": "CacheUnavailable"}
+
+
+class InvalidFetchRequest(ApiFailure):
+    """``http_fetch_error`` for a request the action built wrong: never an environmental failure."""
 
 
 def cache_scope(tenant: str, trigger: str) -> str:
@@ -48,22 +60,53 @@ class Services:
             raise ApiFailure("cache_unavailable", str(exc)) from None
 
     async def cache_set(self, tenant: str, trigger: str, key: str, value: str, options: dict[str, Any] | None) -> Any:
+        """The reference's result object; a backend that is down is one too (``CacheUnavailable``), not a raise."""
         try:
             return await self.cache.set(cache_scope(tenant, trigger), key, value, options)
         except CacheUnavailable as exc:
-            raise ApiFailure("cache_unavailable", str(exc)) from None
+            log_cache.warning("api.cache.set for tenant %r: %s", tenant, exc)
+            return dict(CACHE_UNAVAILABLE_RESULT)
 
     async def cache_delete(self, tenant: str, trigger: str, key: str) -> Any:
+        """Like ``set``: a result object, ``CacheUnavailable`` when the backend is down."""
         try:
             return await self.cache.delete(cache_scope(tenant, trigger), key)
         except CacheUnavailable as exc:
-            raise ApiFailure("cache_unavailable", str(exc)) from None
+            log_cache.warning("api.cache.delete for tenant %r: %s", tenant, exc)
+            return dict(CACHE_UNAVAILABLE_RESULT)
 
     async def fetch(self, tenant: str, url: str, init: dict[str, Any] | None, budget_s: float,
-                    max_reply_bytes: int | None = None) -> Any:
+                    max_reply_bytes: int | None = None, record: list[dict[str, Any]] | None = None) -> Any:
+        """``record``: the flow's list of fetches for run history (None, the default: nothing is kept)."""
+        if record is None:
+            return await self._fetch(tenant, url, init, budget_s, max_reply_bytes)
+        from ._history import MAX_RECORDED_FETCHES, fetch_entry
+
+        try:
+            result = await self._fetch(tenant, url, init, budget_s, max_reply_bytes)
+        except ApiFailure as exc:
+            if len(record) < MAX_RECORDED_FETCHES:
+                record.append(fetch_entry(url, init, error=exc.kind, message=str(exc)))
+            raise
+        if len(record) < MAX_RECORDED_FETCHES:
+            record.append(fetch_entry(url, init, result))
+        return result
+
+    async def _fetch(self, tenant: str, url: str, init: dict[str, Any] | None, budget_s: float,
+                     max_reply_bytes: int | None) -> Any:
         timeout = min(self.fetch_config.timeout_s, budget_s)
         if timeout <= 0:
             raise ApiFailure("http_fetch_timeout", "no time left in the action's budget for a fetch")
+        # The request itself first: a bad init or an overlong URL is the action's mistake, not a transport
+        # failure, so it must not let a ``failure = "open"`` action pass (same code for the action).
+        from ._fetch import MAX_URL_CHARS  # imported with Fetcher, lazily (httpx)
+
+        try:
+            self.fetcher._parse_init(init)
+            if type(url) is str and len(url) > MAX_URL_CHARS:
+                raise FetchError(f"api.fetch: url longer than {MAX_URL_CHARS} characters")
+        except FetchError as exc:
+            raise InvalidFetchRequest(exc.error_kind, redact_query(str(exc))) from None
         try:
             return await self.fetcher.fetch(url, init, allow_hosts=self.fetch_config.hosts_for(tenant),
                                             timeout_s=timeout, tenant=tenant, max_reply_bytes=max_reply_bytes)

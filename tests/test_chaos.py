@@ -210,7 +210,7 @@ SHORT = Action(slug="short", source=(
 async def test_graceful_close_with_flows_in_flight() -> None:
     """close(grace): short flows finish with their real answer, long ones are killed and denied, nothing is left."""
     # pool_size == max_workers: six warm workers, so six flows are running at once from the start.
-    cfg = RunnerConfig(pool_size=6, max_workers=6, max_queue=8, queue_timeout_s=30.0,
+    cfg = RunnerConfig(pool_size=6, max_workers=6, max_busy_per_tenant=6, max_queue=8, queue_timeout_s=30.0,
                        limits=Limits(action_timeout_s=120.0, flow_timeout_s=120.0),
                        fetch=FetchConfig(allow_hosts=("127.0.0.1",), timeout_s=30.0))
     before = children()

@@ -140,8 +140,9 @@ async def test_bodies_too_big_for_a_reply_are_catchable_errors(http_server: Loca
         assert res["outcome"] == "allow", res
         assert res["state"]["a"]["results"] == [{"error": "http_fetch_error"}] * 2
         assert res["state"]["a"]["after"] == "the action went on"
-    # Uncaught, the ApiError ends the action like any exception (the worker reports uncaught_error).
-    assert uncaught["denial"]["kind"] == "uncaught_error"
+    # Uncaught, the ApiError ends the action and denies as its code (an environmental failure, which
+    # failure = "open" may let pass; tests/test_failure_open.py).
+    assert uncaught["denial"]["kind"] == "http_fetch_error"
     assert uncaught["denial"]["reason"].startswith("ApiError: http_fetch_error: api.fetch: the response")
     assert p99(times) < VICTIM_P99_S, times
     assert grown < RSS_BOUND_MB, f"supervisor RSS grew {grown:.1f} MB"
@@ -151,17 +152,21 @@ async def test_unreachable_redis_names_the_server_and_the_cause() -> None:
     port = free_port()  # nothing listens there
     src = '''
 def on_execute(event, api):
+    api.state.set("set", api.cache.set("k", "v"))        # a result object, as for every other set error
+    api.state.set("delete", api.cache.delete("k"))
     try:
-        api.cache.set("k", "v")
+        api.cache.get("k")
     except api.ApiError as exc:
-        api.state.set("set", [exc.error_kind, str(exc)])
+        api.state.set("get", [exc.error_kind, str(exc)])
     api.cache.get("k")
 '''
     async with make_runner(_cfg(), cache_url=f"redis://127.0.0.1:{port}/0") as r:
         res = await run(r, src)
-    kind, message = res["state"]["a"]["set"]
+    state = res["state"]["a"]
+    assert state["set"] == state["delete"] == {"type": "error", "code": "CacheUnavailable"}
+    kind, message = state["get"]
     assert kind == "cache_unavailable"
     assert message.startswith(f"cache_unavailable: redis at 127.0.0.1:{port} is unavailable: ConnectionError: "
                               "Error 111 connecting"), message
-    assert res["denial"]["kind"] == "uncaught_error"  # uncaught, as any exception
+    assert res["denial"]["kind"] == "cache_unavailable"  # uncaught: denied as the outage it is
     assert res["denial"]["reason"].startswith(f"ApiError: cache_unavailable: redis at 127.0.0.1:{port}")

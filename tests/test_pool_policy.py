@@ -31,8 +31,12 @@ def test_capacity_comes_from_the_memory_budget_within_the_fd_limit() -> None:
     assert policy.default_memory_budget_mb(512 << 20) == 256
 
 
-def test_tenant_cap_keeps_a_quarter_back_except_in_small_pools() -> None:
-    assert [policy.default_tenant_cap(n) for n in (0, 1, 2, 7)] == [0, 1, 2, 7]
+def test_tenant_cap_keeps_a_quarter_back_and_at_least_one_slot() -> None:
+    # A pool of 2..7 keeps one slot from any one tenant (a pool of 4 full of one tenant's slow
+    # flows refused every other tenant `overloaded`); only a pool of one cannot.
+    assert [policy.default_tenant_cap(n) for n in (0, 1, 2, 4, 7)] == [0, 1, 1, 3, 6]
+    # Waiting holds no worker: a short queue is not split.
+    assert [policy.default_queue_cap(n) for n in (1, 4, 7, 8, 1000)] == [1, 4, 7, 6, 750]
     assert policy.default_tenant_cap(8) == 6
     assert policy.default_tenant_cap(1000) == 750
 
@@ -372,3 +376,34 @@ async def _acquire_started(pool: Pool, gate: asyncio.Event, owner: str, tenant: 
     await settle()
     await _open(gate)
     return fut.result()
+
+
+async def test_a_small_pool_full_of_one_tenant_still_starts_a_worker_for_another() -> None:
+    """pool_size=1, max_workers=4, A keeps 8 flows in flight: B, holding nothing, gets a worker at once.
+
+    The root cause of B's ``overloaded`` was the default cap: all of a pool under 8, so A's slow flows
+    held every slot and B waited for one of them to finish. Now one slot is always kept from any one
+    tenant, and B's start evicts A's idle spare if that is what fills the pool.
+    """
+    clock = Clock()
+    pool, _ = make_pool(clock, pool_size=1, max_workers=4)
+    await pool.start()
+    assert pool.max_busy_per_tenant == 3
+    a = [asyncio.ensure_future(pool.acquire("a", "d", PROFILE, 30.0, tenant="A")) for _ in range(8)]
+    await settle()
+    assert sum(f.done() for f in a) == 3 and pool.stats()["waiting"] == 5   # A at its cap, the rest queued
+    b = asyncio.ensure_future(pool.acquire("b", "d", PROFILE, 30.0, tenant="B"))
+    await settle()
+    assert b.done() and b.result().tenant == "b"        # a start's time on the fake launcher: no release needed
+    assert pool.stats()["live"] <= 4
+    assert sum(f.done() for f in a) == 3                # B's worker was not taken out of A's share either
+    pool.release(b.result(), True)
+    released: set[Any] = set()
+    for _ in range(4):                                  # A's flows are all served as its workers come back
+        for f in a:
+            if f.done() and f not in released:
+                released.add(f)
+                pool.release(f.result(), True)
+        await settle()
+    assert all(f.done() for f in a) and len(released) == 8
+    await pool.close(0)

@@ -122,7 +122,7 @@ SLOW = Action(slug="slow", source=(
 
 async def test_back_pressure_refuses_the_surplus_at_once() -> None:
     """max_workers=2, max_queue=4, 20 flows at once: 2 run, 4 wait, 14 are refused while the 2 are still stuck."""
-    cfg = RunnerConfig(pool_size=2, max_workers=2, max_queue=4, queue_timeout_s=30.0,
+    cfg = RunnerConfig(pool_size=2, max_workers=2, max_busy_per_tenant=2, max_queue=4, queue_timeout_s=30.0,
                        limits=Limits(action_timeout_s=30.0, flow_timeout_s=40.0),
                        fetch=FetchConfig(allow_hosts=("127.0.0.1",), timeout_s=30.0))
     async with Gate() as gate, make_runner(cfg) as r:
@@ -159,7 +159,7 @@ async def test_back_pressure_refuses_the_surplus_at_once() -> None:
 
 
 async def test_long_flows_on_a_cold_pool_grow_it_to_max_workers() -> None:
-    cfg = RunnerConfig(pool_size=2, max_workers=6, max_queue=16, queue_timeout_s=2.0,
+    cfg = RunnerConfig(pool_size=2, max_workers=6, max_busy_per_tenant=6, max_queue=16, queue_timeout_s=2.0,
                        limits=Limits(action_timeout_s=30.0, flow_timeout_s=40.0),
                        fetch=FetchConfig(allow_hosts=("127.0.0.1",), timeout_s=30.0))
     async with Gate() as gate, make_runner(cfg) as r:
@@ -182,7 +182,7 @@ async def test_long_flows_on_a_cold_pool_grow_it_to_max_workers() -> None:
 
 async def test_retiring_for_another_tenant_keeps_the_worker_cap() -> None:
     ok = Action(slug="ok", source="def on_execute(event, api):\n    api.state.set('ok', True)\n")
-    async with make_runner(RunnerConfig(pool_size=0, max_workers=2)) as r:
+    async with make_runner(RunnerConfig(pool_size=0, max_workers=2, max_busy_per_tenant=2)) as r:
         # Two idle workers bound to tenant a fill the cap ...
         first = await asyncio.gather(*(r.run_flow(trigger="post-login", actions=[ok], event={}, tenant="a")
                                        for _ in range(2)))

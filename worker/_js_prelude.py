@@ -191,6 +191,7 @@ function method(ex, m) {
     return function (url, init) {
       check(ex);
       const id = call(name, encArgs(name, arguments, arguments.length));
+      ex.inflight++;
       return new P(function (resolve, reject) { ex.pending[id] = [resolve, reject]; });
     };
   }
@@ -284,11 +285,19 @@ function errorInfo(e) {
   }
   return "[" + stringify(type) + "," + stringify(message) + "," + stringify(stack) + "]";
 }
+// The handler's promise settled (or it threw). The execution ends once no api.fetch it started is
+// in flight, awaited or not, so the supervisor has judged every request (a fetch to a host off the
+// allowlist denies the flow) before the answer: fire-and-forget is deterministic, as in Python.
 function settle(ex, error) {
-  if (!ex.active) return;
+  if (!ex.active || ex.ending !== null) return;
+  ex.ending = error === null ? "null" : error;
+  finish(ex);
+}
+function finish(ex) {
+  if (!ex.active || ex.ending === null || ex.inflight > 0) return;  // a count: no allocation (out of memory)
   ex.active = false;
   cur = null;
-  host("$done", S("[" + (error === null ? "null" : error) + "," + (oom ? "true" : "false") + "]"));
+  host("$done", S("[" + ex.ending + "," + (oom ? "true" : "false") + "]"));
 }
 // Module-level code runs once per context (like a Node module); each run picks its trigger's handler.
 let exported = null;
@@ -308,7 +317,7 @@ function handlerFor(names) {
                             " = async (event, api) => { ... } or exports." + names[names.length - 1]);
 }
 function run(eventText, namesText) {
-  const ex = {active: true, pending: create(null)};
+  const ex = {active: true, pending: create(null), inflight: 0, ending: null};
   cur = ex;
   try {
     const fn = handlerFor(parse(namesText));
@@ -326,8 +335,12 @@ function deliver(id, reply) {
   const p = ex.pending[id];
   if (p === undefined) return;
   delete ex.pending[id];
+  ex.inflight--;
   const r = parse(reply);
   if (r[0] === null) p[0](r[1]); else p[1](fail(r[0]));
+  // After the code waiting for this reply had its turn (it may start another call), see whether
+  // an execution whose handler already settled can end now.
+  if (ex.ending !== null) apply(then, apply(resolveP, P, [undefined]), [function () { finish(ex); }]);
 }
 delete globalThis.__ap_host;
 return function (f) {

@@ -177,15 +177,15 @@ class Runtime:
         asyncio.set_event_loop(loop)
         loop.add_reader(self.channel.rfd, self._on_readable)
         try:
-            loop.run_until_complete(_as_coroutine(awaitable))
+            loop.run_until_complete(_settled(awaitable, self.channel.waiting))
         finally:
             loop.remove_reader(self.channel.rfd)
-            # Tasks the action spawned and did not await die with the execution.
-            pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
-            for t in pending:
+            # What the action spawned and is not waiting for an api reply dies with the execution.
+            tasks = [t for t in asyncio.all_tasks(loop) if not t.done()]
+            for t in tasks:
                 t.cancel()
-            if pending:
-                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            if tasks:
+                loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
 
     def _on_readable(self) -> None:
         try:
@@ -211,8 +211,32 @@ class Runtime:
         }
 
 
-async def _as_coroutine(awaitable: Any) -> Any:
-    return await awaitable
+async def _settled(awaitable: Any, waiting: dict[int, "asyncio.Future[Any]"]) -> Any:
+    """Run the handler, then let every api call it started, awaited or not, get its answer.
+
+    Fire-and-forget (``asyncio.ensure_future(api.fetch(url))`` and return) is deterministic: the
+    tasks the handler scheduled take their first step, so their requests are sent, and the
+    execution ends only once no request is in flight, so the supervisor has judged each one (a
+    fetch to a host off the allowlist denies the flow) before the answer. Code continuing from a
+    reply runs on and may call the api again; the action's time limit bounds it all. A bare
+    ``api.fetch(url)`` neither awaited nor scheduled sends nothing (a Python coroutine that never
+    runs) and is logged as never awaited. Not policy: the worker only waits for its own calls.
+    """
+    spawned: set[asyncio.Task[Any]] = set()
+    try:
+        return await awaitable
+    finally:
+        me = asyncio.current_task()
+        while True:
+            await asyncio.sleep(0)  # tasks scheduled by the handler take their first step
+            spawned |= asyncio.all_tasks() - {me}
+            in_flight = [f for f in waiting.values() if not f.done()]
+            if not in_flight:
+                break
+            await asyncio.wait(in_flight)
+        for t in spawned:
+            if t.done() and not t.cancelled():
+                t.exception()   # an error nobody awaited is retrieved here, not logged into a later execution
 
 
 def _safe_str(exc: BaseException) -> str:
