@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import ast
 import difflib
+import io
 import re
+import tokenize
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -94,17 +96,83 @@ def _arity_problem(name: str, node: ast.AST) -> str | None:
     return None
 
 
-def check_python(path: str, source: str, trigger: str | None) -> Report:
-    report = Report(path)
+# Tokens that nest one expression inside the next (a chain of binary operators is a left-leaning tree,
+# unary operators and attribute/call/subscript chains nest too). Comparisons and and/or are flat.
+_NESTING_OPS = frozenset({"+", "-", "*", "/", "//", "%", "@", "**", "<<", ">>", "&", "|", "^", "~", ".", "(", "[",
+                          "{", ":="})
+_NESTING_WORDS = frozenset({"not", "lambda", "await", "if", "else", "yield"})
+# Far above what the compiler itself takes (its recursion gives up near 1,000 levels): a larger element is
+# refused before the parser spends memory on it. Also bounded: the scan itself (one pass, no recursion).
+MAX_NESTING_TOKENS = 3000
+
+
+def _nesting(source: str) -> tuple[int, int]:
+    """(most nesting tokens in one comma-separated element, its line): one linear pass over the tokens.
+
+    Counts reset at each comma of the element's own bracket level, so long flat literals
+    (``[-1, -2, ...]``) count little. A source the tokenizer refuses is the compiler's to report.
+    """
+    stack = [0]
+    best, best_line = 0, 1
+    try:
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+            if tok.type == tokenize.NEWLINE:
+                stack = [0]
+                continue
+            t = tok.string
+            if tok.type == tokenize.OP:
+                if t == "," or t == ";":
+                    stack[-1] = 0
+                    continue
+                if t in (")", "]", "}"):
+                    inner = stack.pop() if len(stack) > 1 else 0
+                    stack[-1] += inner
+                    continue
+                if t not in _NESTING_OPS:
+                    continue
+            elif tok.type != tokenize.NAME or t not in _NESTING_WORDS:
+                continue
+            stack[-1] += 1
+            if stack[-1] > best:
+                best, best_line = stack[-1], tok.start[0]
+            if t in ("(", "[", "{"):
+                stack.append(0)
+            # past the tokenizer's own bracket limit (200) the compiler reports the exact place at once
+            if best > MAX_NESTING_TOKENS or len(stack) > 256:
+                break
+    except (tokenize.TokenError, SyntaxError, ValueError):  # unterminated string, bad indentation, null byte
+        pass
+    return best, best_line
+
+
+def _compile_problem(path: str, source: str) -> tuple[ast.Module | None, str | None]:
+    """Parse and compile ``source`` without letting it crash the checker: (tree, None) or (None, problem).
+
+    A deeply nested expression makes CPython's parser or compiler raise MemoryError or
+    RecursionError; both become a problem naming the line, like a syntax error.
+    """
+    depth, line = _nesting(source)
+    too_deep = f"{line}: expression nested too deeply to compile (split it into several statements)"
+    if depth > MAX_NESTING_TOKENS:
+        return None, too_deep
     try:
         tree = ast.parse(source, filename=path)
         compile(tree, path, "exec", dont_inherit=True)
     except SyntaxError as exc:
         where = f"{exc.lineno}:{exc.offset}: " if exc.lineno else ""
-        report.problems.append(f"{where}SyntaxError: {exc.msg}")
-        return report
+        return None, f"{where}SyntaxError: {exc.msg}"
     except ValueError as exc:  # e.g. a null byte in the source
-        report.problems.append(f"cannot compile: {exc}")
+        return None, f"cannot compile: {exc}"
+    except (RecursionError, MemoryError):
+        return None, too_deep
+    return tree, None
+
+
+def check_python(path: str, source: str, trigger: str | None) -> Report:
+    report = Report(path)
+    tree, problem = _compile_problem(path, source)
+    if tree is None:
+        report.problems.append(problem or "cannot compile")
         return report
     bound = _top_level_bindings(tree)
     every_valid = _valid_names(None)

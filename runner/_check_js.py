@@ -29,6 +29,9 @@ _POS = re.compile(r"<input>:(\d+):(\d+)")
 _ASSIGNED = re.compile(r"(?<![\w$.])(?:module\s*\.\s*)?exports\s*(?:\.\s*([A-Za-z_$][\w$]*)|\[\s*['\"]([^'\"]+)['\"]\s*\])\s*=(?!=)")
 _OBJECT_EXPORT = re.compile(r"(?<![\w$.])module\s*\.\s*exports\s*=\s*\{")
 _KEY = re.compile(r"\s*(?:async\s+)?\*?\s*([A-Za-z_$][\w$]*)")
+_BRACKET = re.compile(r"[{}\[\]()]")
+_BRACKET_OR_NL = re.compile(r"[{}\[\]()\n]")
+_PREFIX_OPS = re.compile(r"[-+!~]")
 
 
 def _parse_error(source: str, module: bool) -> str | None:
@@ -47,29 +50,73 @@ def _parse_error(source: str, module: bool) -> str | None:
         head = text.split("\n", 1)[0].strip()
         m = _POS.search(text)
         if m is None:
+            if isinstance(exc, _quickjs.StackOverflow) or "call stack" in head:  # the parser's recursion gave up
+                return f"{_deepest_line(source)}: {head} (nested too deeply to parse)"
             return head
         return f"{int(m.group(1)) - 2}:{m.group(2)}: {head}"
     return "the engine ran the check script instead of refusing it"  # cannot happen: it starts with throw
 
 
+def _deepest_line(source: str) -> int:
+    """Where a parse that overflowed the engine's stack most likely did: deepest brackets, else most operators."""
+    depth = best = 0
+    line = best_line = 1
+    for m in _BRACKET_OR_NL.finditer(source):
+        ch = m.group()
+        if ch == "\n":
+            line += 1
+        elif ch in "{[(":
+            depth += 1
+            if depth > best:
+                best, best_line = depth, line
+        else:
+            depth = max(depth - 1, 0)
+    if best < 100:  # not brackets: a chain of prefix operators
+        counts = [len(_PREFIX_OPS.findall(x)) for x in source.split("\n")]
+        best_line = counts.index(max(counts)) + 1
+    return best_line
+
+
 def _exported_names(source: str) -> set[str]:
     names = {a or b for a, b in _ASSIGNED.findall(source)}
-    for m in _OBJECT_EXPORT.finditer(source):
-        depth, i, top = 1, m.end(), []
-        while i < len(source) and depth:  # the object literal's own level, nested brackets left out
-            ch = source[i]
-            if ch in "{[(":
-                depth += 1
-            elif ch in "}])":
-                depth -= 1
-            elif depth == 1:
-                top.append(ch)
-            i += 1
-        for part in "".join(top).split(","):
+    opens = {m.end() - 1 for m in _OBJECT_EXPORT.finditer(source)}  # where each exported object literal's { is
+    for text in _top_level_text(source, opens):
+        for part in text.split(","):
             key = _KEY.match(part)
             if key:
                 names.add(key.group(1))
     return names
+
+
+def _top_level_text(source: str, opens: set[int]) -> list[str]:
+    """The text at the top level of each bracket opened at a position in ``opens`` (nested brackets left out).
+
+    One pass with a stack of open brackets, so every character is looked at once however the
+    literals nest or stay unclosed (a ``// module.exports = {`` comment on every line used to make
+    each literal scan to the end of the file: quadratic). Brackets are counted as written,
+    strings and comments included, as the handler lookup always did; an unclosed literal runs
+    to the end of the source.
+    """
+    if not opens:
+        return []
+    stack: list[list[str] | None] = []  # per open bracket: the pieces of its top-level text, None if not wanted
+    found: list[list[str]] = []
+    pos = 0
+    for m in _BRACKET.finditer(source):
+        i = m.start()
+        if stack and stack[-1] is not None and i > pos:
+            stack[-1].append(source[pos:i])
+        if source[i] in "{[(":
+            pieces: list[str] | None = [] if i in opens else None
+            if pieces is not None:
+                found.append(pieces)
+            stack.append(pieces)
+        elif stack:
+            stack.pop()
+        pos = i + 1
+    if stack and stack[-1] is not None:
+        stack[-1].append(source[pos:])
+    return ["".join(pieces) for pieces in found]
 
 
 def check_js(path: str, source: str, trigger: str | None) -> Report:

@@ -83,7 +83,8 @@ class Launcher:
         os.chmod(self.workdir, 0o555)
         if cfg.fork_template:
             sb = cfg.sandbox
-            opts = {"mode": sb.mode, "network_namespace": sb.network_namespace,
+            # a UTS namespace always: no worker needs the host's name (uname() says "actionpool")
+            opts = {"mode": sb.mode, "network_namespace": sb.network_namespace, "uts_namespace": True,
                     "drop_uid": sb.drop_uid, "drop_gid": sb.drop_gid,
                     # the minimal view's tmpfs root is mounted on the (empty, read-only) workdir, in the
                     # template's own mount namespace: the host never sees it
@@ -132,6 +133,7 @@ class Launcher:
                 "file_size": 0,
                 "workdir": self.workdir,
                 "network_namespace": sb.network_namespace,
+                "uts_namespace": True,
                 "fs_view": sb.fs_view and self.template is not None,
                 "drop_uid": sb.drop_uid,
                 "drop_gid": sb.drop_gid,

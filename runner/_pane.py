@@ -4,6 +4,11 @@ What an action author looks at first: the decision, then why (the denial and
 the message the user would see), then what the action wrote (logs with their
 levels, state, claims, metadata patch) and how long each action took. JSON
 (the default) stays the contract for machines; this is for reading.
+
+Everything shown comes from actions, events or configuration, so none of it
+is ever rich markup: every string is placed as a ``Text`` (``[bold]`` stays
+``[bold]``, ``[/x]`` cannot close a style nobody opened, ``:smile:`` stays
+text). A plain ``str`` handed to rich would be parsed for markup and emoji codes.
 """
 
 from __future__ import annotations
@@ -50,20 +55,22 @@ def _logs(result: FlowResult) -> Table | Text:
     t = Table("action", "level", "message", title="logs", title_justify="left", expand=False)
     for e in result.logs:
         level = str(e.get("level"))
-        t.add_row(str(e.get("action")), Text(level, style=LEVEL_STYLE.get(level, "")), str(e.get("message")))
+        t.add_row(Text(str(e.get("action"))), Text(level, style=LEVEL_STYLE.get(level, "")),
+                  Text(str(e.get("message"))))
     return t
 
 
 def _mapping(title: str, value: dict[str, Any]) -> Panel:
-    return Panel(JSON.from_data(value) if value else Text("(none)", style="dim"), title=title, title_align="left",
+    # JSON is highlighted as JSON, never parsed as markup: keys and values stay as the action wrote them
+    return Panel(JSON.from_data(value) if value else Text("(none)", style="dim"), title=Text(title), title_align="left",
                  border_style="blue")
 
 
 def _timings(result: FlowResult) -> Table:
     t = Table("action", "status", "ms", title="actions", title_justify="left")
     for a in result.actions:
-        t.add_row(a.slug, Text(a.status, style=STATUS_STYLE.get(a.status, "")), f"{a.duration_ms:.2f}")
-    t.add_row(Text("flow", style="bold"), "", Text(f"{result.duration_ms:.2f}", style="bold"))
+        t.add_row(Text(a.slug), Text(a.status, style=STATUS_STYLE.get(a.status, "")), Text(f"{a.duration_ms:.2f}"))
+    t.add_row(Text("flow", style="bold"), Text(""), Text(f"{result.duration_ms:.2f}", style="bold"))
     return t
 
 

@@ -71,6 +71,71 @@ async def test_memory_bomb_is_memory_limit(source: str) -> None:
     assert res["state"] == {}
 
 
+# Issue 16: small allocations fill the heap to the brim, so the engine cannot even build its error object and
+# throws null: no Error.prepareStackTrace runs, only the host's watch (worker/_js_oom.py) sees it. Filling the
+# heap with small arrays takes a while on a busy machine: the time limit here is only a bound, each bomb ends
+# by itself (a timeout would be a failure).
+OOM_CONFIG = RunnerConfig(pool_size=1, max_workers=4, limits=Limits(action_timeout_s=20.0, memory_mb=128))
+FILL = "let hog = [], n = 0, seen = 'nothing thrown';\ntry { for (;;) hog.push([n++]); } catch (e) { seen = e; hog = null; }\n"
+
+
+@pytest.mark.parametrize("tail", [
+    # caught, freed, then a flow-changing call
+    "api.state.set('survived', String(seen));",
+    # ... or a plain return: the JavaScript says all went well
+    "if (seen !== null) throw new Error('expected the engine to throw null, got ' + seen);",
+    # ... or carrying on forever: interrupted at once, not a timeout
+    "for (;;) {}",
+    # ... or the api call's refusal caught too
+    "try { api.state.set('survived', true); } catch (e) {}\napi.log('info', 'still here');",
+])
+async def test_caught_out_of_memory_without_an_error_object_is_memory_limit(tail: str) -> None:
+    async with make_runner(OOM_CONFIG) as r:
+        res = await run(r, [Action(slug="evil", source=FILL + tail, filename="evil.js")])
+    assert res["denial"]["kind"] == "memory_limit", res["denial"]
+    assert res["denial"]["reason"].startswith("InternalError: out of memory"), res["denial"]
+    assert res["state"] == {}
+    assert not any("still here" in str(e.get("message")) for e in res["logs"]), res["logs"]
+
+
+async def test_spawned_worker_watches_out_of_memory_too() -> None:
+    """Without the fork template the engine is loaded after the sandbox: the watch must still be installed."""
+    import dataclasses
+
+    async with make_runner(dataclasses.replace(OOM_CONFIG, fork_template=False)) as r:
+        res = await run(r, [Action(slug="evil", source=FILL + "api.state.set('survived', true);", filename="evil.js")])
+    assert res["denial"]["kind"] == "memory_limit", res["denial"]
+    assert res["denial"]["reason"].startswith("InternalError: out of memory"), res["denial"]
+    assert res["state"] == {}
+
+
+async def test_out_of_memory_in_a_handled_promise_job_is_memory_limit() -> None:
+    source = ("let hog = [], n = 0;\n"
+              "await Promise.resolve().then(() => { for (;;) hog.push([n++]); }).catch(() => { hog = null; });\n"
+              "api.state.set('survived', true);")
+    async with make_runner(OOM_CONFIG) as r:
+        res = await run(r, [Action(slug="evil", source=source, filename="evil.js")])
+    assert res["denial"]["kind"] == "memory_limit", res["denial"]
+    assert res["state"] == {}
+
+
+def test_engine_out_of_memory_is_watched_by_the_host() -> None:
+    """The host-side watch is installed on this platform (else only the prelude's hook would notice)."""
+    from actionpool.worker import _js, _js_oom
+
+    assert _js.OOM_WATCH_ERROR is None
+    import _quickjs
+
+    _js_oom.reset()
+    ctx = _quickjs.Context()
+    ctx.set_memory_limit(8 << 20)
+    assert ctx.eval("let hog = [], n = 0, e0 = 1; try { for (;;) hog.push([n++]); } catch (e) { e0 = e; hog = null; } e0") is None
+    assert _js_oom.seen[0]
+    _js_oom.reset()
+    assert ctx.eval("try { null.x } catch (e) { String(e) }") == "TypeError: cannot read property 'x' of null"
+    assert not _js_oom.seen[0]  # other errors still formatted by the real vsnprintf, and not taken for an OOM
+
+
 async def test_huge_strings() -> None:
     res = await attack("const s = 'x'.repeat(2 ** 29); api.state.set('len', s.length);")
     assert res["denial"]["kind"] == "memory_limit"

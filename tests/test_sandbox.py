@@ -462,7 +462,8 @@ def test_host_capabilities_shape_and_no_side_effects() -> None:
     before = Path("/proc/self/status").read_text()
     fds_before = sorted(os.listdir("/proc/self/fd"))
     caps = _sandbox.host_capabilities()
-    assert set(caps) == {"seccomp", "landlock_abi", "user_namespaces", "net_namespaces", "root", "cgroup"}
+    assert set(caps) == {"seccomp", "landlock_abi", "user_namespaces", "net_namespaces", "uts_namespaces", "root",
+                         "cgroup"}
     assert isinstance(caps["landlock_abi"], int) and caps["landlock_abi"] >= 0
     assert caps["root"] is IS_ROOT
     assert caps["cgroup"] in ("v1", "v2", None)
@@ -586,3 +587,74 @@ def test_cli_run_from_a_directory_does_not_grant_it_to_actions(tmp: Path) -> Non
     probe = result["state"]["probe"]["r"] if "probe" in result["state"] else next(iter(result["state"].values()))["r"]
     for name in ("read", "list", "relative"):
         assert probe[name] in ("PermissionError", "FileNotFoundError"), (name, probe)
+
+
+# -- issue 16: uname() tells an action nothing of the host ---------------------------------------
+
+UNAME_PROBE = """
+import socket
+attempt("uname", lambda: list(os.uname()))
+attempt("gethostname", lambda: socket.gethostname())
+attempt("sethostname", lambda: socket.sethostname("evil"))
+"""
+
+
+@pytest.mark.skipif(not CAPS["uts_namespaces"], reason="host cannot create a UTS namespace")
+def test_worker_gets_its_own_uts_namespace_with_a_neutral_name(tmp: Path) -> None:
+    res = run_child(UNAME_PROBE, full_spec(tmp, uts_namespace=True, require=["utsns", "seccomp"]))
+    assert "sandbox_error" not in res, res
+    assert res["report"]["utsns"] is True
+    host = os.uname()
+    sysname, nodename, release, version, machine = succeeded(res, "uname")
+    assert nodename == _sandbox.UTS_HOSTNAME != host.nodename
+    assert succeeded(res, "gethostname") == _sandbox.UTS_HOSTNAME
+    # not namespaced: the kernel's own release (documented in docs/security.md)
+    assert (sysname, release, version, machine) == (host.sysname, host.release, host.version, host.machine)
+    failed(res, "sethostname", "PermissionError", 1)  # seccomp: the action cannot rename its namespace
+
+
+@pytest.mark.skipif(not CAPS["uts_namespaces"], reason="host cannot create a UTS namespace")
+def test_uts_namespace_together_with_the_network_namespace(tmp: Path) -> None:
+    """Both entered by one worker (the order of apply(): netns, then utsns)."""
+    spec = full_spec(tmp, uts_namespace=True, network_namespace=True, require=["netns", "utsns"])
+    res = run_child(UNAME_PROBE + 'attempt("tcp", lambda: socket.socket())\n', spec)
+    assert "sandbox_error" not in res, res
+    assert res["report"]["netns"] is True and res["report"]["utsns"] is True
+    assert succeeded(res, "gethostname") == _sandbox.UTS_HOSTNAME
+
+
+def test_without_the_uts_namespace_the_report_says_so(tmp: Path) -> None:
+    """Degraded (or not asked for): the action would see the host's own name; strict refuses a requirement."""
+    res = run_child(UNAME_PROBE, full_spec(tmp, mode="degraded", uts_namespace=True, skip=["utsns"]))
+    assert res["report"]["utsns"] is False
+    assert "utsns: skipped by spec" in res["report"]["errors"], res["report"]
+    assert succeeded(res, "gethostname") == socket.gethostname()
+    res = run_child("", full_spec(tmp, require=["utsns"], uts_namespace=False))
+    assert "required protection 'utsns' unavailable: spec.uts_namespace is false" in res["sandbox_error"], res
+    res = run_child(BAD_SPECS, {"mode": "off", "uts_namespace": "yes"})
+    assert "uts_namespace must be a bool" in res["sandbox_error"], res
+
+
+UNAME_ACTION = """
+import os, socket
+def on_execute(event, api):
+    api.state.set("node", os.uname().nodename)
+    api.state.set("host", socket.gethostname())
+"""
+
+
+@pytest.mark.parametrize("fork_template", [True, False])
+async def test_actions_see_the_neutral_host_name(fork_template: bool) -> None:
+    """A real runner's workers, forked from the template or spawned: uname() is the namespace's."""
+    from conftest import make_runner, run
+    from actionpool.runner import RunnerConfig, SandboxConfig
+
+    if not CAPS["uts_namespaces"]:
+        pytest.skip("host cannot create a UTS namespace")
+    cfg = RunnerConfig(pool_size=1, max_workers=2, fork_template=fork_template,
+                       sandbox=SandboxConfig(mode="strict", require=("seccomp", "utsns")))
+    async with make_runner(cfg) as r:
+        res = await run(r, UNAME_ACTION)
+        info = r.stats()
+    assert res["outcome"] == "allow", res
+    assert res["state"]["a"] == {"node": _sandbox.UTS_HOSTNAME, "host": _sandbox.UTS_HOSTNAME}, (res, info)

@@ -13,11 +13,15 @@ as ``host(method, json_args)`` and is checked with the protocol's own table
 (``check_params``, the offered methods) before it becomes the same message a
 Python action would send; the supervisor decides.
 
-Limits: the context's memory limit is set below the worker's cap (an
-out-of-memory the action catches still ends the execution as
-``memory_limit``); the engine's interrupt handler stops the action at its
-time limit, after which the worker goes quiet and the supervisor's timer
-kills it exactly as for Python (``timeout``).
+Limits: the context's memory limit is set below the worker's cap. An engine
+out-of-memory ends the execution as ``memory_limit`` whatever the action
+catches: the host notices it (``_js_oom``: the engine formats the message
+through a watched ``vsnprintf`` before it tries to allocate the error, which
+it may not manage, throwing ``null``), refuses every api call after it,
+interrupts the action at its next interrupt check and answers
+``memory_limit`` whatever the JavaScript returned. The engine's interrupt
+handler also stops the action at its time limit, after which the worker goes
+quiet and the supervisor's timer kills it exactly as for Python (``timeout``).
 
 The interrupt handler is installed through the engine's C API
 (``JS_SetInterruptHandler``, exported by the extension) because the
@@ -42,6 +46,7 @@ import orjson
 
 from ..protocol import LOG_LEVELS, METHODS, InvalidMessage, Request, Response, check_params
 from ._channel import Channel, PipeClosed, notification
+from . import _js_oom
 from ._js_prelude import PRELUDE
 from ._proxy import ApiClosed, ApiNotAvailable, Execution
 
@@ -68,10 +73,14 @@ _deadline = [float("inf")]  # monotonic time at which the running execution is i
 
 
 def _should_interrupt(_rt: int | None, _opaque: int | None) -> int:
-    return 1 if time.monotonic() >= _deadline[0] else 0
+    """Stop at the deadline, and at once after an out-of-memory (the error the engine throws for it is catchable)."""
+    return 1 if _js_oom.seen[0] or time.monotonic() >= _deadline[0] else 0
 
 
 _on_interrupt = _INTERRUPT_FN(_should_interrupt)
+# None when every engine out-of-memory is noticed on the host side; else why not (then only the prelude's
+# Error.prepareStackTrace hook sees them, and not one so deep that the engine throws null).
+OOM_WATCH_ERROR = _js_oom.install(_lib, _quickjs.__file__)
 
 
 def install_interrupt(ctx: Any) -> bool:
@@ -141,6 +150,7 @@ class JsRuntime:
     def execute(self, p: dict[str, Any]) -> tuple[Any, Any]:
         filename = p["filename"]
         self.ex = ex = Execution(self.channel, p["trigger"], frozenset(p["methods"]), p["max_log_bytes"])
+        _js_oom.reset()
         self.done = None
         self.pending.clear()
         self.arrived.clear()
@@ -158,14 +168,21 @@ class JsRuntime:
             self._enter(c, c.entry, "run", orjson.dumps(p["event"]).decode(), orjson.dumps(handler_names(p["trigger"])).decode())
             self._wait(c)
             error, oom = self.done if self.done is not None else (None, False)
+            if _js_oom.seen[0] and (error is None or not str(error[1]).startswith("out of memory")):
+                return _OOM_ERROR, None  # caught by the action, which then returned or threw something else
+            oom = oom or _js_oom.seen[0]
             if error is None and not oom:
                 return None, {"ok": True}
             etype, message, stack = error if error is not None else ("InternalError", "out of memory", "")
             kind = "memory_limit" if oom else "uncaught_error"
             return {"kind": kind, "type": etype, "message": message[:4096], "traceback": stack[-8192:]}, None
         except _quickjs.StackOverflow as exc:  # a JSException too: caught first
+            if _js_oom.seen[0]:
+                return _OOM_ERROR, None
             return {"kind": "uncaught_error", "type": "RangeError", "message": _first_line(str(exc)), "traceback": ""}, None
         except _quickjs.JSException as exc:
+            if _js_oom.seen[0]:  # whatever ended the run (the interrupt that followed, or what the action threw)
+                return _OOM_ERROR, None
             return self._engine_error(str(exc), filename, c), None
         except (LookupError, ValueError) as exc:  # the supervisor named a source this worker does not hold
             return {"kind": "uncaught_error", "type": type(exc).__name__, "message": str(exc), "traceback": ""}, None
@@ -196,7 +213,8 @@ class JsRuntime:
         try:
             return fn(*args)
         except _quickjs.JSException as exc:
-            if str(exc).startswith("InternalError: interrupted") and time.monotonic() >= self.deadline:
+            if (str(exc).startswith("InternalError: interrupted") and time.monotonic() >= self.deadline
+                    and not _js_oom.seen[0]):
                 self._quiet()
             raise
         finally:
@@ -208,7 +226,7 @@ class JsRuntime:
         while True:
             while self._enter(c, ctx.execute_pending_job):
                 pass
-            if self.done is not None:
+            if self.done is not None or _js_oom.seen[0]:
                 return
             if self.arrived:
                 msg = self.arrived.pop(0)
@@ -271,6 +289,8 @@ class JsRuntime:
         ex = self.ex
         if ex is None:
             raise ApiClosed("this api object belongs to a finished execution")
+        if _js_oom.seen[0]:  # nothing an action does after running out of memory reaches the supervisor
+            raise ValueError(f"api.{op:.40}: this execution already ran out of memory")
         if op == "console":
             level, message = orjson.loads(text)
             ex.log(level, message)
@@ -327,6 +347,10 @@ class JsRuntime:
         kind = "memory_limit" if message == "out of memory" else "uncaught_error"
         tb = f"{head}\n    at {where}" if where else head
         return {"kind": kind, "type": etype or "Error", "message": message[:4096], "traceback": tb}
+
+
+_OOM_ERROR = {"kind": "memory_limit", "type": "InternalError", "message": "out of memory",
+              "traceback": "InternalError: out of memory (the JavaScript engine's memory limit)"}
 
 
 def _first_line(text: str) -> str:

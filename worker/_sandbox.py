@@ -8,6 +8,7 @@ but itself. Each layer stands on its own so a hole in one is caught by another:
 
     fds        close every inherited descriptor, 0/1/2 -> /dev/null
     netns      a fresh network namespace: only a downed loopback exists
+    utsns      a UTS namespace of its own: uname()/gethostname() say "actionpool", not the host's name
     uid_drop   setgroups/setresgid/setresuid to an unprivileged id (when root)
     caps       no capabilities left (root that cannot drop keeps uid 0 only)
     no_new_privs  PR_SET_NO_NEW_PRIVS: nothing can ever regain privileges
@@ -16,15 +17,16 @@ but itself. Each layer stands on its own so a hole in one is caught by another:
     pdeathsig  SIGKILL when the supervisor dies (set after the last credential change)
     seccomp    a syscall allowlist; sockets, exec, fork, ptrace... get EPERM
 
-A fork template calls :func:`prepare` once: it enters the network namespace,
+A fork template calls :func:`prepare` once: it enters the network and UTS namespaces,
 builds the Landlock ruleset and compiles the seccomp program for all its
 children, which then only load them (``report["prepared"]`` says which).
 
 Spec keys (all optional): mode ("strict" | "degraded" | "off"), require, keep_fds,
 memory_bytes, cpu_seconds, max_open_files, file_size (0), workdir, read_paths,
-network_namespace, fs_view, drop_uid, drop_gid, pdeathsig, parent_pid, and two knobs for tests and troubleshooting:
+network_namespace, uts_namespace, fs_view, drop_uid, drop_gid, pdeathsig, parent_pid,
+and two knobs for tests and troubleshooting:
 landlock_max_abi (use at most this ABI; 0 = behave as on a kernel without Landlock)
-and skip (do not apply these of netns/landlock/seccomp; refused when required).
+and skip (do not apply these of netns/utsns/landlock/seccomp; refused when required).
 Unknown keys are an error, so a typo cannot silently weaken the sandbox.
 
 Every name above is a key of the returned report (a bool), so the supervisor
@@ -42,6 +44,7 @@ import gc
 import os
 import resource
 import signal
+import socket
 import stat
 import sys
 from typing import Any, Callable
@@ -63,15 +66,15 @@ class SandboxError(Exception):
 
 
 # Order of application, and the names `require` may use.
-PROTECTIONS = ("fds", "netns", "fs_view", "uid_drop", "caps", "no_new_privs", "landlock", "rlimits", "pdeathsig",
-               "seccomp")
+PROTECTIONS = ("fds", "netns", "utsns", "fs_view", "uid_drop", "caps", "no_new_privs", "landlock", "rlimits",
+               "pdeathsig", "seccomp")
 _DEFAULT_REQUIRE = ("fds", "no_new_privs", "rlimits", "landlock", "seccomp")
 _SPEC_KEYS = frozenset({
     "mode", "require", "keep_fds", "memory_bytes", "cpu_seconds", "max_open_files", "file_size",
-    "workdir", "read_paths", "network_namespace", "drop_uid", "drop_gid", "landlock_max_abi", "skip",
+    "workdir", "read_paths", "network_namespace", "uts_namespace", "drop_uid", "drop_gid", "landlock_max_abi", "skip",
     "scan_loops", "fs_view", "pdeathsig", "parent_pid",
 })
-_SKIPPABLE = ("netns", "landlock", "seccomp")
+_SKIPPABLE = ("netns", "utsns", "landlock", "seccomp")
 _NPROC = 1  # RLIMIT_NPROC: counts every process of the real uid, so 1 means "create none"
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -157,6 +160,11 @@ _SECUREBITS_NO_ROOT = (1 << 0) | (1 << 1) | (1 << 5) | (1 << 6) | (1 << 7)
 _CAP_VERSION_3 = 0x20080522
 _CLONE_NEWUSER = 0x10000000
 _CLONE_NEWNET = 0x40000000
+_CLONE_NEWUTS = 0x04000000
+# What uname().nodename / gethostname() and the NIS domain name say inside a worker's UTS namespace
+# (the kernel's own default domain name). The kernel release and version are not namespaced.
+UTS_HOSTNAME = "actionpool"
+UTS_DOMAINNAME = "(none)"
 
 
 class _CapHeader(ctypes.Structure):
@@ -369,6 +377,10 @@ def _netns_possible() -> bool:
     return os.geteuid() == 0 or _userns_possible()
 
 
+def _utsns_possible() -> bool:
+    return os.path.exists("/proc/self/ns/uts") and (os.geteuid() == 0 or _userns_possible())
+
+
 def _unescape_mount(s: str) -> str:
     return s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
 
@@ -420,6 +432,7 @@ def host_capabilities() -> dict[str, Any]:
         "landlock_abi": _landlock_kernel_abi(),
         "user_namespaces": _userns_possible(),
         "net_namespaces": _netns_possible(),
+        "uts_namespaces": _utsns_possible(),
         "root": os.geteuid() == 0,
         "cgroup": _cgroup_kind(),
     }
@@ -573,6 +586,13 @@ def prepare(opts: dict[str, Any] | None = None) -> dict[str, Any]:
             _PREPARED["netns"] = (before, os.stat("/proc/self/ns/net").st_ino)
         except Exception as exc:
             out["errors"].append(f"netns: {type(exc).__name__}: {exc}")
+    if opts.get("uts_namespace", True):
+        try:  # after the network namespace: its user namespace (unprivileged supervisor) also owns this one
+            before = os.stat("/proc/self/ns/uts").st_ino
+            _unshare_uts()
+            _PREPARED["utsns"] = (before, os.stat("/proc/self/ns/uts").st_ino)
+        except Exception as exc:
+            out["errors"].append(f"utsns: {type(exc).__name__}: {exc}")
     if opts.get("fs_view") and opts.get("fs_root"):
         try:
             _PREPARED["fs_view"] = _fsview.enter(_CODE_PATHS + list(_SYSTEM_READ_PATHS), str(opts["fs_root"]))
@@ -678,11 +698,16 @@ def _landlock_restrict(ruleset_fd: int) -> None:
 
 def _unshare_net() -> None:
     before = os.stat("/proc/self/ns/net").st_ino
-    if os.geteuid() == 0:
-        flags = _CLONE_NEWNET
-    else:  # an unprivileged user namespace owns the new network namespace
-        uid, gid = os.getuid(), os.getgid()
-        flags = _CLONE_NEWUSER | _CLONE_NEWNET
+    _unshare_owned(_CLONE_NEWNET, privileged=os.geteuid() == 0)
+    if os.stat("/proc/self/ns/net").st_ino == before:
+        raise OSError(errno.EPERM, "network namespace unchanged after unshare")
+
+
+def _unshare_owned(flags: int, privileged: bool) -> None:
+    """unshare(flags), inside a new user namespace (owning the new ones) unless ``privileged``."""
+    uid, gid = os.getuid(), os.getgid()
+    if not privileged:
+        flags |= _CLONE_NEWUSER
     if _libc.unshare(ctypes.c_int(flags)) != 0:
         e = ctypes.get_errno()
         raise OSError(e, f"unshare: {os.strerror(e)}")
@@ -691,8 +716,29 @@ def _unshare_net() -> None:
                            ("/proc/self/gid_map", f"{gid} {gid} 1")):
             with open(path, "w") as f:
                 f.write(data)
-    if os.stat("/proc/self/ns/net").st_ino == before:
-        raise OSError(errno.EPERM, "network namespace unchanged after unshare")
+
+
+def _unshare_uts() -> None:
+    """A UTS namespace of its own with a neutral host and domain name: uname() tells the action nothing of the host.
+
+    Privileged enough when root, or when the network namespace's user namespace (whose every
+    capability this process still holds) came first; otherwise a user namespace of its own owns it.
+    """
+    before = os.stat("/proc/self/ns/uts").st_ino
+    if _libc.unshare(ctypes.c_int(_CLONE_NEWUTS)) != 0:
+        e = ctypes.get_errno()
+        if e != errno.EPERM or os.geteuid() == 0:
+            raise OSError(e, f"unshare: {os.strerror(e)}")
+        _unshare_owned(_CLONE_NEWUTS, privileged=False)
+    if os.stat("/proc/self/ns/uts").st_ino == before:
+        raise OSError(errno.EPERM, "UTS namespace unchanged after unshare")
+    socket.sethostname(UTS_HOSTNAME)
+    name = UTS_DOMAINNAME.encode()
+    if _libc.setdomainname(name, ctypes.c_size_t(len(name))) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"setdomainname: {os.strerror(e)}")
+    if os.uname().nodename != UTS_HOSTNAME or socket.gethostname() != UTS_HOSTNAME:
+        raise OSError(errno.EPERM, f"host name is {os.uname().nodename!r} after sethostname")
 
 
 def _set_rlimits(limits: dict[int, tuple[int, int]]) -> None:
@@ -746,6 +792,9 @@ def _parse(spec: dict[str, Any]) -> dict[str, Any]:
     netns = spec.get("network_namespace", False)
     if not isinstance(netns, bool):
         raise SandboxError("sandbox spec: network_namespace must be a bool")
+    utsns = spec.get("uts_namespace", False)
+    if not isinstance(utsns, bool):
+        raise SandboxError("sandbox spec: uts_namespace must be a bool")
     fs_view = spec.get("fs_view", False)
     if not isinstance(fs_view, bool):
         raise SandboxError("sandbox spec: fs_view must be a bool")
@@ -763,6 +812,7 @@ def _parse(spec: dict[str, Any]) -> dict[str, Any]:
         "workdir": workdir,
         "read_paths": list(read_paths),
         "network_namespace": netns,
+        "uts_namespace": utsns,
         "drop_uid": _opt_int(spec, "drop_uid", None),
         "drop_gid": _opt_int(spec, "drop_gid", None),
         # Testing/pinning knob: use at most this Landlock ABI; 0 behaves like a kernel without Landlock.
@@ -865,6 +915,9 @@ def apply(spec: dict) -> dict:  # type: ignore[type-arg]
         checks["pdeathsig"] = (s["pdeathsig"] != 0, "spec.pdeathsig is 0")
         if s["network_namespace"]:
             checks["netns"] = ("netns" in _PREPARED or _netns_possible(), "this host cannot create a network namespace")
+        checks["utsns"] = (s["uts_namespace"] and ("utsns" in _PREPARED or _utsns_possible()),
+                           "spec.uts_namespace is false" if not s["uts_namespace"]
+                           else "this host cannot create a UTS namespace")
         for name in require:
             ok, why = checks.get(name, (True, ""))
             if not ok:
@@ -949,6 +1002,14 @@ def apply(spec: dict) -> dict:  # type: ignore[type-arg]
             report["prepared"].append("netns")
         elif s["network_namespace"]:
             step("netns", _unshare_net)
+        # ... and the UTS namespace (after netns: a user namespace made for it also owns this one)
+        if "utsns" in s["skip"]:
+            fail("utsns", "skipped by spec")
+        elif "utsns" in _PREPARED:
+            report["utsns"] = True
+            report["prepared"].append("utsns")
+        elif s["uts_namespace"]:
+            step("utsns", _unshare_uts)
 
         # 4. identity: drop to the unprivileged uid, or at least drop every capability
         def drop_identity() -> None:
