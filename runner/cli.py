@@ -5,7 +5,7 @@
     actionpool doctor                                                        exit 1 when a required protection is missing
     actionpool bench [--quick] [--out DIR]
     actionpool stress --executions N --concurrency C [--hostile-share 0.1] [--json FILE]
-    actionpool serve --config FILE [--host H] [--port P]                     the HTTP sidecar (docs/gateway.md)
+    actionpool serve --config FILE [--host H] [--port P]                     exit 2 bad config, 3 cannot start (docs/gateway.md)
     actionpool replay FLOW_ID --config FILE [--source FILE [--slug S]]      exit 0 same, 4 different
 """
 
@@ -14,16 +14,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import difflib
 import logging
 import signal
 import sys
 import urllib.parse
+from pathlib import Path
 from typing import Any
 
 import orjson
 
 from ._config import FetchConfig, Limits, RunnerConfig, SandboxConfig
-from ._errors import ActionpoolError, RunnerClosed, SandboxUnavailable
+from ._errors import ActionpoolError, ConfigError, RunnerClosed, SandboxUnavailable
 from ._flow import Action, FlowResult
 from ._engine import event_problem
 from ._runner import Runner
@@ -31,6 +33,8 @@ from . import _serve_cli
 from ._triggers import TRIGGERS
 
 EXIT_ALLOW, EXIT_ERROR, EXIT_USAGE, EXIT_DENY = 0, 1, 2, 3
+# What `pip install -e '.[serve]'` adds (pyproject.toml): without it serve and replay say so, not a traceback.
+_SERVE_EXTRA = frozenset({"uvicorn", "httptools", "prometheus_client", "cel"})
 
 
 class UsageError(Exception):
@@ -60,13 +64,30 @@ def _host(text: str) -> str:
     return text
 
 
+def _trigger(text: str) -> str:
+    """A trigger name; a near miss (``postlogin``, ``post_login``, ``PostLogin``) gets a "did you mean"."""
+    if text in TRIGGERS:
+        return text
+    norm = "-".join(text.replace("_", "-").replace(" ", "-").lower().split("-"))
+    squashed = {t.replace("-", ""): t for t in TRIGGERS}
+    guess = norm if norm in TRIGGERS else squashed.get(norm.replace("-", ""))
+    if guess is None:
+        close = difflib.get_close_matches(norm, sorted(TRIGGERS), n=1, cutoff=0.6)
+        guess = close[0] if close else None
+    hint = f"; did you mean {guess}?" if guess else ""
+    raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {', '.join(sorted(TRIGGERS))}){hint}")
+
+
+_TRIGGER_HELP = f"one of {', '.join(sorted(TRIGGERS))}"
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="actionpool", description="Run untrusted login/registration actions in isolated workers.")
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="run one flow and print its FlowResult as JSON")
     r.add_argument("actions", nargs="+", metavar="ACTION.py", help="action files, in flow order")
-    r.add_argument("--trigger", required=True, choices=sorted(TRIGGERS))
+    r.add_argument("--trigger", required=True, type=_trigger, metavar="TRIGGER", help=_TRIGGER_HELP)
     r.add_argument("--event", required=True, metavar="EVENT.json", help="event file, or - for stdin")
     r.add_argument("--tenant", default="default")
     r.add_argument("--secret", action="append", default=[], metavar="KEY=VALUE")
@@ -86,15 +107,55 @@ def _parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("check", help="compile action files and find their handlers (nothing is run)")
     c.add_argument("files", nargs="+", metavar="ACTION.py", help="action files")
-    c.add_argument("--trigger", choices=sorted(TRIGGERS), help="the trigger the actions are bound to (default: any)")
+    c.add_argument("--trigger", type=_trigger, metavar="TRIGGER",
+                   help=f"the trigger the actions are bound to, {_TRIGGER_HELP} (default: any)")
 
     d = sub.add_parser("doctor", help="report which sandbox protections this host offers")
     d.add_argument("--json", action="store_true")
+    d.add_argument("--store", metavar="URL", help="also check this Redis (the sidecar's store) for persistence")
+    d.add_argument("--config", metavar="serve.toml", help="also check the store of this sidecar config")
 
     _serve_cli.add_parsers(sub)
     sub.add_parser("bench", help="benchmarks against the baselines (see: actionpool bench --help)")
     sub.add_parser("stress", help="stress and chaos run (see: actionpool stress --help)")
     return p
+
+
+def _action_file_problem(path: str) -> str | None:
+    """Why ``path`` cannot be an action file, or None: ``run`` and ``check`` refuse the same files alike.
+
+    A directory, or a suffix no language has (a ``.json`` event, a ``README.md``): the
+    languages are the checkers' suffixes, so ``run`` never executes what ``check`` refuses.
+    """
+    from ._check import CHECKERS
+
+    p = Path(path)
+    if p.is_dir():
+        return f"{path} is a directory, not an action file; name the files (e.g. {path.rstrip('/')}/*.py)"
+    if p.suffix in CHECKERS:
+        return None
+    known = ", ".join(sorted(CHECKERS))
+    hint = "; a .json file is an event, not an action" if p.suffix.lower() == ".json" else ""
+    return f"{path}: not an action file: no checker for {p.suffix or 'files without a suffix'} (known: {known}){hint}"
+
+
+def _check_run_paths(actions: list[str], event: str, trigger: str) -> None:
+    """The action files and the event of ``run``; swapped ones (``run x.event.json --event x.py``) are named."""
+    from ._check import CHECKERS
+
+    event_is_code = event != "-" and Path(event).suffix in CHECKERS
+    json_actions = [a for a in actions if Path(a).suffix.lower() == ".json"]
+    if event_is_code and json_actions:
+        raise UsageError(f"the action and the event look swapped: {json_actions[0]} is JSON and --event {event} is "
+                         f"an action file; the action files come first, the event after --event "
+                         f"(actionpool run {event} --trigger {trigger} --event {json_actions[0]})")
+    if event_is_code:
+        raise UsageError(f"--event {event} looks like an action file, not an event (a JSON object); "
+                         f"did you swap the action and the event?")
+    for path in actions:
+        problem = _action_file_problem(path)
+        if problem is not None:
+            raise UsageError(problem + ("; give it with --event" if path in json_actions else ""))
 
 
 def _read_event(path: str, max_frame_bytes: int) -> Any:
@@ -129,6 +190,26 @@ def _secrets(pairs: list[str]) -> dict[str, str]:
     return out
 
 
+# The config key each ``run`` option sets: a bad value is reported under the flag the user typed.
+_FLAG_OF_KEY = {"limits.action_timeout_s": ("--timeout", "timeout"),
+                "limits.flow_timeout_s": ("--flow-timeout", "flow_timeout"),
+                "limits.memory_mb": ("--memory-mb", "memory_mb"),
+                "cache_url": ("--cache", "cache"),
+                "sandbox.mode": ("--sandbox", "sandbox")}
+
+
+def _as_flag_error(exc: ConfigError, args: argparse.Namespace) -> str:
+    """``limits.memory_mb must be at least 32`` -> ``--memory-mb 8: must be at least 32``: the config key is
+    what config files say; on the command line the message names the flag that was given."""
+    text = str(exc)
+    key = text.split(" ", 1)[0]
+    flag = _FLAG_OF_KEY.get(key)
+    value = getattr(args, flag[1], None) if flag else None
+    if flag is None or value is None:
+        return text
+    return f"{flag[0]} {value}: {text[len(key):].strip()}"
+
+
 def _config(args: argparse.Namespace) -> RunnerConfig:
     limits = Limits()
     over = {k: v for k, v in (("action_timeout_s", args.timeout), ("flow_timeout_s", args.flow_timeout),
@@ -146,6 +227,7 @@ def _fetch_stub(path: str | None) -> dict[str, Any] | None:
 
 
 async def _run(args: argparse.Namespace) -> int:
+    _check_run_paths(args.actions, args.event, args.trigger)
     secrets = _secrets(args.secret)
     actions = [Action.from_file(path, secrets=secrets) for path in args.actions]
     config = _config(args)
@@ -210,6 +292,9 @@ def _check(args: argparse.Namespace) -> int:
 
     reports = []
     for path in args.files:
+        problem = _action_file_problem(path)
+        if problem is not None:
+            raise UsageError(problem)
         try:
             reports.append(check_file(path, args.trigger))
         except CheckUsageError as exc:
@@ -229,9 +314,9 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    from ._doctor import doctor
+    from ._doctor import doctor, store_url_of
 
-    return doctor(as_json=args.json)
+    return doctor(as_json=args.json, store_url=store_url_of(args.store, args.config))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -270,12 +355,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "doctor":
             return _doctor(args)
         if args.command in _serve_cli.COMMANDS:
-            return _serve_cli.run(args)
+            try:
+                return _serve_cli.run(args)
+            except ModuleNotFoundError as exc:
+                if exc.name not in _SERVE_EXTRA:
+                    raise
+                print(f"actionpool {args.command}: error: {exc}: the serve extra is not installed; "
+                      f"pip install -e '.[serve]'", file=sys.stderr)
+                return EXIT_USAGE
     except SandboxUnavailable as exc:
         print(f"actionpool: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except (UsageError, ActionpoolError) as exc:
-        print(f"actionpool: error: {exc}", file=sys.stderr)
+        text = _as_flag_error(exc, args) if isinstance(exc, ConfigError) and args.command == "run" else str(exc)
+        print(f"actionpool: error: {text}", file=sys.stderr)
         return EXIT_USAGE
     except (OSError, RuntimeError) as exc:  # e.g. a worker that cannot start on this host
         print(f"actionpool: error: {type(exc).__name__}: {exc}", file=sys.stderr)

@@ -465,14 +465,14 @@ def test_bad_secret(secret: str) -> None:
 
 @pytest.mark.parametrize("value,fragment", [("0", "must be positive"), ("-1", "must be positive"),
                                             ("abc", "expected a float"), ("nan", "must be positive"),
-                                            ("inf", "action_timeout_s")])
+                                            ("inf", "--timeout inf: must be a positive number")])
 def test_bad_timeout(value: str, fragment: str) -> None:
     res = run_example("tag_account_tier", "post-login", "--timeout", value)
     _usage_error(res, fragment)
 
 
 @pytest.mark.parametrize("value,fragment", [("0", "--memory-mb"), ("abc", "--memory-mb"), ("1.5", "--memory-mb"),
-                                            ("16", "memory_mb must be at least 32")])
+                                            ("16", "--memory-mb 16: must be at least 32")])
 def test_bad_memory_mb(value: str, fragment: str) -> None:
     _usage_error(run_example("tag_account_tier", "post-login", "--memory-mb", value), fragment)
 
@@ -481,7 +481,7 @@ def test_bad_memory_mb(value: str, fragment: str) -> None:
                                  "redis://127.0.0.1:6379/not-a-db"])
 def test_bad_cache_url(url: str) -> None:
     res = run_example("tag_account_tier", "post-login", "--cache", url)
-    _usage_error(res, "actionpool: error:", "cache_url")
+    _usage_error(res, "actionpool: error:", f"--cache {url}: ")
 
 
 def test_no_command_is_a_usage_error() -> None:
