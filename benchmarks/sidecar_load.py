@@ -78,7 +78,7 @@ async def in_process(n1: int, n2: int, concurrency: int) -> dict[str, Any]:
     from ..runner import Action, Runner, RunnerConfig
 
     actions = [Action(slug="tag", source=SRC_TRIVIAL)]
-    async with Runner(RunnerConfig(pool_size=2, max_workers=2)) as r:
+    async with Runner(RunnerConfig(pool_size=2, max_workers=2, max_busy_per_tenant=2)) as r:  # one tenant: all of it
         async def one() -> None:
             res = await r.run_flow(trigger=TRIGGER, actions=actions, event=EVENT, tenant=TENANT)
             assert res.outcome == "allow", res.denial
@@ -95,6 +95,7 @@ def _start_sidecar(tmp: Path, history: bool) -> tuple[subprocess.Popen[bytes], s
         [runner]
         pool_size = 2
         max_workers = 2
+        max_busy_per_tenant = 2
         [server]
         token_env = "AP_BENCH_TOKEN"
         history_size = {100 if history else 0}
@@ -103,12 +104,23 @@ def _start_sidecar(tmp: Path, history: bool) -> tuple[subprocess.Popen[bytes], s
         [tenants.{TENANT}.flows]
         {TRIGGER} = ["tag"]
     """))
+    return spawn_sidecar(tmp / "serve.toml", {"AP_BENCH_TOKEN": TOKEN})
+
+
+def spawn_sidecar(config: Path, env: dict[str, str], *, timeout_s: float = 60.0,
+                  **popen: Any) -> tuple[subprocess.Popen[bytes], str]:
+    """``actionpool serve --config config`` on a free loopback port, once ``/readyz`` answers 200.
+
+    ``env`` is added to this process's environment; ``popen`` goes to ``subprocess.Popen``
+    (``stdout``/``stderr`` to keep the sidecar's log, ``preexec_fn``...). Also used by
+    benchmarks/sidecar_attack.py.
+    """
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "actionpool.runner.cli", "serve", "--config",
-                             str(tmp / "serve.toml"), "--port", str(port)],
-                            env={**os.environ, "AP_BENCH_TOKEN": TOKEN})
+                             str(config), "--port", str(port)],
+                            env={**os.environ, **env}, **popen)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"actionpool serve exited with {proc.returncode}")
@@ -119,7 +131,8 @@ def _start_sidecar(tmp: Path, history: bool) -> tuple[subprocess.Popen[bytes], s
             pass
         time.sleep(0.05)
     proc.kill()
-    raise RuntimeError("actionpool serve did not become ready within 60 s")
+    proc.wait(10)
+    raise RuntimeError(f"actionpool serve did not become ready within {timeout_s:.0f} s")
 
 
 class LeanConnection:
