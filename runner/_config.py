@@ -89,6 +89,9 @@ class FetchConfig:
     pool_idle_s: float = 30.0                # a tenant's pool unused this long is closed
     # Offline mode ("METHOD URL" -> {status, headers, body}): answers from here, never the network.
     stub: dict[str, Any] | None = None
+    # Values replaced by "[redacted]" in a request's "METHOD URL" before it is looked up in the stub:
+    # a stub built from redacted run history (``actionpool replay``) matches requests carrying the real ones.
+    stub_redact: tuple[str, ...] = ()
 
     def hosts_for(self, tenant: str) -> tuple[str, ...]:
         return self.allow_hosts + tuple(self.tenant_allow_hosts.get(tenant, ()))
@@ -120,7 +123,7 @@ class RunnerConfig:
     pool_size: int = 2                       # warm idle workers kept ready
     max_workers: int | None = None           # cap on live workers; None: worker_memory_budget_mb / ~6 MiB
     worker_memory_budget_mb: int | None = None  # memory for workers when max_workers is None; None: 1/4 of RAM
-    max_busy_per_tenant: int | None = None   # workers one tenant holds at once; None: 3/4 of max_workers (all if < 8)
+    max_busy_per_tenant: int | None = None   # workers one tenant holds at once; None: 3/4 of max_workers, never all (if >= 2)
     max_queue_per_tenant: int | None = None  # flows of one tenant waiting; None: 3/4 of max_queue (all if < 8)
     max_executions_per_worker: int = 1000    # recycle a worker after this many executions; 1 = a fresh process each
     # "action": a worker serves one action of one tenant (tenant, slug, source and secrets; no action ever
@@ -193,4 +196,6 @@ class RunnerConfig:
             from ._fetch_stub import compile_stub
 
             compile_stub(f.stub)
+        if not isinstance(f.stub_redact, tuple) or not all(isinstance(v, str) and v for v in f.stub_redact):
+            raise ConfigError("fetch.stub_redact must be a tuple of non-empty strings")
         return self

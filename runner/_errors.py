@@ -23,7 +23,8 @@ Internal signals (caught inside the runner, turned into a denial or an
     FetchError          an outbound fetch failed                      -> ``http_fetch_error``
     ├── FetchDenied     refused by policy, no request made            -> ``http_fetch_denied``
     └── FetchTimeout    did not finish within its budget              -> ``http_fetch_timeout``
-    CacheUnavailable    the cache backend itself failed               -> ``cache_unavailable``
+    CacheUnavailable    the cache backend itself failed               -> ``cache_unavailable`` (get);
+                                                                         set/delete: ``{"type": "error", "code": "CacheUnavailable"}``
     TemplateError       the fork template could not fork a worker
     CgroupError         a cgroup operation failed
 """
@@ -48,10 +49,11 @@ class DenialKind(StrEnum):
     OUTPUT_LIMIT = "output_limit"              # the worker sent or queued too much
     HTTP_FETCH_DENIED = "http_fetch_denied"    # a fetch refused by policy: the flow halts even if the action catches it
     HTTP_FETCH_TIMEOUT = "http_fetch_timeout"  # a fetch timed out: the flow halts even if the action catches it
-    # The two below are ApiError codes the action can catch; left uncaught they deny as ``uncaught_error``
-    # (reason ``ApiError: <code>: ...``). They are members so that failure policies can name them.
-    HTTP_FETCH_ERROR = "http_fetch_error"      # a fetch failed (connection, status line, body cap, ...)
-    CACHE_UNAVAILABLE = "cache_unavailable"    # the cache backend failed
+    # The two below are ApiError codes the action can catch; left uncaught they deny as themselves
+    # (reason ``ApiError: <code>: ...``, error_code ``ApiError``), not as ``uncaught_error``, so an outage
+    # shows as one in the metrics and ``failure = "open"`` can let it pass (runner/_failure.py).
+    HTTP_FETCH_ERROR = "http_fetch_error"      # a fetch failed (connection, status line, body cap, ...), uncaught
+    CACHE_UNAVAILABLE = "cache_unavailable"    # api.cache.get found the cache backend down, uncaught
     OVERLOADED = "overloaded"                  # no worker within the queue bounds
     INVALID_EVENT = "invalid_event"            # the event was unusable; no action ran
     SHUTDOWN = "shutdown"                      # the runner closed while the flow was in flight

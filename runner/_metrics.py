@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from typing import Any, Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -57,8 +57,41 @@ class _RunnerCollector(Collector):
                                     value=s["loop_lag_ms"] / 1000.0)
 
 
+class _StoreCollector(Collector):
+    """The store's health, bad records and replica agreement, and the action cache's bytes (scrape time)."""
+
+    def __init__(self, store: Callable[[], dict[str, Any]], cache: Callable[[], dict[str, int]] | None) -> None:
+        self._store, self._cache = store, cache
+
+    def collect(self) -> Iterator[Any]:
+        s = self._store()
+        yield GaugeMetricFamily("actionpool_store_up", "1 while the store (Redis) answers; 0: degraded, serving the "
+                                "loaded versions", value=1 if s["up"] else 0)
+        yield GaugeMetricFamily("actionpool_store_degraded_seconds", "Seconds since the store stopped answering "
+                                "(0 while up)", value=s["down_seconds"])
+        yield CounterMetricFamily("actionpool_store_outages", "Times the store became unreachable",
+                                  value=s["outages"])
+        yield CounterMetricFamily("actionpool_store_bad_records", "Malformed store records skipped",
+                                  value=s["bad_records"])
+        yield CounterMetricFamily("actionpool_store_history_dropped", "Run records not written (store down)",
+                                  value=s["history_dropped"])
+        yield CounterMetricFamily("actionpool_store_history_truncated", "Run records larger than a tenant's "
+                                  "history_max_bytes, stored as a marked stub", value=s["history_truncated"])
+        yield CounterMetricFamily("actionpool_store_restores", "Times this replica re-wrote its versions into a "
+                                  "store that came back empty", value=s["restores"])
+        yield GaugeMetricFamily("actionpool_store_replicas_disagreeing", "Other replicas whose loaded versions "
+                                "differ from this one's (two checks in a row)", value=s["disagreeing"])
+        if self._cache is not None:
+            g = GaugeMetricFamily("actionpool_action_cache_bytes", "Built actions and drafts cached, by tenant",
+                                  labels=["tenant"])
+            for tenant, n in sorted(self._cache().items()):
+                g.add_metric([tenant], n)
+            yield g
+
+
 class Metrics:
-    def __init__(self, stats: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, stats: Callable[[], dict[str, Any]], store: Callable[[], dict[str, Any]] | None = None,
+                 cache: Callable[[], dict[str, int]] | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.flows = Counter("actionpool_flows", "Flows answered", ["tenant", "trigger", "outcome"], registry=r)
@@ -73,7 +106,20 @@ class Metrics:
                                 ["status"], registry=r)
         self.shadow_runs = Counter("actionpool_shadow_runs", "Shadow runs beside the live version",
                                    ["tenant", "slug", "result"], registry=r)
+        self.connections_closed = Counter("actionpool_connections_closed_by_guard",
+                                          "Connections the sidecar closed before or between requests, by reason "
+                                          "(runner/_http_guard.py)", ["reason"], registry=r)
+        self.connections_open = Gauge("actionpool_connections_open", "HTTP connections open", registry=r)
+        self.connections_max = Gauge("actionpool_connections_max", "Open connections allowed (server.max_connections "
+                                     "or the fd budget)", registry=r)
         r.register(_RunnerCollector(stats))
+        if store is not None:
+            r.register(_StoreCollector(store, cache))
+
+    def watch_connections(self, open_count: Callable[[], int], cap: Callable[[], int]) -> None:
+        """Read the connection gauges from the guard's table at scrape time."""
+        self.connections_open.set_function(open_count)
+        self.connections_max.set_function(cap)
 
     def flow(self, tenant: str, trigger: str, result: dict[str, Any], seconds: float) -> None:
         self.flows.labels(tenant, trigger, result["outcome"]).inc()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import os
 import tomllib
 import typing
@@ -21,9 +22,11 @@ from typing import Any
 from ._config import FetchConfig, Limits, RunnerConfig, SandboxConfig
 from ._errors import ConfigError
 from ._flow import SLUG_RE
+from ._history import MIN_SECRET_CHARS
 from ._triggers import TRIGGERS
 
 FAILURE_POLICIES = ("closed", "open")
+MIN_RECORD_BYTES = 4096  # room for a truncated record's identity, decision and marks
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,20 @@ class ServerSpec:
     drain_grace_s: float = 10.0          # SIGTERM: in-flight flows get this long
     history_size: int = 100              # runs kept per tenant
     shadow_concurrency: int = 4          # shadow runs in flight at once (more are skipped)
+    history_max_bytes: int = 4 << 20     # run history bytes per tenant (memory and Redis); oldest runs evicted
+    sources_max_bytes: int = 16 << 20    # deployed sources kept per tenant (live, shadow, rollback targets)
+    versions_kept: int = 10              # deployments kept per action for rollback
+    action_cache_max_bytes: int = 8 << 20  # compiled actions (deployed and /test drafts) cached per tenant, LRU
+    history_record_max_bytes: int = 256 << 10  # one recorded run (JSON); larger ones are truncated and marked
+    # Bounds before the token is read (runner/_http_guard.py, docs/security.md "Strangers").
+    max_connections: int | None = None   # open connections; None: from the fd budget (at most 10000)
+    header_timeout_s: float = 10.0       # from open (or a head's first byte) to the end of the head
+    keepalive_timeout_s: float = 15.0    # an idle keep-alive connection is closed after this
+    max_head_bytes: int = 16384          # request line + headers; more: 431 and close
+    max_headers: int = 100               # header lines in one head; more: 431 and close
+    body_timeout_s: float = 10.0         # the whole body, read before a flow slot is taken; else 408
+    max_inflight_per_tenant: int | None = None  # one tenant's flows in flight; None: the runner's per-tenant
+                                                # capacity (busy + queue), at most 3/4 of max_inflight
 
 
 @dataclass(frozen=True)
@@ -195,6 +212,11 @@ def _tenant(err: _Errors, base: Path, name: str, table: dict[str, Any], env: dic
         raise err(f"{pre}.redact", "must be a list of event paths such as \"user.email\"")
     secrets = {k: _secret(err, base, f"{pre}.secrets.{k}", v, env)
                for k, v in _table(err, table.get("secrets", {}), f"{pre}.secrets").items()}
+    for k, v in secrets.items():  # a short secret cannot be redacted safely: refuse it rather than leak it
+        if len(v) < MIN_SECRET_CHARS:
+            raise err(f"{pre}.secrets.{k}", f"is {len(v)} characters long; secrets must have at least "
+                                            f"{MIN_SECRET_CHARS} (a shorter one cannot be redacted from run history "
+                                            "without redacting ordinary text too)")
     actions: dict[str, ActionSpec] = {}
     for slug, spec in _table(err, table.get("actions", {}), f"{pre}.actions").items():
         akey = f"{pre}.actions.{slug}"
@@ -230,6 +252,22 @@ def _tenant(err: _Errors, base: Path, name: str, table: dict[str, Any], env: dic
     return TenantSpec(name, dm, tuple(hosts), secrets, actions, flows, tuple(redact))
 
 
+def _check_bounds(err: _Errors, server: ServerSpec) -> None:
+    """The connection and per-tenant bounds: each a positive, finite number of a sensible size."""
+    for name in ("header_timeout_s", "keepalive_timeout_s", "body_timeout_s"):
+        v = getattr(server, name)
+        if not math.isfinite(v) or v <= 0:
+            raise err(f"server.{name}", f"must be a positive number of seconds, got {v}")
+    for name, low in (("max_connections", 2), ("max_head_bytes", 1024), ("max_headers", 8),
+                      ("max_inflight_per_tenant", 1)):
+        v = getattr(server, name)
+        if v is not None and v < low:
+            raise err(f"server.{name}", f"must be at least {low}, got {v}")
+    if server.max_inflight_per_tenant is not None and server.max_inflight_per_tenant > server.max_inflight:
+        raise err("server.max_inflight_per_tenant", f"cannot exceed server.max_inflight ({server.max_inflight}), "
+                                                    f"got {server.max_inflight_per_tenant}")
+
+
 def load_config(path: str | os.PathLike[str], *, env: dict[str, str] | None = None) -> ServeConfig:
     """Read and validate ``path``; raise ConfigError naming the file, the key and the reason."""
     p = Path(path).resolve()
@@ -261,8 +299,15 @@ def load_config(path: str | os.PathLike[str], *, env: dict[str, str] | None = No
     for name in ("max_body_bytes", "max_inflight", "retry_after_s", "history_size", "shadow_concurrency"):
         if getattr(server, name) < (0 if name in ("history_size", "shadow_concurrency") else 1):
             raise err(f"server.{name}", f"must be positive, got {getattr(server, name)}")
+    if server.history_record_max_bytes < MIN_RECORD_BYTES:
+        raise err("server.history_record_max_bytes", f"must be at least {MIN_RECORD_BYTES}, got "
+                                                     f"{server.history_record_max_bytes}")
+    for name in ("history_max_bytes", "sources_max_bytes", "versions_kept", "action_cache_max_bytes"):
+        if getattr(server, name) < 1:
+            raise err(f"server.{name}", f"must be positive, got {getattr(server, name)}")
     if server.drain_grace_s < 0:
         raise err("server.drain_grace_s", "must not be negative")
+    _check_bounds(err, server)
     if server.token_env is not None:
         token = env.get(server.token_env, "")
         if not token:

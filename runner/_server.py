@@ -35,10 +35,13 @@ from ._decisions import Decision, make_decision
 from ._errors import ActionError, ConfigError
 from ._failure import set_failure_policy
 from ._flow import SLUG_RE, Action
+from ._history import REDACTED, build_record, flow_redactor, redact, redact_paths  # noqa: F401  (re-exported)
 from ._metrics import CONTENT_TYPE, Metrics
+from ._pool_policy import default_tenant_cap
 from ._runner import Runner
 from ._serve_config import DecisionSpec, ServeConfig, TenantSpec, is_loopback
-from ._store import NothingToRollBack, Store, Version, open_store
+from ._action_cache import ActionCache
+from ._store import NothingToRollBack, Store, StoreFull, StoreUnavailable, Version, open_store
 from ._triggers import TRIGGERS
 
 log = logging.getLogger("actionpool.serve")
@@ -49,7 +52,6 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")
 _FIELD = re.compile(r"^(event[^\s:]*)")
-REDACTED = "[redacted]"
 SHADOW_KEEP = 20
 
 
@@ -80,37 +82,6 @@ def _served(slug: str, v: Version, secrets: dict[str, str], limits: dict[str, An
     return a
 
 
-def redact(value: Any, secrets: tuple[str, ...]) -> Any:
-    """A copy of ``value`` with every occurrence of a secret value replaced."""
-    if isinstance(value, str):
-        for s in secrets:
-            if s in value:
-                value = value.replace(s, REDACTED)
-        return value
-    if isinstance(value, dict):
-        return {k: redact(v, secrets) for k, v in value.items()}
-    if isinstance(value, list):
-        return [redact(v, secrets) for v in value]
-    return value
-
-
-def redact_paths(event: dict[str, Any], paths: tuple[str, ...]) -> dict[str, Any]:
-    """A copy of ``event`` with each configured dotted path (``user.email``) replaced where present."""
-    out = dict(event)
-    for path in paths:
-        node, parts = out, path.split(".")
-        for p in parts[:-1]:
-            child = node.get(p)
-            if not isinstance(child, dict):
-                break
-            node[p] = child = dict(child)
-            node = child
-        else:
-            if parts[-1] in node:
-                node[parts[-1]] = REDACTED
-    return out
-
-
 class Sidecar:
     """The ASGI app and the state it serves from (a Runner, a Store, Metrics)."""
 
@@ -118,18 +89,23 @@ class Sidecar:
         self.config = config
         self.server = config.server
         self.runner = Runner(config.runner)
-        self.store: Store = open_store(config.store_url, config.server.history_size)
-        self.metrics = Metrics(self.runner.stats)
+        srv = config.server
+        self.store: Store = open_store(config.store_url, srv.history_size, history_max_bytes=srv.history_max_bytes,
+                                       sources_max_bytes=srv.sources_max_bytes, versions_kept=srv.versions_kept)
+        self._actions = ActionCache(srv.action_cache_max_bytes)
+        self.metrics = Metrics(self.runner.stats, self.store.stats, self._actions.stats)
         self.inflight = 0
+        self.tenant_inflight: dict[str, int] = {}   # flows in flight by tenant; a tenant at 0 has no entry
+        self._tenant_cap: int | None = config.server.max_inflight_per_tenant
         self.draining = False
         self.started = False
-        self._actions: dict[tuple[str, str, str], Action] = {}
         self._decisions: dict[tuple[str, str, int], Decision] = {}
         self._bg: set[asyncio.Task[Any]] = set()
         self._shadow_running = 0
         self.disagreements: dict[tuple[str, str], collections.deque[dict[str, Any]]] = {}
         self._token = config.server.token.encode() if config.server.token else None
-        self._secrets = {name: tuple(s for s in t.secrets.values() if len(s) >= 4) for name, t in config.tenants.items()}
+        # Every secret is redacted from history: the config refuses one too short for that (MIN_SECRET_CHARS).
+        self._secrets = {name: tuple(t.secrets.values()) for name, t in config.tenants.items()}
 
     # -- life cycle ----------------------------------------------------------------------------
     async def startup(self) -> None:
@@ -175,6 +151,10 @@ class Sidecar:
             status, headers = exc.status, exc.headers
             body = {"error": exc.error} if exc.field is None else {"error": exc.error, "field": exc.field}
             self.metrics.rejected.labels(str(status)).inc()
+        except StoreUnavailable as exc:  # every management route, in one place: never a 500 for an outage
+            status, body = 503, {"error": f"store unavailable: {exc}"}
+            headers = [(b"retry-after", str(self.server.retry_after_s).encode())]
+            self.metrics.rejected.labels("503").inc()
         except Exception:  # a bug here must still answer, and must not kill the process
             log.exception("sidecar: unhandled error")
             status, body = 500, {"error": "internal error"}
@@ -216,17 +196,22 @@ class Sidecar:
                 except ValueError:
                     raise HTTPError(400, "bad Content-Length", "Content-Length") from None
         chunks, size = [], 0
-        while True:
-            msg = await receive()
-            if msg["type"] == "http.disconnect":
-                raise HTTPError(400, "client went away")
-            chunk = msg.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                raise HTTPError(413, f"body larger than {limit} bytes", headers=[(b"connection", b"close")])
-            chunks.append(chunk)
-            if not msg.get("more_body"):
-                return b"".join(chunks)
+        try:
+            async with asyncio.timeout(self.server.body_timeout_s):  # a stalled upload holds nothing for long
+                while True:
+                    msg = await receive()
+                    if msg["type"] == "http.disconnect":
+                        raise HTTPError(400, "client went away")
+                    chunk = msg.get("body", b"")
+                    size += len(chunk)
+                    if size > limit:
+                        raise HTTPError(413, f"body larger than {limit} bytes", headers=[(b"connection", b"close")])
+                    chunks.append(chunk)
+                    if not msg.get("more_body"):
+                        return b"".join(chunks)
+        except TimeoutError:
+            raise HTTPError(408, f"request body not received within {self.server.body_timeout_s:g} s "
+                                 f"(server.body_timeout_s)", headers=[(b"connection", b"close")]) from None
 
     def _authorize(self, scope: Scope) -> None:
         if self._token is None:
@@ -247,9 +232,10 @@ class Sidecar:
         if path == "/healthz":
             return 200, {"status": "alive"}, []
         if path == "/readyz":
-            ready = self.started and not self.draining and await self.store.ping()
-            why = "draining" if self.draining else ("starting" if not self.started else "store unreachable")
-            return (200, {"status": "ready"}, []) if ready else (503, {"status": "not ready", "reason": why}, [])
+            # "Can serve flows": a started replica serves its loaded versions while Redis is down (degraded).
+            if self.draining or not self.started:
+                return 503, {"status": "not ready", "reason": "draining" if self.draining else "starting"}, []
+            return 200, {"status": "ready", **self.store.status()}, []
         self._authorize(scope)
         if path == "/metrics":
             return 200, self.metrics.render(), []
@@ -319,16 +305,12 @@ class Sidecar:
         return self.runner._engine.check_event(event)
 
     def _action(self, tenant: TenantSpec, slug: str, v: Version) -> Action:
-        key = (tenant.name, slug, v.version)
-        a = self._actions.get(key)
-        if a is None:
-            spec = tenant.actions.get(slug)
-            if len(self._actions) > 4096:
-                self._actions.clear()
-            a = self._actions[key] = _served(slug, v, tenant.secrets, spec.limits if spec else {},
-                                             spec.failure if spec else "closed",
-                                             spec.file.suffix if spec and spec.file else ".py")
-        return a
+        """The Action for a version or a draft, from a per-tenant LRU bounded in bytes (runner/_action_cache.py)."""
+        spec = tenant.actions.get(slug)
+        return self._actions.get_or_build(
+            tenant.name, slug, v.version,
+            lambda: _served(slug, v, tenant.secrets, spec.limits if spec else {}, spec.failure if spec else "closed",
+                            spec.file.suffix if spec and spec.file else ".py"))
 
     def _resolve(self, tenant: TenantSpec, trigger: str) -> tuple[list[Action], dict[str, str]]:
         """The actions of the tenant's flow for ``trigger`` at their current versions (local reads only)."""
@@ -351,54 +333,86 @@ class Sidecar:
             versions[entry] = v.version
         return (missing, versions) if missing else (actions, versions)
 
+    def tenant_cap(self) -> int:
+        """One tenant's flows in flight: configured, or what the runner accepts of one tenant (busy + queue).
+
+        Never more than 3/4 of max_inflight, so the other quarter is always there for other tenants.
+        """
+        if self._tenant_cap is None:
+            s = self.runner.stats()
+            runner_cap = int(s.get("max_busy_per_tenant") or 0) + int(s.get("max_queue_per_tenant") or 0)
+            self._tenant_cap = max(1, min(runner_cap or self.server.max_inflight,
+                                          default_tenant_cap(self.server.max_inflight)))
+        return self._tenant_cap
+
+    def _take_slot(self, tenant: str, *, check_only: bool = False) -> None:
+        """A flow slot under both caps (global, then the tenant's), or 503 naming the cap that is full."""
+        if self.draining:
+            raise self._overloaded("shutting down; retry on another replica")
+        if self.inflight >= self.server.max_inflight:
+            raise self._overloaded(f"{self.inflight} flows in flight on this sidecar (server.max_inflight); "
+                                   f"retry shortly")
+        held, cap = self.tenant_inflight.get(tenant, 0), self.tenant_cap()
+        if held >= cap:
+            raise self._overloaded(f"tenant {tenant} has {held} flows in flight, its cap "
+                                   f"(server.max_inflight_per_tenant = {cap}); retry shortly")
+        if not check_only:
+            self.inflight += 1
+            self.tenant_inflight[tenant] = held + 1
+
+    def _release_slot(self, tenant: str) -> None:
+        self.inflight -= 1
+        left = self.tenant_inflight[tenant] - 1
+        if left:
+            self.tenant_inflight[tenant] = left
+        else:
+            del self.tenant_inflight[tenant]   # per-tenant state lives only while the tenant has flows
+
     def _overloaded(self, why: str) -> HTTPError:
         return HTTPError(503, why, headers=[(b"retry-after", str(self.server.retry_after_s).encode())])
 
     async def _flow(self, tenant: TenantSpec, trigger: str, scope: Scope, receive: Receive) -> tuple[int, Any, list]:
         if trigger not in TRIGGERS:
             raise HTTPError(400, f"unknown trigger {trigger!r}; expected one of {', '.join(TRIGGERS)}", "trigger")
-        if self.draining:
-            raise self._overloaded("shutting down; retry on another replica")
-        if self.inflight >= self.server.max_inflight:
-            raise self._overloaded(f"{self.inflight} flows in flight; retry shortly")
-        self.inflight += 1
+        self._take_slot(tenant.name, check_only=True)   # refused at once when full: no body read for nothing
+        # The body is read (within server.body_timeout_s) before a slot is taken: a stalled upload holds none.
+        event = self._event(await self._body(scope, receive))
+        execution_id = None
+        for name, value in scope["headers"]:
+            if name == b"idempotency-key":
+                execution_id = value.decode("latin-1")
+                if not _IDEMPOTENCY_KEY.match(execution_id):
+                    raise HTTPError(400, "Idempotency-Key must be 1-200 visible ASCII characters", "Idempotency-Key")
+        if execution_id is None:
+            execution_id = os.urandom(16).hex()
+        event["execution_id"] = execution_id  # the same across the gateway's retries of one attempt
+        self._take_slot(tenant.name)
         try:
-            event = self._event(await self._body(scope, receive))
-            execution_id = None
-            for name, value in scope["headers"]:
-                if name == b"idempotency-key":
-                    execution_id = value.decode("latin-1")
-                    if not _IDEMPOTENCY_KEY.match(execution_id):
-                        raise HTTPError(400, "Idempotency-Key must be 1-200 visible ASCII characters", "Idempotency-Key")
-            if execution_id is None:
-                execution_id = os.urandom(16).hex()
-            event["execution_id"] = execution_id  # the same across the gateway's retries of one attempt
             actions, versions = self._resolve(tenant, trigger)
             t0 = time.perf_counter()
             result = await self.runner.run_flow(trigger=trigger, actions=actions, event=event, tenant=tenant.name,
-                                                denial_message=tenant.denial_message)
+                                                denial_message=tenant.denial_message,
+                                                record_fetches=self.server.history_size > 0)
             seconds = time.perf_counter() - t0
         finally:
-            self.inflight -= 1
+            self._release_slot(tenant.name)
         body = result.to_dict()
         body["versions"] = versions
         body["execution_id"] = execution_id
         self.metrics.flow(tenant.name, trigger, body, seconds)
         if self.server.history_size:
-            self._spawn(self._record(tenant, event, body, seconds))
+            self._spawn(self._record(tenant, event, body, seconds, result.fetches))
         self._shadows(tenant, trigger, actions, event, body)
         if body["denial"] is not None and body["denial"]["kind"] == "overloaded":
             raise self._overloaded(body["denial"]["reason"])
         return 200, body, []
 
-    async def _record(self, tenant: TenantSpec, event: dict[str, Any], body: dict[str, Any], seconds: float) -> None:
-        secrets = self._secrets.get(tenant.name, ())
-        record = {"flow_id": body["flow_id"], "tenant": tenant.name, "trigger": body["trigger"],
-                  "execution_id": body["execution_id"], "recorded_at": time.time(),
-                  "event": redact(redact_paths(event, tenant.redact), secrets),
-                  "result": redact(body, secrets), "versions": body["versions"],
-                  "timings": {"flow_ms": round(seconds * 1000, 3),
-                              "actions_ms": {a["slug"]: a["duration_ms"] for a in body["actions"]}}}
+    async def _record(self, tenant: TenantSpec, event: dict[str, Any], body: dict[str, Any], seconds: float,
+                      fetches: list[dict[str, Any]] | None = None) -> None:
+        """Redacted (keys and values, event, whole result, fetches) and capped: runner/_history.py."""
+        record = build_record(tenant=tenant.name, paths=tenant.redact, secrets=self._secrets.get(tenant.name, ()),
+                              event=event, body=body, seconds=seconds, recorded_at=time.time(), fetches=fetches,
+                              max_bytes=self.server.history_record_max_bytes)
         try:
             await self.store.record_run(tenant.name, body["flow_id"], record)
         except Exception as exc:  # history is best effort; the answer was already decided
@@ -435,7 +449,7 @@ class Sidecar:
         if diff:
             q = self.disagreements.setdefault((tenant.name, slug), collections.deque(maxlen=SHADOW_KEEP))
             q.append({"flow_id": live["flow_id"], "shadow_version": version, "at": time.time(),
-                      "differences": redact(diff, self._secrets.get(tenant.name, ()))})
+                      "differences": flow_redactor(self._secrets.get(tenant.name, ()), tenant.redact, event)(diff)})
 
     # -- actions ---------------------------------------------------------------------------------
     async def _deploy(self, tenant: TenantSpec, slug: str, query: dict[str, str], scope: Scope,
@@ -448,7 +462,10 @@ class Sidecar:
         if not source.strip():
             raise HTTPError(400, "the action source is empty", "body")
         shadow = query.get("shadow", "0") not in ("0", "", "false")
-        v = await self.store.deploy(tenant.name, slug, source, shadow=shadow)
+        try:
+            v = await self.store.deploy(tenant.name, slug, source, shadow=shadow)
+        except StoreFull as exc:
+            raise HTTPError(413, str(exc), "body") from None
         out = {"slug": slug, "version": v.version}
         if shadow:
             out["shadow"] = True

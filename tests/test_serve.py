@@ -6,7 +6,6 @@ with SIGTERM (the leak check then proves no worker is left).
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 import time
@@ -423,30 +422,3 @@ def test_two_replicas_on_one_redis_share_deploys_within_a_second(tmp_path: Path,
         if b is not None:
             assert b.stop() == 0
         assert a.stop() == 0
-
-
-@pytest.mark.redis
-def test_replay_a_recorded_flow_against_a_draft(tmp_path: Path, redis_url: str) -> None:
-    import subprocess
-    import sys
-
-    cfg = config(tmp_path, store=REPLICA_STORE.format(url=redis_url))
-    s = start_serve(cfg, ENV)
-    try:
-        with s.client() as c:
-            rec = flow(c, "post-login", {"user": {}, "request": {"country": "FR"}}).json()
-            deadline = time.monotonic() + 10
-            while c.get(f"/v1/tenants/acme/runs/{rec['flow_id']}").status_code == 404:
-                assert time.monotonic() < deadline
-                time.sleep(0.02)
-    finally:
-        assert s.stop() == 0
-    env = {**os.environ, **ENV, "AP_TOKEN": "x"}
-    cli = [sys.executable, "-m", "actionpool.runner.cli", "replay", rec["flow_id"], "--config", str(cfg)]
-    same = subprocess.run(cli, capture_output=True, text=True, env=env, timeout=60)
-    assert same.returncode == 0, same.stderr
-    draft = tmp_path / "tag_tier.py"
-    draft.write_text("def on_execute_post_login(event, api):\n    api.deny('draft')\n")
-    diff = subprocess.run(cli + ["--source", str(draft)], capture_output=True, text=True, env=env, timeout=60)
-    assert diff.returncode == 4, diff.stderr
-    assert '"outcome"' in diff.stdout and '"replayed": "deny"' in diff.stdout
