@@ -574,6 +574,10 @@ async def attacker(spec: dict[str, Any]) -> None:
     was tried and both tenants answered once, ``final`` after everything it opened is closed.
     """
     raise_nofile_limit()
+    if spec.get("nice"):
+        # Stands for an attacker on other machines: its own CPU then competes with the sidecar only for
+        # what the kernel leaves it (on a real host it is not the sidecar's CPU at all).
+        os.nice(int(spec["nice"]))
     host, port = spec["url"].split("//", 1)[1].split(":")
     flood = Flood(host, int(port), spec["connections"], spec["slowloris_share"])
     slow = Background(SLOW, spec["url"], spec["slow_inflight"])
@@ -724,6 +728,7 @@ class Knobs:
     flow_timeout_s: float
     server_options: dict[str, str]
     sidecar_nofile: int | None
+    attacker_nice: int = 0
 
 
 def write_config(tmp: Path, knobs: Knobs) -> Path:
@@ -784,6 +789,7 @@ async def run_phases(url: str, sampler: SidecarSampler, knobs: Knobs, verbose: b
         out["quiet"]["sidecar"] = sampler.set_phase("ramp")
 
         spec = {"url": url, "connections": knobs.connections, "slowloris_share": knobs.slowloris_share,
+                "nice": knobs.attacker_nice,
                 "slow_inflight": knobs.slow_inflight, "hoarder_concurrency": knobs.hoarder_concurrency,
                 "hoarder_rate": knobs.hoarder_rate}
         attack = AttackerProcess(spec)
@@ -1065,6 +1071,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="an extra [server] key for the sidecar's config (repeatable), e.g. history_size=50")
     p.add_argument("--sidecar-nofile", type=int, help="the sidecar's RLIMIT_NOFILE, soft and hard (default: "
                                                        "inherited)")
+    p.add_argument("--attacker-nice", type=int, default=0, metavar="N",
+                   help="run the attacker process (flood, slow tenant, hoarder) at this nice value (0; 19 "
+                        "stands for an attacker whose CPU is on other machines, as it would be in production)")
     p.add_argument("-v", "--verbose", action="store_true", help="progress on stderr")
     p.add_argument("--attacker", help=argparse.SUPPRESS)  # internal: run as the attacker process
     args = p.parse_args(argv)
@@ -1084,7 +1093,9 @@ def main(argv: list[str] | None = None) -> int:
         hoarder_concurrency=args.hoarder_concurrency, hoarder_rate=args.hoarder_rate,
         hoarder_runs=pick(args.hoarder_runs, _history_size(server_options) + 20, 20),
         slowloris_share=args.slowloris_share, flow_timeout_s=args.flow_timeout, server_options=server_options,
-        sidecar_nofile=args.sidecar_nofile)
+        sidecar_nofile=args.sidecar_nofile, attacker_nice=args.attacker_nice)
+    if not 0 <= knobs.attacker_nice <= 19:
+        p.error("--attacker-nice must be within 0..19")
     for name in ("connections", "flows", "keepalive_connections", "slow_inflight", "hoarder_concurrency",
                  "hoarder_rate"):
         if getattr(knobs, name) < (1 if name in ("flows", "keepalive_connections") else 0):

@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import hmac
 import logging
 import os
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Awaitable, Callable
 from urllib.parse import parse_qs
 
@@ -53,6 +55,7 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")
 _FIELD = re.compile(r"^(event[^\s:]*)")
 SHADOW_KEEP = 20
+RECORDS_PENDING = 64   # run records waiting to be built; more are dropped (and counted as history_dropped)
 
 
 class HTTPError(Exception):
@@ -99,8 +102,14 @@ class Sidecar:
         self._tenant_cap: int | None = config.server.max_inflight_per_tenant
         self.draining = False
         self.started = False
+        self.guard: Any = None   # the connection guard (runner/_http_guard.py), set by `serve`
         self._decisions: dict[tuple[str, str, int], Decision] = {}
         self._bg: set[asyncio.Task[Any]] = set()
+        # Run records are built (redacted, truncated, a pass over up to a few MB) on one thread of their own:
+        # on the loop a 2 MB record stalled every tenant's flows and kill timers for tens of ms; here the loop
+        # gets the GIL back within the interpreter's switch interval (5 ms).
+        self._history_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="actionpool-history")
+        self._records_pending = 0
         self._shadow_running = 0
         self.disagreements: dict[tuple[str, str], collections.deque[dict[str, Any]]] = {}
         self._token = config.server.token.encode() if config.server.token else None
@@ -129,6 +138,7 @@ class Sidecar:
             t.cancel()
         if self._bg:
             await asyncio.wait(list(self._bg), timeout=5)
+        self._history_thread.shutdown(wait=False, cancel_futures=True)
         await self.store.close()
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
@@ -409,10 +419,22 @@ class Sidecar:
 
     async def _record(self, tenant: TenantSpec, event: dict[str, Any], body: dict[str, Any], seconds: float,
                       fetches: list[dict[str, Any]] | None = None) -> None:
-        """Redacted (keys and values, event, whole result, fetches) and capped: runner/_history.py."""
-        record = build_record(tenant=tenant.name, paths=tenant.redact, secrets=self._secrets.get(tenant.name, ()),
-                              event=event, body=body, seconds=seconds, recorded_at=time.time(), fetches=fetches,
-                              max_bytes=self.server.history_record_max_bytes)
+        """Redacted (keys and values, event, whole result, fetches) and capped: runner/_history.py.
+
+        Built off the loop, one record at a time; at most RECORDS_PENDING wait, the rest are dropped and counted.
+        """
+        if self._records_pending >= RECORDS_PENDING:
+            self.store.history_dropped += 1
+            return
+        self._records_pending += 1
+        try:
+            build = functools.partial(build_record, tenant=tenant.name, paths=tenant.redact,
+                                      secrets=self._secrets.get(tenant.name, ()), event=event, body=body,
+                                      seconds=seconds, recorded_at=time.time(), fetches=fetches,
+                                      max_bytes=self.server.history_record_max_bytes)
+            record = await asyncio.get_running_loop().run_in_executor(self._history_thread, build)
+        finally:
+            self._records_pending -= 1
         try:
             await self.store.record_run(tenant.name, body["flow_id"], record)
         except Exception as exc:  # history is best effort; the answer was already decided
