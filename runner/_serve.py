@@ -11,6 +11,7 @@ SIGTERM or a SIGINT stops at once, as uvicorn does.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import logging
 import signal
@@ -19,8 +20,9 @@ import time
 from typing import Any
 from types import FrameType
 
+from . import _pool_policy as policy
 from ._errors import ConfigError
-from ._serve_config import ServerSpec, is_loopback, load_config
+from ._serve_config import ServeConfig, ServerSpec, is_loopback, load_config
 from ._server import Sidecar
 from ._serve_preflight import start_problem
 
@@ -77,11 +79,34 @@ def _uvicorn_server() -> type:
     return DrainingServer
 
 
-def _guarded_protocol(spec: ServerSpec, app: Sidecar) -> Any:
-    """The gated, guarded protocol factory; the connection cap from the fd budget unless the config sets one."""
-    from ._http_guard import Guard, connection_budget, gated_protocol, raise_fd_limit
+# Connection slots kept from the fd budget when the pool's size is derived from it (see share_fds).
+MIN_CONNECTIONS = 1024
+WARN_CONNECTIONS = 256   # fewer slots than this: `serve` says so at start, with what to change
 
-    fd_limit = raise_fd_limit()
+
+def share_fds(cfg: ServeConfig, fd_limit: int | None) -> ServeConfig:
+    """Keep descriptors for the gateway's connections when the pool is sized from the fd limit.
+
+    Alone, a Runner sizes its pool to every descriptor above its reserve. In the sidecar the same descriptors
+    hold the connections: at a hard limit of 1024 the pool took them all, 16 connection slots were left, and a
+    slow tenant's 32 keep-alive flows were refused with the connection closed (benchmarks/sidecar_attack.py
+    with ``--sidecar-nofile 1024``). Connections now get ``min(MIN_CONNECTIONS, half of what is above the
+    reserve)`` and the pool the rest, within its memory budget; a configured ``runner.max_workers`` is kept.
+    """
+    if fd_limit is None or cfg.runner.max_workers is not None:
+        return cfg
+    usable = fd_limit - policy.FD_RESERVE - 16
+    by_fds = max(1, (usable - min(MIN_CONNECTIONS, usable // 2)) // policy.FDS_PER_WORKER)
+    budget = cfg.runner.worker_memory_budget_mb or policy.default_memory_budget_mb(policy.physical_memory_bytes())
+    if budget // policy.WORKER_MEMORY_ESTIMATE_MB <= by_fds:
+        return cfg
+    return dataclasses.replace(cfg, runner=dataclasses.replace(cfg.runner, max_workers=by_fds))
+
+
+def _guarded_protocol(spec: ServerSpec, app: Sidecar, fd_limit: int | None) -> Any:
+    """The gated, guarded protocol factory; the connection cap from the fd budget unless the config sets one."""
+    from ._http_guard import Guard, connection_budget, gated_protocol
+
     cap = spec.max_connections
     guard = Guard(max_connections=cap if cap is not None else
                   (lambda: connection_budget(fd_limit, int(app.runner.stats().get("capacity") or 0))),
@@ -110,13 +135,23 @@ def serve(config_path: str, host: str = "127.0.0.1", port: int = 8080, *, log_le
     if problem is not None:
         print(f"actionpool serve: error: {problem[1]}", file=sys.stderr)
         return problem[0]
+    from ._http_guard import connection_budget, raise_fd_limit
+
+    fd_limit = raise_fd_limit()
+    cfg = share_fds(cfg, fd_limit)
+    slots = (connection_budget(fd_limit, cfg.runner.max_workers)
+             if cfg.server.max_connections is None and cfg.runner.max_workers is not None else None)
+    if fd_limit is not None and slots is not None and slots < WARN_CONNECTIONS:
+        print(f"actionpool serve: warning: the fd limit ({fd_limit}) leaves {slots} connection slots beside "
+              f"{cfg.runner.max_workers} workers; raise the hard RLIMIT_NOFILE (systemd LimitNOFILE=, ulimit -Hn) "
+              f"or lower runner.max_workers", file=sys.stderr)
     app = Sidecar(cfg)
     # httptools (the serve extra has it: about 0.1 ms less per request than h11 here) under the guard that
     # bounds every connection before the token is read (runner/_http_guard.py). The plain asyncio loop: the
     # runner's subprocess and signal handling are tested on it. No limit_concurrency: it answers 503 to every
     # new request once idle strangers fill it; the guard evicts them instead.
     ucfg = uvicorn.Config(app, host=host, port=port, lifespan="on", log_level=log_level, access_log=False,
-                          loop="asyncio", http=_guarded_protocol(cfg.server, app), ws="none",
+                          loop="asyncio", http=_guarded_protocol(cfg.server, app, fd_limit), ws="none",
                           timeout_keep_alive=cfg.server.keepalive_timeout_s,  # type: ignore[arg-type]
                           timeout_graceful_shutdown=max(1, int(cfg.server.drain_grace_s) + 1),
                           server_header=False, date_header=False)

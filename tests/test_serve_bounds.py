@@ -486,6 +486,24 @@ def test_default_connection_cap_comes_from_the_fd_budget(tmp_path: Path) -> None
         s.stop()
 
 
+def test_the_pool_leaves_descriptors_for_connections(tmp_path: Path) -> None:
+    """A derived pool no longer takes every descriptor: at a limit of 1024 connections keep 384 slots."""
+    import dataclasses
+
+    from actionpool.runner._serve import share_fds
+
+    cfg = load_config(write_config(tmp_path, CONFIG.format(server_extra=""), {"slow.py": SLOW}), env={"AP_TOKEN": TOKEN})
+    cfg = dataclasses.replace(cfg, runner=dataclasses.replace(cfg.runner, max_workers=None,
+                                                              worker_memory_budget_mb=100_000))
+    shared = share_fds(cfg, 1024)
+    assert shared.runner.max_workers is not None
+    assert connection_budget(1024, shared.runner.max_workers) >= 384 - 16
+    assert share_fds(cfg, None) is cfg                       # no limit: nothing to share
+    assert share_fds(cfg, 1_000_000) is cfg                  # the memory budget is the bound, not the fds
+    fixed = dataclasses.replace(cfg, runner=dataclasses.replace(cfg.runner, max_workers=500))
+    assert share_fds(fixed, 1024) is fixed                   # an operator's max_workers is kept
+
+
 def test_connection_budget_leaves_room_for_the_pool() -> None:
     assert connection_budget(1024, 100) == 1024 - 256 - 400 - 16
     assert connection_budget(None, 8) == 10_000
