@@ -422,3 +422,55 @@ async def test_every_kind_of_bad_record_is_skipped_and_counted_at_start(redis_ur
         assert store.bad_records == 6
     finally:
         await store.close()
+
+
+CACHED = """
+def on_execute_post_login(event, api):
+    seen = api.cache.get("seen:" + event.user.user_id)   # raises ApiError(cache_unavailable) while Redis is down
+    api.cache.set("seen:" + event.user.user_id, "1")
+    api.session.setCustomClaim("seen_before", bool(seen))
+"""
+
+FAILURE_CONFIG = """
+    [runner]
+    pool_size = 1
+    max_workers = 6
+    [server]
+    token_env = "AP_TOKEN"
+    [store]
+    url = "{url}"
+    [tenants.open]
+    [tenants.open.actions.cached]
+    file = "actions/cached.py"
+    failure = "open"
+    [tenants.open.flows]
+    post-login = ["cached"]
+    [tenants.closed]
+    [tenants.closed.actions.cached]
+    file = "actions/cached.py"
+    [tenants.closed.flows]
+    post-login = ["cached"]
+"""
+
+
+def test_a_redis_outage_fails_open_only_where_the_action_says_so(tmp_path: Path,
+                                                                  private_redis: Callable[..., PrivateRedis]) -> None:
+    """The issue's case: a cache outage left uncaught. ``failure = "open"`` lets the login through (the action
+    is marked ``failed_open`` with the kind ``cache_unavailable``), the default stays closed and says why."""
+    r = private_redis(persist=False)
+    s = start_serve(write_config(tmp_path, FAILURE_CONFIG.format(url=r.url), {"cached.py": CACHED}))
+    try:
+        with s.client() as c:
+            for tenant in ("open", "closed"):
+                assert _flow(c, tenant)["outcome"] == "allow"
+            r.kill()
+            opened = _flow(c, "open")
+            assert opened["outcome"] == "allow", opened["denial"]
+            assert [a["status"] for a in opened["actions"]] == ["failed_open"]
+            assert any("cache_unavailable" in e["message"] for e in opened["logs"]), opened["logs"]
+            closed = _flow(c, "closed")
+            assert closed["outcome"] == "deny"
+            assert closed["denial"]["kind"] == "cache_unavailable", closed["denial"]
+            assert _metric(c, 'actionpool_actions_failed_open_total{slug="cached",tenant="open"}') >= 1
+    finally:
+        assert s.stop() == 0, s.output()[-2000:]
