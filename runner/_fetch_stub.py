@@ -11,11 +11,19 @@ redirect hop is looked up in the stub too, and a request with no entry fails
 with ``http_fetch_error``. URLs are compared after normalisation (case of
 scheme and host, default port, an empty path is ``/``); the query string must
 match exactly.
+
+A value may also be a non-empty *list* of such objects: the first request
+with that key gets the first, the next the second, and so on, the last one
+answering any further request. ``actionpool replay`` uses this for a run that
+fetched the same URL more than once and got different answers, so each call
+is answered with what it got then, not all with the first answer.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -82,15 +90,24 @@ def _reply_of(entry: str, value: Any) -> StubReply:
     return StubReply(status, raw, body.encode("utf-8"))
 
 
-def compile_stub(entries: Mapping[str, Any]) -> dict[str, StubReply]:
-    """Validate a stub mapping (ConfigError naming the bad entry) and index it by normalised key."""
+def compile_stub(entries: Mapping[str, Any]) -> dict[str, tuple[StubReply, ...]]:
+    """Validate a stub mapping (ConfigError naming the bad entry) and index it by normalised key.
+
+    Each key's replies are a tuple, answered in order (the last one repeated): one object is a 1-tuple.
+    """
     if not isinstance(entries, Mapping):
         raise ConfigError("fetch stub must be a JSON object mapping 'METHOD URL' to {status, headers, body}")
-    out: dict[str, StubReply] = {}
+    out: dict[str, tuple[StubReply, ...]] = {}
     for entry, value in entries.items():
         if not isinstance(entry, str):
             raise ConfigError(f"fetch stub: key {entry!r:.60} must be a string")
-        out[_key_of(entry)] = _reply_of(entry, value)
+        if isinstance(value, list):
+            if not value:
+                raise ConfigError(f"fetch stub: {entry!r:.200}: the value must be an object {{status, headers, body}} "
+                                  "or a non-empty list of them")
+            out[_key_of(entry)] = tuple(_reply_of(entry, v) for v in value)
+        else:
+            out[_key_of(entry)] = (_reply_of(entry, value),)
     return out
 
 
@@ -107,14 +124,26 @@ def load_fetch_stub(path: str) -> dict[str, Any]:
     return data
 
 
+REDACTED = "[redacted]"  # runner/_history.py's marker (imported lazily there: _history imports this module)
+
+
+@functools.lru_cache(maxsize=1)
+def _marker_forms() -> "re.Pattern[str]":
+    """The redaction marker as it looks percent-encoded or JSON-escaped (not the marker itself)."""
+    from ._history import _char_forms
+
+    return re.compile("".join(_char_forms(c) for c in REDACTED))
+
+
 class StubPool:
     """Stands where a tenant's connection pool would; answers from the stub, never from the network."""
 
-    def __init__(self, replies: dict[str, StubReply], redact: tuple[str, ...] = ()) -> None:
+    def __init__(self, replies: dict[str, tuple[StubReply, ...]], redact: tuple[str, ...] = ()) -> None:
         """``redact``: values replaced in a request's key before the lookup (``FetchConfig.stub_redact``)."""
         from ._history import Redactor
 
         self._replies = replies
+        self._asked: dict[str, int] = {}  # requests answered so far per key: the next reply in its list
         self._redact = Redactor(redact) if redact else None
 
     async def handle_async_request(self, request: httpcore.Request) -> httpcore.Response:
@@ -123,9 +152,15 @@ class StubPool:
                        url.port, url.target.decode("ascii"))
         if self._redact is not None:
             key = self._redact.text(key)
-        reply = self._replies.get(key)
-        if reply is None:
+        # A replayed event holds "[redacted]" where the recording redacted a value; an action that URL-encodes
+        # it sends "%5Bredacted%5D", while the recorded URL has the marker itself: compare them as equal.
+        key = _marker_forms().sub(REDACTED, key)
+        replies = self._replies.get(key)
+        if replies is None:
             raise FetchError(f"api.fetch: the fetch stub has no entry for {key!r:.300}")
+        n = self._asked.get(key, 0)
+        self._asked[key] = n + 1
+        reply = replies[min(n, len(replies) - 1)]
         return httpcore.Response(reply.status, headers=list(reply.headers), content=reply.body)
 
     async def aclose(self) -> None:

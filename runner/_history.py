@@ -19,10 +19,13 @@ shadow disagreements and replay output:
   reader the value).
 
 The tenant's secrets become one compiled pattern (a trie, longest match
-first; built once per tenant) and the flow's path values another, so each
-string is scanned twice at most however many secrets a tenant has, and the
-walk over a record is one linear pass. Redaction happens first and
-truncation after it, so a cut can never leave part of a secret behind.
+first; built once per tenant) and the flow's path values another, each with
+a second trie for their URL-encoded and JSON-escaped forms; so each string is
+scanned at most four times however many secrets a tenant has, and the walk
+over a record is one linear pass. Matches may overlap (two secrets sharing
+characters): their union is replaced. Redaction happens first and truncation
+after it, so that cut never leaves part of a secret behind; text cut before
+it (a log line at its cap) has a trailing secret prefix replaced too.
 
 A record larger than ``[server] history_record_max_bytes`` is truncated
 structurally (:func:`truncate`): long strings cut, long lists and objects
@@ -34,11 +37,12 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import orjson
 
-__all__ = ["REDACTED", "MIN_SECRET_CHARS", "MIN_SUBSTRING_CHARS", "FETCH_BODY_BYTES", "MAX_RECORDED_FETCHES",
+__all__ = ["REDACTED", "MIN_SECRET_CHARS", "MIN_SUBSTRING_CHARS", "FETCH_BODY_BYTES", "FETCH_BODIES_BYTES",
+           "MAX_RECORDED_FETCHES",
            "Redactor", "flow_redactor", "redact", "redact_paths", "build_record", "truncate", "fetch_entry",
            "stub_from_fetches", "path_values"]
 
@@ -53,6 +57,9 @@ MIN_SUBSTRING_CHARS = 5
 # What one recorded fetch keeps: the response body up to this many bytes, these response headers.
 FETCH_BODY_BYTES = 64 << 10
 MAX_RECORDED_FETCHES = 64
+# All the response bodies one flow keeps, together: without it 64 fetches x 64 KiB = 4 MiB per flow in flight,
+# times every flow in flight, for a record then cut to history_record_max_bytes (256 KiB by default) anyway.
+FETCH_BODIES_BYTES = 256 << 10
 RECORDED_HEADERS = frozenset({"content-type", "content-language", "cache-control", "etag", "expires",
                               "last-modified", "location", "retry-after", "www-authenticate", "link", "vary"})
 _MAX_DEPTH = 256  # deeper than anything the protocol or the event check lets through
@@ -61,11 +68,14 @@ _MAX_DEPTH = 256  # deeper than anything the protocol or the event check lets th
 # ------------------------------------------------------------------ the pattern
 
 
-def _trie_pattern(words: Iterable[str]) -> re.Pattern[str] | None:
+def _trie_pattern(words: Iterable[str], esc: Callable[[str], str] = re.escape) -> re.Pattern[str] | None:
     """One regex matching any of ``words``, longest first, that scans each position once.
 
     A plain ``a|b|c`` alternation tries every word at every position (cost: text x words); a trie
     tries at most one branch per character, so the cost is text x (longest word), whatever the count.
+    ``esc`` turns one character into its regex (:func:`_char_forms`: the character in all its encodings).
+    The pattern is a lookahead capturing the word (group 1), so every start position is tried and two
+    overlapping secrets are both found.
     """
     words = [w for w in words if w]
     trie: dict[str, Any] = {}
@@ -82,27 +92,135 @@ def _trie_pattern(words: Iterable[str]) -> re.Pattern[str] | None:
         while True:  # a chain of single children is a literal run, not nested groups
             keys = [k for k in node if k]
             if len(keys) == 1 and "" not in node:
-                out.append(re.escape(keys[0]))
+                out.append(esc(keys[0]))
                 node = node[keys[0]]
                 continue
             break
-        alts = [re.escape(k) + emit(node[k]) for k in sorted(keys)]
+        alts = [esc(k) + emit(node[k]) for k in sorted(keys)]
         if alts:
             body = alts[0] if len(alts) == 1 else "(?:" + "|".join(alts) + ")"
             out.append(f"(?:{body})?" if "" in node else body)  # greedy: the longer word wins
         return "".join(out)
 
     try:
-        return re.compile(emit(trie))
+        return re.compile(f"(?=({emit(trie)}))")  # a lookahead: matches may overlap (see _replace_spans)
     except (RecursionError, re.error):  # pathological nesting: longest-first alternation, still one pattern
         ordered = sorted(set(words), key=len, reverse=True)
-        return re.compile("|".join(map(re.escape, ordered)))
+        return re.compile("(?=(" + "|".join("".join(map(esc, w)) for w in ordered) + "))")
+
+
+# Characters that percent-encoding never changes (RFC 3986 "unreserved"): a word made of these only has no
+# other form in a URL or a JSON text, and the plain trie covers it alone.
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+
+
+def _hex(n: int, width: int) -> str:
+    """``n`` in hex as a regex that accepts either case of each letter digit."""
+    return "".join(f"[{d}{d.lower()}]" if d.isalpha() else d for d in f"{n:0{width}X}")
+
+
+def _char_forms(c: str) -> str:
+    """A regex for one character as it may appear: itself, percent-encoded (either hex case), JSON-escaped."""
+    if c in _UNRESERVED:
+        return re.escape(c)
+    forms = [re.escape(c), "".join("%" + _hex(b, 2) for b in c.encode("utf-8", "surrogatepass"))]
+    escaped = "" if 0xD800 <= ord(c) <= 0xDFFF else orjson.dumps(c).decode()[1:-1]  # orjson refuses a surrogate
+    if escaped and escaped != c:
+        forms.append(re.escape(escaped))                 # \" \\ \n \u001f
+    if ord(c) > 0x7E or c in "<>&'/":                    # JSON.stringify(ensure_ascii) or HTML-safe: \u00e9 \/
+        forms.append(r"\\u" + _hex(ord(c), 4) if ord(c) <= 0xFFFF else re.escape(c))
+    if c == "/":
+        forms.append(re.escape("\\/"))
+    if c == " ":
+        forms.append(re.escape("+"))                     # a form-encoded query
+    return "(?:" + "|".join(forms) + ")"
+
+
+def _encoded_pattern(words: Iterable[str]) -> re.Pattern[str] | None:
+    """One regex for the words' encoded forms: each character as itself, percent-encoded or JSON-escaped.
+
+    A secret (or an e-mail) in a fetch URL is sent percent-encoded, by ``encodeURIComponent`` or by the HTTP
+    client with its own choice of characters to encode (httpx keeps ``/ + = [ ]`` in a query, encodes a
+    space and ``"``), and comes back that way in an echoing upstream's body; in ``JSON.stringify`` output its
+    quotes and backslashes are escaped. Matching each character in any of its forms covers every such mix.
+    Only words with a character outside _UNRESERVED need it (the plain trie covers the others); they form a
+    trie of their own, each character written as :func:`_char_forms`, so the cost stays text x longest word.
+    """
+    return _trie_pattern((w for w in words if w and any(c not in _UNRESERVED for c in w)), _char_forms)
+
+
+def _base64_cores(secret: str) -> set[str]:
+    """The part of a base64 text that only the secret's bytes determine, at each of the 3 byte alignments.
+
+    ``btoa(user + ":" + secret)`` (a Basic authorization an action logs) holds the secret's base64 at an
+    offset that depends on what precedes it; each of the 3 alignments has a core of characters that encode
+    the secret's bits alone (the 1-2 characters at its edges mix in neighbouring bytes and stay). Standard
+    and URL-safe alphabets, padded or not: the core has no padding. A secret of 8 characters has cores of
+    10 characters, which ordinary text does not contain by chance.
+    """
+    import base64
+
+    raw, cores = secret.encode("utf-8", "surrogatepass"), set()
+    for offset in range(3):
+        enc = base64.b64encode(b"\0" * offset + raw).decode()
+        core = enc[-(-offset * 8 // 6):(offset + len(raw)) * 8 // 6]
+        if len(core) >= MIN_SECRET_CHARS:
+            cores |= {core, core.replace("+", "-").replace("/", "_")}
+    return cores
 
 
 @functools.lru_cache(maxsize=1024)
 def _secrets_pattern(secrets: tuple[str, ...]) -> re.Pattern[str] | None:
-    """A tenant's secrets change only with its config: their pattern is built once, not per flow."""
-    return _trie_pattern(secrets)
+    """A tenant's secrets change only with its config: their pattern is built once, not per flow.
+
+    It matches each secret and its base64 cores (:func:`_base64_cores`).
+    """
+    words = set(secrets)
+    for secret in secrets:
+        words |= _base64_cores(secret)
+    return _trie_pattern(words)
+
+
+@functools.lru_cache(maxsize=1024)
+def _secrets_encoded_pattern(secrets: tuple[str, ...]) -> re.Pattern[str] | None:
+    """The secrets' URL-encoded and JSON-escaped forms (:func:`_encoded_pattern`), built once per tenant."""
+    return _encoded_pattern(secrets)
+
+
+# Text cut *before* redaction (a log line at max_log_message_bytes, a fetch body at FETCH_BODY_BYTES, an
+# error message at 1024/4096 characters) can end with the first part of a secret, which no whole-secret
+# pattern matches. Every such cap is at least this many characters, so only a string this long can have
+# been cut; its tail is checked for a secret's prefix of at least _CUT_FRAGMENT_CHARS (a shorter tail is
+# indistinguishable from ordinary text: replacing every trailing "s" would wreck text and tell a reader
+# what a secret starts with).
+_CUT_MIN_CHARS = 1024
+_CUT_FRAGMENT_CHARS = 4
+
+
+@functools.lru_cache(maxsize=1024)
+def _secret_prefixes(secrets: tuple[str, ...]) -> tuple[frozenset[str], int]:
+    """Every proper prefix (at least _CUT_FRAGMENT_CHARS long) of the secrets, and the longest's length."""
+    prefixes = frozenset(s[:k] for s in secrets for k in range(_CUT_FRAGMENT_CHARS, len(s)))
+    return prefixes, max((len(p) for p in prefixes), default=0)
+
+
+def _replace_spans(s: str, spans: list[tuple[int, int]]) -> str:
+    """``s`` with each union of overlapping spans replaced by one REDACTED.
+
+    Replacing one match at a time left the rest of an overlapping one: with secrets ``abcdefgh12`` and
+    ``gh12345678``, the text ``abcdefgh12345678`` became ``[redacted]345678`` (6 characters of the second).
+    """
+    spans.sort()
+    out: list[str] = []
+    last, start, end = 0, spans[0][0], spans[0][1]
+    for a, b in spans[1:]:
+        if a < end:
+            end = max(end, b)
+            continue
+        out += (s[last:start], REDACTED)
+        last, start, end = end, a, b
+    out += (s[last:start], REDACTED, s[end:])
+    return "".join(out)
 
 
 class Redactor:
@@ -115,10 +233,16 @@ class Redactor:
     """
 
     def __init__(self, secrets: Iterable[str] = (), values: Iterable[str] = ()) -> None:
+        secrets = tuple(secrets)
         values = [v for v in values if v and v != REDACTED]
         self._exact = frozenset(values)
-        self._patterns = [p for p in (_secrets_pattern(tuple(secrets)),
-                                      _trie_pattern(v for v in values if len(v) >= MIN_SUBSTRING_CHARS)) if p]
+        long_values = tuple(v for v in values if len(v) >= MIN_SUBSTRING_CHARS)
+        # Every pattern scans the original text; overlapping matches of any of them merge (_replace_spans).
+        self._patterns = [p for p in (_secrets_pattern(secrets), _secrets_encoded_pattern(secrets),
+                                      _trie_pattern(long_values), _encoded_pattern(long_values)) if p]
+        # The tenant's secrets' prefixes are built once (cached by secrets alone); the flow's few values' here.
+        self._prefixes = [_secret_prefixes(secrets), _secret_prefixes.__wrapped__(long_values)]
+        self._prefixes = [(p, n) for p, n in self._prefixes if n]
 
     def __bool__(self) -> bool:
         return bool(self._exact) or bool(self._patterns)
@@ -126,8 +250,16 @@ class Redactor:
     def text(self, s: str) -> str:
         if s in self._exact:
             return REDACTED
+        spans: list[tuple[int, int]] = []
         for p in self._patterns:
-            s = p.sub(REDACTED, s)
+            spans.extend((m.start(), m.end(1)) for m in p.finditer(s))
+        if spans:
+            s = _replace_spans(s, spans)
+        if len(s) >= _CUT_MIN_CHARS:  # maybe cut mid-secret before it got here
+            for prefixes, longest in self._prefixes:
+                for k in range(min(longest, len(s)), _CUT_FRAGMENT_CHARS - 1, -1):
+                    if s[-k:] in prefixes:
+                        return s[:-k] + REDACTED
         return s
 
     def __call__(self, value: Any, _depth: int = 0) -> Any:
@@ -149,6 +281,9 @@ class Redactor:
             return out
         if isinstance(value, (list, tuple)):
             return [self(v, _depth + 1) for v in value]
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and self._exact \
+                and str(value) in self._exact:  # a numeric redact-path value (a phone, an id) copied as a number
+            return REDACTED
         return value
 
 
@@ -213,10 +348,12 @@ def redact_paths(event: dict[str, Any], paths: Iterable[str]) -> dict[str, Any]:
 
 
 def fetch_entry(url: Any, init: Any, result: dict[str, Any] | None = None, *, error: str | None = None,
-                message: str = "") -> dict[str, Any]:
+                message: str = "", room: int = FETCH_BODY_BYTES) -> dict[str, Any]:
     """One fetch as history keeps it: the request line, and the response (capped) or the error.
 
-    Not yet redacted: the whole record is, in one pass, when it is written.
+    ``room``: the bytes of body the flow may still keep (:data:`FETCH_BODIES_BYTES` less what its earlier
+    fetches kept); the body is cut to it and to FETCH_BODY_BYTES. Not yet redacted: the whole record is, in
+    one pass, when it is written.
     """
     method = init.get("method") if isinstance(init, dict) else None
     entry: dict[str, Any] = {"method": method.upper() if isinstance(method, str) else "GET",
@@ -228,38 +365,42 @@ def fetch_entry(url: Any, init: Any, result: dict[str, Any] | None = None, *, er
     body = result.get("body", "")
     entry["status"] = result.get("status")
     entry["headers"] = {k: v for k, v in (result.get("headers") or {}).items() if k in RECORDED_HEADERS}
-    if len(body) <= FETCH_BODY_BYTES // 4:  # fits whatever its characters: no copy on the common path
+    cap = max(0, min(FETCH_BODY_BYTES, room))
+    if len(body) <= cap // 4:  # fits whatever its characters: no copy on the common path
         entry["body"] = body
         return entry
     raw = body.encode("utf-8", "replace")
-    if len(raw) > FETCH_BODY_BYTES:
-        entry["body"] = raw[:FETCH_BODY_BYTES].decode("utf-8", "ignore")
-        entry["body_truncated"] = len(raw) - FETCH_BODY_BYTES
+    if len(raw) > cap:
+        entry["body"] = raw[:cap].decode("utf-8", "ignore")
+        entry["body_truncated"] = len(raw) - cap
     else:
         entry["body"] = body
     return entry
 
 
 def stub_from_fetches(fetches: Iterable[Any]) -> tuple[dict[str, Any], list[str]]:
-    """A fetch stub (``"METHOD URL" -> {status, headers, body}``) answering what a run recorded.
+    """A fetch stub (``"METHOD URL" -> [{status, headers, body}, ...]``) answering what a run recorded.
 
-    The first answer recorded for a request is the one replayed. Returns the stub and the requests
-    that cannot be replayed (recorded as failures, or whose redacted URL no longer parses): a
-    replay that makes them again gets ``http_fetch_error``.
+    A request the run made several times (a GET polled until ready, a counter) is answered in the
+    recorded order: the n-th replayed call gets the n-th recorded answer (the last one after that),
+    not the first answer every time, which made a faithful replay report a difference. Returns the
+    stub and the requests that cannot be replayed (recorded as failures, or whose redacted URL no
+    longer parses): a replay that reaches one gets ``http_fetch_error``.
     """
     from ._errors import ConfigError
     from ._fetch_stub import compile_stub
 
-    stub: dict[str, Any] = {}
+    stub: dict[str, list[dict[str, Any]]] = {}
     skipped: list[str] = []
     for f in fetches:
         if not isinstance(f, dict):
             continue
         key = f"{f.get('method')} {f.get('url')}"
-        if key in stub:
+        if key in skipped:
             continue
-        if not isinstance(f.get("status"), int):
-            skipped.append(key)
+        if not isinstance(f.get("status"), int):  # a failed call: this and the later calls are not answered
+            if key not in stub:
+                skipped.append(key)
             continue
         entry = {"status": f["status"], "headers": f.get("headers") or {}, "body": f.get("body") or ""}
         try:
@@ -267,7 +408,7 @@ def stub_from_fetches(fetches: Iterable[Any]) -> tuple[dict[str, Any], list[str]
         except ConfigError:
             skipped.append(key)
             continue
-        stub[key] = entry
+        stub.setdefault(key, []).append(entry)
     return stub, skipped
 
 
@@ -288,6 +429,9 @@ def build_record(*, tenant: str, paths: Iterable[str], secrets: Iterable[str], e
               "result": red(body), "event": red(redact_paths(event, paths))}
     if fetches is not None:
         record["fetches"] = red(fetches)
+        for raw, kept in zip(fetches, record["fetches"]):  # an HTTP status is never user data: a numeric
+            if isinstance(kept, dict) and "status" in kept:  # redact value equal to it (200) must not unmake
+                kept["status"] = raw.get("status")           # the replay stub (stub_from_fetches needs an int)
     return truncate(record, max_bytes)
 
 

@@ -31,7 +31,18 @@ per connection:
   are O(1) (insertion-ordered dicts), so a flood costs constant work per accept.
 * bytes of a request body that arrive after the answer (a 401 sent before the
   body was read) are discarded for at most ``header_timeout_s``, then the
-  connection closes.
+  connection closes; meanwhile it is evicted first, like a head-less stranger,
+  and once that body ends the keep-alive timer runs again.
+* chunk-size lines, chunk extensions and trailers (neither head nor body) are
+  counted like a head: past ``max_head_bytes`` between two body bytes or chunk
+  headers the connection closes (httptools buffers a trailer whole).
+* at most ``PIPELINE_MAX`` requests are parsed and queued behind the one being
+  answered; past it the connection closes (``pipeline_too_deep``).
+* while the write side is paused (the peer reads none of its answers) the
+  connection is evictable, and after ``header_timeout_s`` of it, closed
+  (``write_stalled``): uvicorn awaits the drain with no deadline.
+* warnings a stranger can cause (malformed heads, upgrades) are logged at most
+  once a second.
 
 After a 431 or 408 the answer is written, the write side shut and the reader
 discards what is still in flight for a short linger before closing, so the
@@ -51,6 +62,7 @@ import random
 import resource
 import struct
 import termios
+import time
 from typing import Any, Callable
 
 import httptools
@@ -63,8 +75,9 @@ LINGER_S = 2.0                    # after a 431/408: how long unread input is dr
 LINGER_BYTES = 1 << 20            # ... and how much of it, at most
 PEEK_CANDIDATES = 8               # at the cap: head-less connections with unread input skipped, at most
 JITTER = 0.25                     # head timers fire in [1 - JITTER, 1] x header_timeout_s (see _g_arm)
+PIPELINE_MAX = 8                  # requests parsed and queued behind the one being answered; more: close
 REASONS = ("header_timeout", "idle_timeout", "head_too_large", "too_many_headers", "evicted", "refused",
-           "unread_body")
+           "unread_body", "pipeline_too_deep", "write_stalled")
 
 
 def raise_fd_limit() -> int | None:
@@ -294,6 +307,30 @@ class Gate(asyncio.Protocol):
             proto.data_received(buffered)
 
 
+class _QuietLog:
+    """Warnings a stranger can cause (a malformed head, an upgrade): at most one per ``every_s`` seconds.
+
+    uvicorn logs one line per malformed request, so a reconnect flood of garbage wrote a line per connection
+    (thousands a second) to the operator's log pipeline. The lines left out are counted in the next one.
+    """
+
+    def __init__(self, every_s: float = 1.0) -> None:
+        self.every_s, self.next_at, self.dropped = every_s, 0.0, 0
+
+    def warning(self, logger: Any, message: str) -> None:
+        now = time.monotonic()
+        if now < self.next_at:
+            self.dropped += 1
+            return
+        if self.dropped:
+            message = f"{message} ({self.dropped} more such warnings since the last one, not logged)"
+        logger.warning(message)
+        self.next_at, self.dropped = now + self.every_s, 0
+
+
+_QUIET = _QuietLog()
+
+
 class _Reject(Exception):
     """Raised from a parser callback to stop parsing a head that broke a bound."""
 
@@ -315,6 +352,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._g_timer: asyncio.TimerHandle | None = None
         self._g_lingering = False
         self._g_drained = 0           # bytes discarded while lingering
+        self._g_framing = 0           # bytes fed since the body's last byte or chunk header (see data_received)
+        self._g_wtimer: asyncio.TimerHandle | None = None   # armed while the peer reads none of its answers
+        self._g_write_paused = False
         self._g_admitted = getattr(self, "_g_adopted", False) or self.guard.admit(self)
         if not self._g_admitted:
             transport.abort()
@@ -323,6 +363,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._g_cancel()
+        if self._g_wtimer is not None:
+            self._g_wtimer.cancel()
+            self._g_wtimer = None
         if self._g_admitted:
             self._g_admitted = False
             self.guard.forget(self)
@@ -331,6 +374,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def _g_pending(self) -> bool:
         return _pending(self.transport)
+
+    def _unsupported_upgrade_warning(self) -> None:
+        _QUIET.warning(self.logger, "Unsupported upgrade request (no WebSocket support in the sidecar).")
 
     # -- timers ------------------------------------------------------------------------------------
     def _g_arm(self, reason: str) -> None:
@@ -360,6 +406,38 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if not self.transport.is_closing():
             self.guard.count("idle_timeout")
         super().timeout_keep_alive_handler()
+
+    # -- a peer that does not read its answers ------------------------------------------------------
+    # uvicorn awaits the drain of a paused transport with no deadline, so a stranger that pipelines requests
+    # and reads none of the answers held its connection (and every queued answer) for ever, and, being "a
+    # request in progress", it was never evicted: enough of them refused the gateway's connections. While
+    # the write side is paused the connection may be evicted (as one idle between requests), and if the peer
+    # reads nothing for header_timeout_s it is closed ("write_stalled").
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._g_write_paused = True
+        if self._g_admitted:
+            self.guard.idle[self] = None
+        if self._g_wtimer is None:
+            self._g_wtimer = self.loop.call_later(self.guard.header_timeout_s, self._g_write_stalled)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._g_write_paused = False
+        if self._g_wtimer is not None:
+            self._g_wtimer.cancel()
+            self._g_wtimer = None
+        if not self._g_between_requests():
+            self.guard.idle.pop(self, None)
+
+    def _g_write_stalled(self) -> None:
+        self._g_wtimer = None
+        if self._g_write_paused and not self.transport.is_closing():
+            self._guard_drop("write_stalled")
+
+    def _g_between_requests(self) -> bool:
+        """Answered, and waiting for nothing but the next head (uvicorn's keep-alive wait)."""
+        return self._g_in_head and self._g_head == 0 and (self.cycle is None or self.cycle.response_complete)
 
     # -- closing -----------------------------------------------------------------------------------
     def _guard_drop(self, reason: str) -> None:
@@ -405,19 +483,32 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             piece, data = (data[:room], data[room:]) if len(data) > room else (data, b"")
             if self._g_in_head:
                 self._g_head += len(piece)
+            else:
+                # Chunk-size lines, chunk extensions and trailers are neither head nor body: httptools buffers
+                # a trailer's value whole (by repeated concatenation: quadratic), so a chunked body ending in a
+                # trailer without end grew the process and stalled the loop for as long as the body deadline.
+                # Every body byte and chunk header resets this count (on_body, on_chunk_header); past
+                # max_head_bytes of neither, the connection closes.
+                self._g_framing += len(piece)
             try:
                 self.parser.feed_data(piece)
             except httptools.HttpParserUpgrade:
                 self._unsupported_upgrade_warning()
             except httptools.HttpParserError:
+                if self._g_reject == "pipeline_too_deep":   # answers are still owed: no room for a refusal
+                    self._guard_drop(self._g_reject)
+                    return
                 if self._g_reject is not None:
                     self._g_refuse(431, self._g_reject, f"more than {g.max_headers} request headers")
                     return
-                self.logger.warning("Invalid HTTP request received.")
+                _QUIET.warning(self.logger, "Invalid HTTP request received.")
                 self._g_cancel()
                 self.send_400_response("Invalid HTTP request received.")
                 return
             if self.transport.is_closing():
+                return
+            if not self._g_in_head and self._g_framing > g.max_head_bytes:
+                self._guard_drop("head_too_large")   # chunk framing or trailers past the head's cap
                 return
         if self._g_in_head and self._g_head >= g.max_head_bytes:
             self._g_refuse(431, "head_too_large", f"request head larger than {g.max_head_bytes} bytes")
@@ -432,25 +523,60 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._g_in_head = False
+        self._g_framing = 0
         self._g_cancel()
+        # A keep-alive timer armed in on_message_complete (a body that ended after its answer) may still run
+        # when the next head came in the same read: the request now in progress must not be closed by it.
+        self._unset_keepalive_if_required()
         self.guard.fresh.pop(self, None)
-        self.guard.idle.pop(self, None)
+        if not self._g_write_paused:   # a peer that reads none of its answers stays evictable
+            self.guard.idle.pop(self, None)
         super().on_headers_complete()
+        # uvicorn pauses reading behind a pipelined request, but the rest of the read already in hand (up to
+        # 256 KiB) was still parsed into queued requests: 10 MB of "GET / HTTP/1.1" sent without reading the
+        # answers grew the process by 730 MB. A client may pipeline a few; past PIPELINE_MAX it is closed.
+        if len(self.pipeline) > PIPELINE_MAX:
+            self._g_reject = "pipeline_too_deep"
+            raise _Reject()
+
+    def on_body(self, body: bytes) -> None:
+        self._g_framing = 0
+        super().on_body(body)
+
+    def on_chunk_header(self) -> None:
+        """httptools calls this after each chunk-size line: the framing before it was bounded by the line."""
+        self._g_framing = 0
 
     def on_message_complete(self) -> None:
-        # The next head starts here: its count begins at zero (its timer at its first byte, or now if the
-        # answer has gone out and the connection waits for nothing but the body's end).
-        self._g_in_head, self._g_head, self._g_headers = True, 0, 0
+        # The next head starts here: its count begins at zero, its timer at its first byte.
+        self._g_in_head, self._g_head, self._g_headers, self._g_framing = True, 0, 0, 0
         if self._g_timer is not None:   # the unread-body timer: the body did end
             self._g_cancel()
         super().on_message_complete()
+        if self.cycle is not None and self.cycle.response_complete and not self.transport.is_closing() \
+                and not self._g_lingering and self._g_admitted:
+            # The body ended after the answer (a 401 sent before it was read): the connection is now between
+            # requests. The keep-alive timer uvicorn armed at the answer was cancelled by the body's bytes,
+            # so without this a stranger that sent a short body after its 401 held the connection with no
+            # timer and out of the eviction lists, for ever (20 of them locked out max_connections = 20).
+            if self.timeout_keep_alive_task is None:
+                self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
+                                                                    self.timeout_keep_alive_handler)
+            self.guard.fresh.pop(self, None)
+            self.guard.idle[self] = None
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
         if self.transport.is_closing() or self._g_lingering:
             return
-        if not self._g_in_head:   # answered before the body was read (401, 413, 405): drain it, bounded
+        if not self._g_in_head and self.cycle is not None and self.cycle.response_complete:
+            # Answered before the body was read (401, 413, 405): drain it, bounded. (``self.cycle`` is the
+            # request whose body is arriving: when that is a pipelined one not yet answered, no timer.)
             self._g_arm("unread_body")
+            # ... and evictable first, with the head-less strangers: it holds nothing but a body nobody reads
+            # (strangers holding max_connections of these after their 401s refused the gateway's connections).
+            if self._g_admitted:
+                self.guard.fresh[self] = None
         elif self.cycle is not None and self.cycle.response_complete and self._g_admitted:
             self.guard.idle[self] = None   # between requests: may be evicted, after head-less strangers
 

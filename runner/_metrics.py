@@ -16,6 +16,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from ._errors import DENIAL_KINDS
+
 disable_created_metrics()  # the *_created samples double the output and nothing here reads them
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -125,7 +127,9 @@ class Metrics:
         self.flows.labels(tenant, trigger, result["outcome"]).inc()
         denial = result["denial"]
         if denial is not None:
-            self.denials.labels(str(denial["kind"])).inc()
+            # A label value is kept for the life of the process and shown on /metrics: only the known kinds
+            # (runner/_errors.py DenialKind), never a string a worker running tenant code might have sent.
+            self.denials.labels(str(denial["kind"]) if denial["kind"] in DENIAL_KINDS else "other").inc()
             if denial["kind"] in KILL_KINDS:
                 self.kills.labels(str(denial["kind"])).inc()
         opened = {a["slug"] for a in result["actions"] if a["status"] == "failed_open"}

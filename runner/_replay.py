@@ -142,5 +142,9 @@ async def replay(config_path: str, flow_id: str, source_file: str | None = None,
     }
     if run.get("truncated"):
         out["recording_truncated"] = True  # a cut value differs from the full one: say why
+    cut = [f"{f.get('method')} {f.get('url')}" for f in run.get("fetches") or () if isinstance(f, dict)
+           and f.get("body_truncated")]
+    if cut:  # replayed from a body cut at FETCH_BODY_BYTES: a difference may be the cut, not the action
+        out["fetches"]["bodies_truncated"] = cut
     sys.stdout.write(orjson.dumps(red(out), option=orjson.OPT_INDENT_2).decode() + "\n")
     return EXIT_SAME if not diff else EXIT_DIFFERENT

@@ -55,7 +55,8 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")
 _FIELD = re.compile(r"^(event[^\s:]*)")
 SHADOW_KEEP = 20
-RECORDS_PENDING = 64   # run records waiting to be built; more are dropped (and counted as history_dropped)
+RECORDS_PENDING = 256            # run records waiting to be built, all tenants; more are dropped (and counted)
+RECORDS_PENDING_PER_TENANT = 16  # ... and of one tenant, so one tenant's flood drops only its own history
 
 
 class HTTPError(Exception):
@@ -109,8 +110,10 @@ class Sidecar:
         # on the loop a 2 MB record stalled every tenant's flows and kill timers for tens of ms; here the loop
         # gets the GIL back within the interpreter's switch interval (5 ms).
         self._history_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="actionpool-history")
-        self._records_pending = 0
+        self._records_pending: dict[str, int] = {}   # by tenant; a tenant with none has no entry
+        self._records_total = 0
         self._shadow_running = 0
+        self._shadow_by_tenant: dict[str, int] = {}   # shadow runs in flight by tenant; at 0 no entry
         self.disagreements: dict[tuple[str, str], collections.deque[dict[str, Any]]] = {}
         self._token = config.server.token.encode() if config.server.token else None
         # Every secret is redacted from history: the config refuses one too short for that (MIN_SECRET_CHARS).
@@ -421,12 +424,16 @@ class Sidecar:
                       fetches: list[dict[str, Any]] | None = None) -> None:
         """Redacted (keys and values, event, whole result, fetches) and capped: runner/_history.py.
 
-        Built off the loop, one record at a time; at most RECORDS_PENDING wait, the rest are dropped and counted.
+        Built off the loop, one record at a time. At most RECORDS_PENDING_PER_TENANT of one tenant and
+        RECORDS_PENDING in all wait; the rest are dropped and counted (history is best effort).
         """
-        if self._records_pending >= RECORDS_PENDING:
+        pending = self._records_pending
+        mine = pending.get(tenant.name, 0)
+        if mine >= RECORDS_PENDING_PER_TENANT or self._records_total >= RECORDS_PENDING:
             self.store.history_dropped += 1
             return
-        self._records_pending += 1
+        pending[tenant.name] = mine + 1
+        self._records_total += 1
         try:
             build = functools.partial(build_record, tenant=tenant.name, paths=tenant.redact,
                                       secrets=self._secrets.get(tenant.name, ()), event=event, body=body,
@@ -434,7 +441,12 @@ class Sidecar:
                                       max_bytes=self.server.history_record_max_bytes)
             record = await asyncio.get_running_loop().run_in_executor(self._history_thread, build)
         finally:
-            self._records_pending -= 1
+            self._records_total -= 1
+            left = pending[tenant.name] - 1
+            if left:
+                pending[tenant.name] = left
+            else:
+                del pending[tenant.name]
         try:
             await self.store.record_run(tenant.name, body["flow_id"], record)
         except Exception as exc:  # history is best effort; the answer was already decided
@@ -447,12 +459,17 @@ class Sidecar:
             sh = self.store.shadow(tenant.name, a.slug)
             if sh is None or sh.version == getattr(a, "version", None):
                 continue
-            if self._shadow_running >= self.server.shadow_concurrency:
+            # Shared like every other slot: one tenant's slow shadow versions hold at most its share
+            # (default_tenant_cap: 3 of 4), so other tenants' shadow comparisons are not all skipped.
+            held = self._shadow_by_tenant.get(tenant.name, 0)
+            if (self._shadow_running >= self.server.shadow_concurrency
+                    or held >= default_tenant_cap(self.server.shadow_concurrency)):
                 self.metrics.shadow_runs.labels(tenant.name, a.slug, "skipped").inc()
                 continue
             variant = list(actions)
             variant[i] = self._action(tenant, a.slug, sh)
             self._shadow_running += 1
+            self._shadow_by_tenant[tenant.name] = held + 1
             self._spawn(self._shadow(tenant, trigger, a.slug, sh.version, variant, event, live))
 
     async def _shadow(self, tenant: TenantSpec, trigger: str, slug: str, version: str, actions: list[Action],
@@ -465,6 +482,11 @@ class Sidecar:
             return
         finally:
             self._shadow_running -= 1
+            left = self._shadow_by_tenant[tenant.name] - 1
+            if left:
+                self._shadow_by_tenant[tenant.name] = left
+            else:
+                del self._shadow_by_tenant[tenant.name]
         diff = {k: {"live": live[k], "shadow": result[k]}
                 for k in ("outcome", "claims", "app_metadata", "user_metadata") if live[k] != result[k]}
         self.metrics.shadow_runs.labels(tenant.name, slug, "disagree" if diff else "agree").inc()
@@ -499,6 +521,10 @@ class Sidecar:
         return out
 
     async def _test(self, tenant: TenantSpec, slug: str, scope: Scope, receive: Receive) -> tuple[int, Any, list]:
+        # A draft runs in the tenant's workers like a login, so it takes the same slots (server.max_inflight and
+        # the tenant's cap) the same way: refused at once when full, the body read first. Without them drafts
+        # were the one way past the HTTP layer's caps (30 concurrent drafts all admitted, the runner refusing 18).
+        self._take_slot(tenant.name, check_only=True)
         try:
             req = orjson.loads(await self._body(scope, receive))
         except orjson.JSONDecodeError as exc:
@@ -534,12 +560,19 @@ class Sidecar:
             action = self._action(tenant, slug, v)
         except ActionError as exc:
             raise HTTPError(400, str(exc), "source") from None
-        result = await self.runner.run_flow(trigger=trigger, actions=[action], event=event, tenant=tenant.name,
-                                            denial_message=tenant.denial_message)
+        self._take_slot(tenant.name)
+        try:
+            result = await self.runner.run_flow(trigger=trigger, actions=[action], event=event, tenant=tenant.name,
+                                                denial_message=tenant.denial_message)
+        finally:
+            self._release_slot(tenant.name)
         body = result.to_dict()
         body["versions"] = {slug: v.version}
         body["draft"] = source is not None
-        return 200, body, []
+        # Not a login: a debugging answer to whoever holds the management token, like replay's report, and
+        # redacted like it (the tenant's secrets and the event's redact-path values, keys and values), so a
+        # log line that prints an API key does not hand it to everyone who can test a draft.
+        return 200, flow_redactor(self._secrets.get(tenant.name, ()), tenant.redact, event)(body), []
 
 
 def _method(got: str, want: str) -> None:

@@ -80,7 +80,7 @@ class Services:
         """``record``: the flow's list of fetches for run history (None, the default: nothing is kept)."""
         if record is None:
             return await self._fetch(tenant, url, init, budget_s, max_reply_bytes)
-        from ._history import MAX_RECORDED_FETCHES, fetch_entry
+        from ._history import FETCH_BODIES_BYTES, MAX_RECORDED_FETCHES, fetch_entry
 
         try:
             result = await self._fetch(tenant, url, init, budget_s, max_reply_bytes)
@@ -88,8 +88,9 @@ class Services:
             if len(record) < MAX_RECORDED_FETCHES:
                 record.append(fetch_entry(url, init, error=exc.kind, message=str(exc)))
             raise
-        if len(record) < MAX_RECORDED_FETCHES:
-            record.append(fetch_entry(url, init, result))
+        if len(record) < MAX_RECORDED_FETCHES:  # the flow's bodies together stay within FETCH_BODIES_BYTES
+            kept = sum(len(e.get("body", "")) for e in record)  # characters: no re-encoding per fetch
+            record.append(fetch_entry(url, init, result, room=FETCH_BODIES_BYTES - kept))
         return result
 
     async def _fetch(self, tenant: str, url: str, init: dict[str, Any] | None, budget_s: float,

@@ -25,7 +25,9 @@ fraction of a second too.
 Redis failing (issue 16, class 7): flows keep the loaded versions; management
 calls raise :class:`StoreUnavailable` (the server answers 503). Writes are Lua
 scripts keyed by a request id, so redis-py's retry after a lost reply cannot
-push or pop twice. A malformed record is skipped and counted, never fatal. A
+push or pop twice. A malformed record is skipped and counted, never fatal; a
+key of the wrong Redis type (or a ``gen`` that is not a number) is one too, not
+an outage, and the write or start that meets it replaces it (:meth:`RedisStore._repair`). A
 Redis that comes back empty (restarted without persistence) is re-written
 from what this replica holds. Replicas publish a digest of their loaded
 versions and report peers that disagree for two checks in a row.
@@ -414,12 +416,26 @@ local function done(result)
 end
 local prior = redis.call('GET', P .. 'op:' .. ARGV[3])
 if prior then return prior end
+-- Every key a write touches is checked before the first write: a script that failed half way (Redis does not
+-- roll back) and was retried after RedisStore._repair would pop a rollback twice.
+local function check(slug)
+  local want = {[P .. 'actions'] = 'set', [P .. 'slugs:' .. tenant] = 'set', [P .. 'srcs:' .. tenant] = 'hash',
+                [akey(slug, 'stack')] = 'list', [akey(slug, 'log')] = 'list', [akey(slug, 'shadow')] = 'string',
+                [P .. 'gen'] = 'string'}
+  for k, t in pairs(want) do
+    local got = redis.call('TYPE', k)['ok']
+    if got ~= 'none' and got ~= t then error({err = 'WRONGTYPE ' .. k .. ' is a ' .. got}) end
+  end
+  local g = redis.call('GET', P .. 'gen')
+  if g and not string.match(g, '^%-?%d+$') then error({err = 'ERR gen is not an integer'}) end
+end
 """
 
 # ARGV: prefix, tenant, request id, op ttl, slug, version, meta, event, source, shadow ('1'/'0'), kept,
 # log limit, sources budget. Returns 'pushed' | 'same' | 'full:<bytes>'.
 _DEPLOY_LUA = _LUA_LIB + """
 local slug, version, meta, event, source = ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9]
+check(slug)
 local shadow, kept, loglimit, budget = ARGV[10] == '1', tonumber(ARGV[11]), tonumber(ARGV[12]), tonumber(ARGV[13])
 local stack, shadowk = akey(slug, 'stack'), akey(slug, 'shadow')
 if shadow then
@@ -463,6 +479,7 @@ return done('pushed')
 # ARGV: prefix, tenant, request id, op ttl, slug, now, log limit, budget. Pops the top when there is one below it.
 _ROLLBACK_LUA = _LUA_LIB + """
 local slug, now, loglimit, budget = ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+check(slug)
 local stack = akey(slug, 'stack')
 if redis.call('LLEN', stack) < 2 then return done('none') end
 redis.call('RPOP', stack)
@@ -529,9 +546,11 @@ local keep, budget = tonumber(ARGV[3]), tonumber(ARGV[6])
 while redis.call('LLEN', KEYS[1]) > keep or (total > budget and redis.call('LLEN', KEYS[1]) > 0) do
   local old = redis.call('RPOP', KEYS[1])
   local sep = string.find(old, ':', 1, true)
-  local n = tonumber(string.sub(old, 1, sep - 1)) or 0
-  redis.call('DEL', ARGV[5] .. string.sub(old, sep + 1))
-  total = redis.call('DECRBY', KEYS[2], n)
+  if sep then  -- an entry not "size:flow_id" (malformed) is dropped; it failed every later write before
+    local n = tonumber(string.sub(old, 1, sep - 1)) or 0
+    redis.call('DEL', ARGV[5] .. string.sub(old, sep + 1))
+    total = redis.call('DECRBY', KEYS[2], n)
+  end
 end
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
 redis.call('EXPIRE', KEYS[2], tonumber(ARGV[4]))
@@ -553,6 +572,20 @@ def _reset(seen: str | None, now: str | None) -> bool:
 
 class _BadRecord(Exception):
     """A version record that cannot be read (not JSON, no version, its source missing, a wrong Redis type)."""
+
+
+def _is_bad_data(exc: BaseException) -> bool:
+    """Redis answered, and refused because of what a key holds (a list where a set belongs, ``gen = "abc"``).
+
+    That is a malformed record, not an outage: counted as a bad record and never marks the store down (a
+    down store drops every tenant's run history and turns readiness to degraded). Other refusals (OOM,
+    READONLY after a failover, MISCONF) stay outages.
+    """
+    from redis.exceptions import ResponseError
+
+    text = str(exc)
+    return isinstance(exc, ResponseError) and ("WRONGTYPE" in text or "not an integer" in text
+                                               or "not a valid float" in text)
 
 
 class RedisStore(Store):
@@ -593,14 +626,83 @@ class RedisStore(Store):
         base = f"{_P}action:{tenant}:{slug}:"
         return base + "stack", base + "log", base + "shadow"
 
-    async def _io(self, coro: Any) -> Any:
+    def _failed(self, exc: BaseException, started: float | None, where: str) -> None:
+        """A Redis call failed: a malformed record at ``where`` (counted) or an outage (the store is down)."""
+        if _is_bad_data(exc):
+            self._bad(where, f"{type(exc).__name__}: {exc}")
+        else:
+            self.health.failed(exc, started)
+
+    async def _io(self, coro: Any, where: str = "management call") -> Any:
         """Await one Redis call of a management route: a failure becomes StoreUnavailable (503)."""
         t0 = time.monotonic()
         try:
             out = await coro
         except self._redis_errors as exc:
-            self.health.failed(exc, t0)
+            self._failed(exc, t0, where)
+            if _is_bad_data(exc):
+                raise StoreUnavailable(f"a malformed record in the store ({where}): {exc}") from None
             raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from None
+        self.health.ok()
+        return out
+
+    async def _repair(self, tenant: str, slug: str | None = None) -> bool:
+        """Replace the keys a write touches that hold the wrong Redis type (or a counter that is not a number).
+
+        Such a key cannot be read by any replica, so it carries nothing to keep; left in place it would fail
+        every deploy of the tenant, and ``gen``, ``actions`` or ``seeded:`` failed every start. The index keys
+        are rebuilt from the records they index (one SCAN). Counted and logged as bad records. Returns True when
+        something was replaced (the caller retries its write once).
+        """
+        want: dict[str, str] = {_P + "gen": "counter", _P + "actions": "set", _P + "replicas": "zset",
+                                f"{_P}slugs:{tenant}": "set", f"{_P}srcs:{tenant}": "hash"}
+        if slug is not None:
+            stack_k, log_k, shadow_k = self._keys(tenant, slug)
+            want.update({stack_k: "list", log_k: "list", shadow_k: "string", f"{_P}seeded:{tenant}:{slug}": "string"})
+        fixed = False
+        for key, kind in want.items():
+            got = await self._redis.type(key)
+            if got == "none" or got == kind:
+                continue
+            if kind == "counter" and got == "string" and str(await self._redis.get(key)).lstrip("-").isdigit():
+                continue
+            self._bad(key, f"a Redis {got} where a {kind} belongs; replaced")
+            await self._redis.delete(key)
+            fixed = True
+            if kind == "counter":  # forward of any value a replica saw, so each one's version check reloads
+                await self._redis.set(key, int(time.time() * 1000))
+            elif key == _P + "actions":
+                async for k in self._redis.scan_iter(match=_P + "action:*", count=1000):
+                    parts = str(k)[len(_P) + 7:].rsplit(":", 1)[0].partition(":")
+                    if parts[0] and parts[2]:
+                        await self._redis.sadd(key, f"{parts[0]}:{parts[2]}")
+            elif kind == "set":
+                async for k in self._redis.scan_iter(match=f"{_P}action:{tenant}:*", count=1000):
+                    await self._redis.sadd(key, str(k)[len(f"{_P}action:{tenant}:"):].rsplit(":", 1)[0])
+            elif kind == "hash":
+                async for k in self._redis.scan_iter(match=f"{_P}src:{tenant}:*", count=1000):
+                    if await self._redis.type(k) == "string":
+                        await self._redis.hset(key, str(k).rsplit(":", 1)[1], await self._redis.strlen(k))
+        return fixed
+
+    async def _write(self, call: Callable[[], Any], tenant: str, slug: str | None) -> Any:
+        """Run a write script; refused for a malformed key, repair (:meth:`_repair`) and run it once more."""
+        t0 = time.monotonic()
+        try:
+            out = await call()
+        except self._redis_errors as exc:
+            if not _is_bad_data(exc):
+                self.health.failed(exc, t0)
+                raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from None
+            try:
+                repaired = await self._repair(tenant, slug)
+            except self._redis_errors as exc2:
+                self._failed(exc2, t0, f"{tenant}:{slug}")
+                raise StoreUnavailable(f"{type(exc2).__name__}: {exc2}") from None
+            if not repaired:
+                self._bad(f"{tenant}:{slug}", f"{type(exc).__name__}: {exc}")
+                raise StoreUnavailable(f"a malformed record in the store ({tenant}:{slug}): {exc}") from None
+            return await self._io(call(), f"{tenant}:{slug}")
         self.health.ok()
         return out
 
@@ -681,8 +783,15 @@ class RedisStore(Store):
             self._set_local(key, out[0], out[1])
 
     async def _reload_all(self) -> None:
-        gen = await self._redis.get(_P + "gen")
-        for member in await self._redis.smembers(_P + "actions"):
+        try:
+            gen = await self._redis.get(_P + "gen")
+            members = await self._redis.smembers(_P + "actions")
+        except self._redis_errors as exc:  # a malformed gen or actions key must not stop a start: rebuilt
+            if not _is_bad_data(exc) or not await self._repair("-"):
+                raise
+            gen = await self._redis.get(_P + "gen")
+            members = await self._redis.smembers(_P + "actions")
+        for member in members:
             tenant, _, slug = str(member).partition(":")
             if not tenant or not slug:
                 self._bad(str(member), "not tenant:slug")
@@ -709,7 +818,7 @@ class RedisStore(Store):
                 raise
             except Exception as exc:  # the outage is logged once, by _Health; the version check re-syncs
                 if isinstance(exc, self._redis_errors):
-                    self.health.failed(exc, t0)
+                    self._failed(exc, t0, "pub/sub listener")  # a malformed key is a bad record, not an outage
                 else:
                     log.warning("store: pub/sub listener: %s: %s", type(exc).__name__, exc)
                 try:
@@ -743,7 +852,12 @@ class RedisStore(Store):
                 raise
             except Exception as exc:
                 if isinstance(exc, self._redis_errors):
-                    self.health.failed(exc, t0)
+                    self._failed(exc, t0, "version-check")  # a malformed replicas/gen key: counted, not an outage
+                    if _is_bad_data(exc):
+                        try:
+                            await self._repair("-")
+                        except self._redis_errors:
+                            pass
                 else:  # a bug, not an outage: still rate-limited
                     self._bad("version-check", f"{type(exc).__name__}: {exc}")
 
@@ -799,7 +913,7 @@ class RedisStore(Store):
             await self._load(tenant, slug)
             await self._redis.publish(CHANNEL, f"{tenant}:{slug}")
         except self._redis_errors as exc:
-            self.health.failed(exc)
+            self._failed(exc, None, f"{tenant}:{slug}")
 
     # -- writes ----------------------------------------------------------------------------------
     async def deploy(self, tenant: str, slug: str, source: str, *, shadow: bool = False) -> Version:
@@ -808,9 +922,9 @@ class RedisStore(Store):
         event = orjson.dumps({"op": "shadow" if shadow else "deploy", "version": v.version,
                               "at": v.deployed_at}).decode()
         # One request id for every retry redis-py makes: a deploy whose reply was lost answers the first outcome.
-        res = await self._io(self._deploy(args=[_P, tenant, os.urandom(12).hex(), OP_TTL_S, slug, v.version, meta,
-                                                event, source, "1" if shadow else "0", self.versions_kept,
-                                                LOG_LIMIT, self.sources_max_bytes]))
+        args = [_P, tenant, os.urandom(12).hex(), OP_TTL_S, slug, v.version, meta, event, source,
+                "1" if shadow else "0", self.versions_kept, LOG_LIMIT, self.sources_max_bytes]
+        res = await self._write(lambda: self._deploy(args=args), tenant, slug)
         if str(res).startswith("full:"):
             raise StoreFull(f"tenant {tenant}: live and shadow sources would take {str(res)[5:]} bytes, more than "
                             f"sources_max_bytes ({self.sources_max_bytes})")
@@ -826,8 +940,8 @@ class RedisStore(Store):
         return got if got is not None and got.version == v.version else v
 
     async def rollback(self, tenant: str, slug: str) -> Version:
-        res = await self._io(self._rollback(args=[_P, tenant, os.urandom(12).hex(), OP_TTL_S, slug, time.time(),
-                                                  LOG_LIMIT, self.sources_max_bytes]))
+        args = [_P, tenant, os.urandom(12).hex(), OP_TTL_S, slug, time.time(), LOG_LIMIT, self.sources_max_bytes]
+        res = await self._write(lambda: self._rollback(args=args), tenant, slug)
         if res == "none":
             raise NothingToRollBack(f"{slug} has no earlier version to roll back to")
         await self._changed(tenant, slug)
@@ -840,7 +954,7 @@ class RedisStore(Store):
         _, log_k, _ = self._keys(tenant, slug)
         await self._io(self._load(tenant, slug))
         events = []
-        for raw in await self._io(self._redis.lrange(log_k, 0, -1)):
+        for raw in await self._io(self._redis.lrange(log_k, 0, -1), log_k):
             try:
                 e = orjson.loads(raw)
                 events.append({"op": str(e["op"]), "version": str(e["version"]), "at": float(e["at"])})
@@ -852,7 +966,7 @@ class RedisStore(Store):
         """Deploy a config file's content unless this exact content was seeded before (API deploys win)."""
         ver = version_of(source)
         self._seeded[(tenant, slug)] = ver
-        if await self._io(self._redis.getset(f"{_P}seeded:{tenant}:{slug}", ver)) != ver:
+        if await self._write(lambda: self._redis.getset(f"{_P}seeded:{tenant}:{slug}", ver), tenant, slug) != ver:
             await self.deploy(tenant, slug, source)
 
     async def record_run(self, tenant: str, flow_id: str, record: dict[str, Any]) -> None:
@@ -870,8 +984,17 @@ class RedisStore(Store):
             await self._run(keys=[f"{_P}runs:{tenant}", f"{_P}runbytes:{tenant}"],
                             args=[flow_id, raw, self.history_size, RUN_TTL_S, _P + "run:", self.history_max_bytes])
         except self._redis_errors as exc:
-            self.health.failed(exc, t0)
+            self._failed(exc, t0, f"runs:{tenant}")  # a malformed runs: key is this tenant's, not an outage
             self.history_dropped += 1
+            if _is_bad_data(exc):  # replaced, so the tenant's next runs are kept again (their run: keys expire)
+                try:
+                    for key, kind in ((f"{_P}runs:{tenant}", "list"), (f"{_P}runbytes:{tenant}", "string")):
+                        got = await self._redis.type(key)
+                        if got not in ("none", kind) or (kind == "string" and not str(
+                                await self._redis.get(key)).lstrip("-").isdigit()):
+                            await self._redis.delete(key)
+                except self._redis_errors:
+                    pass
         finally:
             self._history_writes -= 1
 

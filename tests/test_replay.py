@@ -179,3 +179,101 @@ def test_replay_with_a_fetch_stub_file(tmp_path: Path, redis_url: str, http_serv
     stub.write_text("{not json")
     p = replay(cfg, answer["flow_id"], "--fetch-stub", str(stub))
     assert p.returncode == 2 and "stub.json" in p.stderr
+
+
+TWICE = """
+    import json
+
+    async def on_execute_post_login(event, api):
+        seen = []
+        for n in (1, 2):  # the same request line twice, different bodies and so different answers
+            res = await api.fetch("{url}/echo?key=" + event.secrets.API_KEY, {{"method": "POST", "body": str(n)}})
+            seen.append(json.loads(res["body"])["body"])
+        got = await api.fetch("{url}/echo?key=" + event.secrets.API_KEY)  # GET, same URL: its own entry
+        hop = await api.fetch("{url}/redirect?to=/json")                    # followed: one recorded answer
+        await api.fetch("{url}/big?bytes=70000")                            # recorded cut at 64 KiB: flagged
+        api.state.set("seen", seen + [json.loads(got["body"])["method"], hop["status"], hop["body"]])
+"""
+
+
+def test_replay_answers_a_repeated_request_in_the_recorded_order(tmp_path: Path, redis_url: str,
+                                                                  http_server: LocalHTTPServer) -> None:
+    """Probe that failed: a run that POSTed the same URL twice and got two answers was replayed with the first
+    answer for both calls, so a faithful replay reported a difference (exit 4)."""
+    cfg = write_config(tmp_path, CONFIG.format(redis=redis_url).replace("actions/score.py", "actions/twice.py"),
+                       {"twice.py": TWICE.format(url=http_server.url)})
+    s = start_serve(cfg, ENV)
+    try:
+        with s.client() as c:
+            r = c.post("/v1/tenants/acme/flows/post-login", json={"user": {"email": EMAIL}})
+            answer = r.json()
+            assert r.status_code == 200 and answer["outcome"] == "allow", answer
+            assert answer["state"]["score"]["seen"][:4] == ["1", "2", "GET", 200]
+            deadline = time.monotonic() + 15
+            while c.get(f"/v1/tenants/acme/runs/{answer['flow_id']}").status_code == 404:
+                assert time.monotonic() < deadline, "the run was never recorded"
+                time.sleep(0.02)  # polling the background history write, with a deadline
+    finally:
+        assert s.stop() == 0, s.output()[-2000:]
+    sent = len(http_server.requests)
+    p = replay(cfg, answer["flow_id"])
+    assert p.returncode == 0, p.stdout + p.stderr
+    out = report(p)
+    assert out["same"] is True and out["differences"] == {}
+    assert out["fetches"]["recorded"] == out["fetches"]["replayed"] == 5
+    assert out["fetches"]["bodies_truncated"] == [f"GET {http_server.url}/big?bytes=70000"]
+    assert out["fetches"]["unanswered"] == [] and out["fetches"]["not_replayable"] == []
+    assert len(http_server.requests) == sent  # nothing sent again
+
+
+ODD_SECRET = 'rp "Secret/Val+ue=27[18]'   # httpx sends it as rp%20%22Secret/Val+ue=27[18]
+ENCODED = """
+    import json
+    from urllib.parse import quote
+
+    async def on_execute_post_login(event, api):
+        key = event.secrets.API_KEY
+        a = await api.fetch("{url}/echo?k=" + quote(key, safe=""))       # encodeURIComponent-style
+        b = await api.fetch("{url}/echo?raw=" + key)                       # encoded by the HTTP client
+        c = await api.fetch("{url}/echo?mail=" + quote(event.user.email, safe=""))
+        api.state.set("paths", [json.loads(x["body"])["path"] for x in (a, b, c)])
+"""
+
+
+def test_encoded_secrets_and_values_in_fetch_urls_are_redacted_and_still_replay(
+        tmp_path: Path, redis_url: str, http_server: LocalHTTPServer) -> None:
+    """Probes that failed: a secret percent-encoded in a fetch URL (by the action or by httpx, which encodes
+    only some characters) and echoed by the upstream was stored raw in the recorded body; an e-mail (a redact
+    path) percent-encoded in a URL too; and once redacted, a replay whose event holds "[redacted]" sent it
+    encoded (%5Bredacted%5D), so the recorded answer was not found."""
+    cfg = write_config(tmp_path, CONFIG.format(redis=redis_url).replace("actions/score.py", "actions/enc.py"),
+                       {"enc.py": ENCODED.format(url=http_server.url)})
+    email = "a+b@example.com"
+    s = start_serve(cfg, {"RP_API_KEY": ODD_SECRET})
+    try:
+        with s.client() as c:
+            r = c.post("/v1/tenants/acme/flows/post-login", json={"user": {"email": email}})
+            answer = r.json()
+            assert r.status_code == 200 and answer["outcome"] == "allow", answer
+            deadline = time.monotonic() + 15
+            while (run := c.get(f"/v1/tenants/acme/runs/{answer['flow_id']}")).status_code == 404:
+                assert time.monotonic() < deadline, "the run was never recorded"
+                time.sleep(0.02)  # polling the background history write, with a deadline
+    finally:
+        assert s.stop() == 0, s.output()[-2000:]
+    wire = [q.path.split("=", 1)[1] for q in http_server.requests]   # what really went out, encoded
+    assert wire[1] != ODD_SECRET and "%20" in wire[1]
+    for needle in (ODD_SECRET, *wire, email, "Secret/Val", "a%2Bb%40"):
+        assert needle not in run.text, f"{needle!r} in the stored run: {run.text[:3000]}"
+    assert run.json()["result"]["state"]["score"]["paths"] == ["/echo?k=[redacted]", "/echo?raw=[redacted]",
+                                                               "/echo?mail=[redacted]"]
+    sent = len(http_server.requests)
+    env = {**os.environ, "RP_API_KEY": ODD_SECRET, "AP_TOKEN": "x"}
+    p = subprocess.run([sys.executable, "-m", "actionpool.runner.cli", "replay", answer["flow_id"], "--config",
+                        str(cfg)], capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    out = json.loads(p.stdout)
+    assert out["same"] is True and out["fetches"]["unanswered"] == [], out
+    assert len(http_server.requests) == sent
+    for needle in (ODD_SECRET, *wire, email):
+        assert needle not in p.stdout + p.stderr

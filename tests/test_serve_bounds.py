@@ -268,6 +268,22 @@ def test_too_many_headers_get_431(quick: Serve) -> None:
         assert metric(c, 'actionpool_connections_closed_by_guard_total{reason="too_many_headers"}') >= 1
 
 
+def test_malformed_requests_do_not_write_a_log_line_each(quick: Serve) -> None:
+    """200 strangers each send a malformed head (and get 400): the warning is logged at most once a second,
+    not once per connection (a reconnect flood of garbage wrote thousands of lines a second)."""
+    started = time.monotonic()
+    for _ in range(200):
+        sock = connect(quick)
+        sock.sendall(b"GET /healthz HTTP/9.9\r\n\r\n")
+        assert read_until_closed(sock).startswith(b"HTTP/1.1 400 ")
+        sock.close()
+    elapsed = time.monotonic() - started
+    with quick.client() as c:
+        assert c.get("/healthz").status_code == 200
+    lines = quick.output().count("Invalid HTTP request received")
+    assert 1 <= lines <= elapsed + 2, (lines, elapsed)
+
+
 def test_the_gate_hands_over_a_head_with_its_body_and_a_pipelined_request(quick: Serve) -> None:
     """A connection's first bytes (head, body and a second request in one write) reach the app whole."""
     body = b'{"user": {}, "request": {"sleep": 0}}'
@@ -361,6 +377,171 @@ def test_closed_connections_leave_no_reference_cycles() -> None:
     assert asyncio.run(main()) == []
 
 
+def test_body_sent_after_a_401_leaves_the_connection_on_the_keepalive_timer(quick: Serve) -> None:
+    """A 401 goes out before the body is read; when the body then ends, the connection waits for its next head
+    under the keep-alive timer. (The body's bytes cancelled that timer, so it used to stay open for ever.)"""
+    sock = connect(quick)
+    sock.sendall(b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n")
+    assert read_response(sock).startswith(b"HTTP/1.1 401 ")
+    sock.sendall(b"12345")
+    assert read_until_closed(sock) == b""
+    sock.close()
+    with quick.client() as c:
+        assert metric(c, 'actionpool_connections_closed_by_guard_total{reason="idle_timeout"}') >= 1
+
+
+def test_request_right_behind_a_late_401_body_is_not_cut_by_that_keepalive_timer(quick: Serve) -> None:
+    """The same read ends the 401's body and carries a 3 s flow: the keep-alive timer (1 s) armed at the
+    body's end is cancelled by the flow's head, so the flow is answered."""
+    sock = connect(quick)
+    try:
+        sock.sendall(b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n")
+        assert read_response(sock).startswith(b"HTTP/1.1 401 ")
+        body = b'{"user": {}, "request": {"sleep": 3}}'
+        sock.sendall(b"12345POST /v1/tenants/acme/flows/pre-login HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                     + TOKEN.encode() + b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        answer = read_response(sock)
+        assert answer.startswith(b"HTTP/1.1 200 ") and b'"outcome":"allow"' in answer, answer[:300]
+    finally:
+        sock.close()
+
+
+def test_strangers_holding_unread_bodies_after_their_401_do_not_lock_out_the_gateway(tmp_path: Path) -> None:
+    """max_connections = 16, long timers: 16 strangers each get a 401 and keep a 100 kB body pending (the
+    request is answered, the body unread). They are evicted like head-less strangers, so the gateway's new
+    connections are served."""
+    s = serve_with(tmp_path, "max_connections = 16\nheader_timeout_s = 60.0\nkeepalive_timeout_s = 60.0")
+    strangers: list[socket.socket] = []
+    try:
+        for _ in range(16):
+            sock = connect(s)
+            sock.sendall(b"POST /v1/tenants/acme/flows/pre-login HTTP/1.1\r\nHost: x\r\n"
+                         b"Content-Length: 100000\r\n\r\n{")
+            assert read_response(sock).startswith(b"HTTP/1.1 401 ")
+            strangers.append(sock)
+        for _ in range(3):
+            with s.client() as c:
+                r = flow(c)
+                assert r.status_code == 200, r.text
+        assert read_until_closed(strangers[0]) == b""   # the oldest was evicted
+        with s.client() as c:
+            assert metric(c, 'actionpool_connections_closed_by_guard_total{reason="evicted"}') >= 1
+    finally:
+        for sock in strangers:
+            sock.close()
+        s.stop()
+
+
+def test_pipelined_upload_behind_an_answered_request_is_not_cut_by_the_unread_body_timer(tmp_path: Path) -> None:
+    """GET /healthz, then a flow whose body arrives after header_timeout_s (within body_timeout_s) on the same
+    connection: once the GET is answered, the body being read is the flow's, not an unread one, so both answer."""
+    s = serve_with(tmp_path, "header_timeout_s = 1.0\nbody_timeout_s = 30.0")
+    sock = connect(s)
+    try:
+        body = b'{"user": {}, "request": {}}'
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nPOST /v1/tenants/acme/flows/pre-login HTTP/1.1\r\n"
+                     b"Host: x\r\nAuthorization: Bearer " + TOKEN.encode() + b"\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(body), body[:5]))
+        assert read_response(sock).startswith(b"HTTP/1.1 200 ")
+        time.sleep(2.0)   # not a synchronisation: the rest of the body must come after header_timeout_s
+        sock.sendall(body[5:])
+        answer = read_response(sock)
+        assert answer.startswith(b"HTTP/1.1 200 ") and b'"outcome":"allow"' in answer, answer[:300]
+    finally:
+        sock.close()
+        s.stop()
+
+
+def test_pipelined_flood_is_closed_before_it_is_parsed_into_requests(quick: Serve) -> None:
+    """250 kB of back-to-back "GET / HTTP/1.1" heads on each of 20 connections, no answer read: each used to
+    become ~14,000 queued requests (10 MB sent grew the process by 730 MB). Past PIPELINE_MAX queued behind
+    the one being answered, the connection is closed; a few pipelined requests are still all answered."""
+    rss = psutil.Process(quick.proc.pid)
+    with quick.client() as c:
+        assert c.get("/healthz").status_code == 200
+    before = rss.memory_info().rss
+    flood = b"GET / HTTP/1.1\r\n\r\n" * (250_000 // 18)
+    socks = []
+    for _ in range(20):
+        sock = connect(quick)
+        sock.sendall(flood)
+        socks.append(sock)
+    for sock in socks:
+        read_until_closed(sock)   # closed (a reset counts)
+        sock.close()
+    grown = rss.memory_info().rss - before
+    assert grown < 32 << 20, f"RSS grew by {grown} bytes under a pipelined flood of {20 * len(flood)} bytes"
+    sock = connect(quick)
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" * 3)
+    answers = [read_response(sock) for _ in range(3)]
+    sock.close()
+    assert all(a.startswith(b"HTTP/1.1 200 ") for a in answers)
+    with quick.client() as c:
+        assert metric(c, 'actionpool_connections_closed_by_guard_total{reason="pipeline_too_deep"}') >= 20
+
+
+@pytest.mark.parametrize("auth", [False, True])
+def test_endless_chunked_trailer_is_cut_off_and_rss_does_not_grow(quick: Serve, auth: bool) -> None:
+    """A chunked body that ends in a trailer without end (httptools buffers a trailer whole, by repeated
+    concatenation): closed once max_head_bytes of it arrive, with or without a token (with one, the app is
+    reading the body). 32 MB offered, the RSS stays put."""
+    rss = psutil.Process(quick.proc.pid)
+    with quick.client() as c:
+        assert c.get("/healthz").status_code == 200
+    before = rss.memory_info().rss
+    sock = connect(quick)
+    token = b"Authorization: Bearer " + TOKEN.encode() + b"\r\n" if auth else b""
+    sock.sendall(b"POST /v1/tenants/acme/flows/pre-login HTTP/1.1\r\nHost: x\r\n" + token +
+                 b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\nX-Trailer: ")
+    sent, closed = 0, False
+    try:
+        while sent < 32 << 20:
+            sock.sendall(b"a" * 65536)
+            sent += 65536
+    except OSError:
+        closed = True   # reset by the server: the stream was cut off
+    if not closed:
+        read_until_closed(sock)
+    sock.close()
+    grown = rss.memory_info().rss - before
+    assert grown < 8 << 20, f"RSS grew by {grown} bytes under a {sent}-byte trailer"
+    with quick.client() as c:
+        assert metric(c, 'actionpool_connections_closed_by_guard_total{reason="head_too_large"}') >= 1
+        assert flow(c).status_code == 200   # no flow slot left behind
+
+
+def test_peer_that_reads_none_of_its_answers_is_closed(tmp_path: Path) -> None:
+    """Eight pipelined flows answering ~900 kB each (more than the kernel's buffers hold) to a peer that reads
+    nothing: once the write side has been paused for header_timeout_s the connection is closed (uvicorn
+    awaited the drain for ever, and the connection, a request in progress, was never evicted)."""
+    big = "def on_execute(event, api):\n    api.session.setCustomClaim('big', 'x' * 900_000)\n"
+    config = CONFIG.format(server_extra="header_timeout_s = 1.0") + """
+    [tenants.gamma.actions.big]
+    file = "actions/big.py"
+    [tenants.gamma.flows]
+    post-login = ["big"]
+"""
+    s = start_serve(write_config(tmp_path, config, {"slow.py": SLOW, "big.py": big}))
+    host, port = s.url.removeprefix("http://").split(":")
+    sock = socket.socket()
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+        sock.connect((host, int(port)))
+        body = b'{"user": {}}'
+        request = (b"POST /v1/tenants/gamma/flows/post-login HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                   + TOKEN.encode() + b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        sock.sendall(request * 8)   # within PIPELINE_MAX
+        with s.client() as c:
+            deadline = time.monotonic() + 30
+            while metric(c, 'actionpool_connections_closed_by_guard_total{reason="write_stalled"}') < 1:
+                assert time.monotonic() < deadline, "the connection that reads nothing was not closed"
+                time.sleep(0.1)   # polling a condition with a deadline
+            assert flow(c, "beta").status_code == 200
+    finally:
+        sock.close()
+        s.stop()
+
+
 # -- tenants -----------------------------------------------------------------------------------------
 
 def test_stalled_body_gets_408_and_holds_no_flow_slot(quick: Serve) -> None:
@@ -421,6 +602,60 @@ def test_one_tenant_filling_its_cap_does_not_fail_another_tenants_flows(tmp_path
     finally:
         for t in threads:
             t.join(60)
+        s.stop()
+
+
+def test_drafts_take_the_tenants_flow_slots_too(quick: Serve) -> None:
+    """max_inflight_per_tenant = 1: while an acme flow is in flight, an acme draft (/test) is refused with 503
+    naming the tenant's cap, and beta's draft runs. (Drafts took no slot: the one way past the HTTP caps.)"""
+    done = threading.Event()
+
+    def slow() -> None:
+        with quick.client() as c:
+            flow(c, "acme", sleep=6)
+        done.set()
+
+    t = threading.Thread(target=slow)
+    t.start()
+    draft = {"trigger": "pre-login", "event": {"user": {}}}
+    try:
+        with quick.client() as c:
+            deadline = time.monotonic() + 20
+            while "actionpool_flows_in_flight 1.0" not in c.get("/metrics").text:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)   # polling a condition with a deadline
+            r = c.post("/v1/tenants/acme/actions/slow/test", json=draft)
+            assert r.status_code == 503, r.text
+            assert "server.max_inflight_per_tenant = 1" in r.json()["error"]
+            r = c.post("/v1/tenants/beta/actions/slow/test", json=draft)
+            assert r.status_code == 200 and r.json()["outcome"] == "allow", r.text
+            assert not done.is_set()
+    finally:
+        t.join(60)
+    with quick.client() as c:
+        assert c.post("/v1/tenants/acme/actions/slow/test", json=draft).status_code == 200   # the slot came back
+
+
+def test_one_tenants_slow_shadow_versions_leave_shadow_runs_for_others(tmp_path: Path) -> None:
+    """shadow_concurrency = 4: acme's shadow version sleeps, and four acme flows would hold every shadow slot
+    (beta's shadow comparisons all skipped). acme holds at most its share (3), so beta's shadow still runs."""
+    s = serve_with(tmp_path, "shadow_concurrency = 4")
+    sleepy = "import time\ndef on_execute(event, api):\n    time.sleep(20)\n"
+    fast = "def on_execute(event, api):\n    api.session.setCustomClaim('done', True)\n"
+    try:
+        with s.client() as c:
+            assert c.put("/v1/tenants/acme/actions/slow?shadow=1", content=sleepy).status_code == 201
+            assert c.put("/v1/tenants/beta/actions/slow?shadow=1", content=fast).status_code == 201
+            for _ in range(4):
+                assert flow(c, "acme").status_code == 200
+            assert metric(c, 'actionpool_shadow_runs_total{result="skipped",slug="slow",tenant="acme"}') == 1
+            assert flow(c, "beta").status_code == 200
+            deadline = time.monotonic() + 30
+            while metric(c, 'actionpool_shadow_runs_total{result="agree",slug="slow",tenant="beta"}') < 1:
+                assert metric(c, 'actionpool_shadow_runs_total{result="skipped",slug="slow",tenant="beta"}') == 0
+                assert time.monotonic() < deadline, "beta's shadow run did not finish"
+                time.sleep(0.05)   # polling a condition with a deadline
+    finally:
         s.stop()
 
 

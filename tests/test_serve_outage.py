@@ -474,3 +474,54 @@ def test_a_redis_outage_fails_open_only_where_the_action_says_so(tmp_path: Path,
             assert _metric(c, 'actionpool_actions_failed_open_total{slug="cached",tenant="open"}') >= 1
     finally:
         assert s.stop() == 0, s.output()[-2000:]
+
+
+def test_malformed_keys_of_every_kind_block_no_start_no_tenant_and_are_no_outage(
+        tmp_path: Path, private_redis: Callable[..., PrivateRedis]) -> None:
+    """Probes that failed: a ``gen`` or ``actions`` key of the wrong type (or ``gen = "abc"``), or a wrong-typed
+    ``seeded:`` key, made every start fail; a wrong-typed ``replicas``/``slugs:``/``srcs:``/stack/log key was
+    taken for an outage (store down, readiness degraded, every tenant's history dropped) and failed that
+    tenant's deploys for good; a ``runs:`` entry not "size:flow_id" failed every later history write."""
+    rds = private_redis(persist=False)
+    with rds.client() as r:
+        r.hset(P + "gen", "not", "a counter")
+        r.set(P + "actions", "not a set")
+        r.hset(P + "seeded:acme:tag", "not", "a string")
+        r.set(P + "replicas", "not a sorted set")
+        r.rpush(P + "runs:beta", *["garbage-without-size"] * 120)   # more than history_size: evicted next write
+        r.set(P + "runbytes:beta", "many")
+    s = start_serve(_config(tmp_path, rds.url), timeout=60)       # starts in spite of all of it
+    try:
+        with s.client() as c, rds.client() as r:
+            assert _flow(c, "acme")["versions"] == {"tag": version_of(V1)}
+            for key, bad in ((P + "slugs:acme", "set"), (P + "srcs:acme", "hash"),
+                             (P + "action:acme:tag:log", "list")):
+                r.delete(key)
+                r.set(key, f"not a {bad}")
+            r.delete(P + "action:beta:tag:shadow")
+            r.rpush(P + "action:beta:tag:shadow", "not a string")
+            # each tenant's own broken keys are replaced on its next write; nobody sees an outage
+            assert c.put("/v1/tenants/acme/actions/tag", content=V2).status_code == 201
+            assert c.put("/v1/tenants/beta/actions/tag?shadow=1", content=V3).status_code == 201
+            assert c.get("/v1/tenants/acme/actions/tag").status_code == 200
+            assert c.post("/v1/tenants/acme/actions/tag/rollback").json()["version"] == version_of(V1)
+            assert _flow(c, "acme")["versions"] == {"tag": version_of(V1)}
+            # a rollback that meets a broken key is checked before it pops: repaired, it pops once, not twice
+            assert c.put("/v1/tenants/acme/actions/tag", content=V2).status_code == 201
+            assert c.put("/v1/tenants/acme/actions/tag", content=V3).status_code == 201
+            r.delete(P + "action:acme:tag:log")
+            r.set(P + "action:acme:tag:log", "not a list")
+            r.set(P + "gen", "not a number")
+            assert c.post("/v1/tenants/acme/actions/tag/rollback").json()["version"] == version_of(V2)
+            assert r.lrange(P + "action:acme:tag:stack", 0, -1)[-1].count(version_of(V2)) == 1
+            flow_id = _flow(c, "beta")["flow_id"]
+            wait_until(lambda: c.get(f"/v1/tenants/beta/runs/{flow_id}").status_code == 200, what="run recorded")
+            assert r.type(P + "gen") == "string" and r.type(P + "actions") == "set"
+            assert r.smembers(P + "actions") == {"acme:tag", "beta:tag"}
+            assert _ready(s) == (200, {"status": "ready", "store": "ok"})
+            assert _metric(c, "actionpool_store_outages_total") == 0
+            assert _metric(c, "actionpool_store_up") == 1
+            assert _metric(c, "actionpool_store_bad_records_total") >= 5
+    finally:
+        assert s.stop() == 0
+    assert "Traceback" not in s.output(), s.output()[-3000:]

@@ -219,8 +219,13 @@ def test_path_values_exact_at_any_length_substring_from_the_minimum() -> None:
 def test_overlapping_secrets_longest_first_and_many_secrets_stay_linear() -> None:
     red = Redactor(("password1", "password123", "word1234"))
     assert red.text("x password123 y password1 z word1234") == f"x {REDACTED} y {REDACTED} z {REDACTED}"
+    # overlapping in the text: the union goes (one at a time left "345678", six characters of the second)
+    assert Redactor(("abcdefgh12", "gh12345678")).text("x abcdefgh12345678 y") == f"x {REDACTED} y"
+    assert red.text("password1234") == REDACTED  # "password1" and "word1234" overlap
     many = Redactor(tuple(f"tenant-secret-{i:05d}" for i in range(20000)))
-    hostile = "tenant-secret-0" * 50000  # shares a prefix with every secret at every position
+    # shares a prefix with every secret at every position ("." last: a long text *ending* in a secret's
+    # prefix is taken for one cut mid-secret, and its tail is redacted; see test_a_secret_cut_before_redaction...)
+    hostile = "tenant-secret-0" * 50000 + "."
     t0 = time.process_time()
     assert many.text(hostile) == hostile
     assert many.text("..tenant-secret-12345..") == f"..{REDACTED}.."
@@ -251,3 +256,95 @@ def test_build_record_redacts_fetches_and_truncate_always_fits() -> None:
             assert out["result"]["outcome"] == record["result"]["outcome"]
     small = {"flow_id": "f", "result": {"outcome": "allow"}}
     assert truncate(small, 4096) is small
+
+
+ODD_SECRET = "p@ss/w+rd=\"Q7\"\\z-2718"   # changes when URL-encoded or JSON-escaped
+
+CUT_AND_ENCODE = """
+    import base64
+    import json
+    from urllib.parse import quote, quote_plus
+
+    def on_execute_post_login(event, api):
+        key = event.secrets.API_KEY
+        basic = base64.b64encode(("svc-user:" + key).encode()).decode()
+        api.log("info", "a" * (4096 - 9) + key)                 # cut at 4096 bytes before history sees it
+        api.log("info", "url https://127.0.0.1/x?k=" + quote(key, safe="") + "&p=" + quote_plus(key))
+        api.log("info", "json " + json.dumps({"key": key}))
+        api.user.setAppMetadata({"phone": event.user.phone, "ratio": event.user.ratio, "n": 5551234567 + 1})
+        api.log("info", "auth Basic " + basic)
+"""
+
+
+def test_a_secret_cut_before_redaction_encoded_or_copied_as_a_number_never_reaches_the_stored_run(
+        tmp_path: Path) -> None:
+    """Probes that leaked: a log line cut at max_log_message_bytes mid-secret left the secret's first part;
+    a URL-encoded or JSON-escaped secret was not recognised; a numeric redact-path value copied into the
+    result as a number stayed."""
+    cfg = write_config(tmp_path, """
+        [runner]
+        pool_size = 1
+        max_workers = 2
+        [server]
+        token_env = "AP_TOKEN"
+        [tenants.odd]
+        redact = ["user.phone", "user.ratio"]
+        [tenants.odd.secrets]
+        API_KEY = { env = "ODD_API_KEY" }
+        [tenants.odd.actions.cut]
+        file = "actions/cut.py"
+        [tenants.odd.flows]
+        post-login = ["cut"]
+    """, {"cut.py": CUT_AND_ENCODE})
+    s = start_serve(cfg, {"ODD_API_KEY": ODD_SECRET})
+    try:
+        with s.client() as c:
+            answer = c.post("/v1/tenants/odd/flows/post-login", json={"user": {"phone": 5551234567, "ratio": 0.125}})
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["outcome"] == "allow", answer.text
+            run = recorded(c, "odd", answer.json()["flow_id"])
+            from urllib.parse import quote
+            text = run.text
+            for needle in (ODD_SECRET[:8], quote(ODD_SECRET, safe=""), quote(ODD_SECRET, safe="")[:12],
+                           orjson.dumps(ODD_SECRET).decode()[1:12], "5551234567", "0.125"):
+                assert needle not in text, f"{needle!r} in the stored run: {text[-1500:]}"
+            res = run.json()["result"]
+            assert res["app_metadata"] == {"phone": REDACTED, "ratio": REDACTED, "n": 5551234568}
+            first = res["logs"][0]["message"]
+            assert first.endswith(REDACTED) and first.startswith("a" * 4000)
+            assert res["logs"][1]["message"] == f"url https://127.0.0.1/x?k={REDACTED}&p={REDACTED}"
+            assert res["logs"][2]["message"] == f'json {{"key": "{REDACTED}"}}'
+            import base64
+            basic = base64.b64encode(("svc-user:" + ODD_SECRET).encode()).decode()
+            assert basic not in text and basic[12:30] not in text and REDACTED in res["logs"][3]["message"]
+            # the /test answer (a debugging surface like replay's report) is redacted the same way
+            draft = "def on_execute_post_login(event, api):\n    api.log('info', 'key ' + event.secrets.API_KEY)\n"
+            t = c.post("/v1/tenants/odd/actions/cut/test",
+                       json={"trigger": "post-login", "event": {"user": {"phone": 5551234567}}, "source": draft})
+            assert t.status_code == 200, t.text
+            assert ODD_SECRET[:8] not in t.text and t.json()["logs"][0]["message"] == f"key {REDACTED}"
+    finally:
+        s.stop()
+
+
+def test_encoded_forms_are_matched_in_any_mix_and_stay_linear_in_the_number_of_secrets() -> None:
+    from urllib.parse import quote, quote_plus
+
+    secret = 'p@ss/w+rd="Q7"\\é-2718'
+    red = Redactor((secret,), ("a+b@example.com",))
+    for form in (quote(secret, safe=""), quote(secret, safe="").replace("%2F", "%2f"), quote_plus(secret),
+                 quote(secret, safe="/+=@"), orjson.dumps({"k": secret}).decode(), json_ascii(secret)):
+        assert secret[:6] not in red.text(f"x {form} y") and red.text(f"x {form} y").count(REDACTED) == 1, form
+    assert red.text("/u/a%2Bb%40example.com?x") == f"/u/{REDACTED}?x"
+    # a trie over the characters' forms: 2,000 secrets with reserved characters cost what 20 do
+    many = Redactor(tuple(f"tok/{i:05d}+abcdefgh" for i in range(2000)))
+    t0 = time.process_time()
+    assert many.text("tok/0" * 200000 + ".") == "tok/0" * 200000 + "."
+    assert many.text("x tok%2F01234%2Babcdefgh y") == f"x {REDACTED} y"
+    assert time.process_time() - t0 < 5.0
+
+
+def json_ascii(s: str) -> str:
+    import json
+
+    return json.dumps({"k": s})  # ensure_ascii: \u00e9, \" and \\

@@ -102,3 +102,43 @@ def test_redaction_of_secrets_and_configured_paths() -> None:
     out = redact(redact_paths(event, ("user.email", "request.ip", "user.name.first")), ("abcd1234",))
     assert out == {"user": {"email": "[redacted]", "name": "Ada"}, "note": "key=[redacted]!", "list": ["[redacted]"]}
     assert event["user"]["email"] == "ada@x.io"  # the original is untouched
+
+
+def test_one_tenants_flood_of_run_records_drops_only_its_own_history(tmp_path: Any, monkeypatch: Any) -> None:
+    """Records wait for the history thread in per-tenant shares: a tenant over its share loses its own records,
+    never another tenant's (the builder is held on an event so the records pile up)."""
+    import asyncio
+    import threading
+
+    from actionpool.runner import _server
+    from actionpool.runner._serve_config import load_config
+
+    (tmp_path / "serve.toml").write_text("[tenants.a]\n[tenants.b]\n")
+    sidecar = _server.Sidecar(load_config(tmp_path / "serve.toml", env={}))
+    gate = threading.Event()
+    built: list[str] = []
+
+    def slow_build(**kw: Any) -> dict[str, Any]:
+        gate.wait(30)
+        built.append(kw["tenant"])
+        return {"tenant": kw["tenant"]}
+
+    monkeypatch.setattr(_server, "build_record", slow_build)
+
+    async def main() -> None:
+        tenants = {name: sidecar.config.tenants[name] for name in ("a", "b")}
+        body = {"flow_id": "f", "actions": []}
+        flood = [asyncio.ensure_future(sidecar._record(tenants["a"], {}, dict(body), 0.0)) for _ in range(40)]
+        other = asyncio.ensure_future(sidecar._record(tenants["b"], {}, dict(body), 0.0))
+        await asyncio.sleep(0)   # every _record has run up to its wait for the thread
+        assert sidecar.store.history_dropped == 40 - _server.RECORDS_PENDING_PER_TENANT
+        gate.set()
+        await asyncio.gather(*flood, other)
+        assert built.count("b") == 1 and built.count("a") == _server.RECORDS_PENDING_PER_TENANT
+        assert sidecar._records_pending == {} and sidecar._records_total == 0
+
+    try:
+        asyncio.run(main())
+    finally:
+        gate.set()
+        sidecar._history_thread.shutdown(wait=True)

@@ -300,3 +300,48 @@ def test_deployed_sources_in_memory_stay_within_budget_and_rss_from_a_real_sidec
         assert grown < 16, f"the sidecar grew {grown:.1f} MB for 54 MB of deployed sources"
     finally:
         assert s.stop() == 0
+
+
+def test_a_flows_recorded_fetch_bodies_stay_within_their_byte_budget(tmp_path: Path, http_server: object) -> None:
+    """Probe: an action making 64 fetches of 64 KiB each had 4 MiB of response bodies kept per flow in flight
+    (times every flow in flight) for a record later cut to history_record_max_bytes anyway. Now a flow keeps
+    FETCH_BODIES_BYTES of bodies in all; the later ones are cut and marked (replay lists them)."""
+    from actionpool.runner._history import FETCH_BODIES_BYTES, FETCH_BODY_BYTES
+
+    url = http_server.url  # type: ignore[attr-defined]
+    action = f"""
+        async def on_execute_post_login(event, api):
+            for i in range(12):
+                await api.fetch("{url}/big?bytes={FETCH_BODY_BYTES}&n=" + str(i))
+    """
+    cfg = write_config(tmp_path, """
+        [runner]
+        pool_size = 1
+        max_workers = 2
+        [server]
+        token_env = "AP_TOKEN"
+        history_record_max_bytes = 8388608
+        history_max_bytes = 16777216
+        [tenants.acme]
+        allow_hosts = ["127.0.0.1"]
+        [tenants.acme.actions.many]
+        file = "actions/many.py"
+        [tenants.acme.flows]
+        post-login = ["many"]
+    """, {"many.py": action})
+    s = start_serve(cfg)
+    try:
+        with s.client() as c:
+            r = c.post("/v1/tenants/acme/flows/post-login", json={})
+            assert r.status_code == 200 and r.json()["outcome"] == "allow", r.text
+            deadline = time.monotonic() + 15
+            while (run := c.get(f"/v1/tenants/acme/runs/{r.json()['flow_id']}")).status_code == 404:
+                assert time.monotonic() < deadline, "the run was never recorded"
+                time.sleep(0.02)  # polling the background history write, with a deadline
+            fetches = run.json()["fetches"]
+            assert len(fetches) == 12 and run.json().get("truncated") is None
+            assert sum(len(f["body"].encode()) for f in fetches) <= FETCH_BODIES_BYTES
+            assert len(fetches[0]["body"]) == FETCH_BODY_BYTES and "body_truncated" not in fetches[0]
+            assert fetches[-1]["body"] == "" and fetches[-1]["body_truncated"] == FETCH_BODY_BYTES
+    finally:
+        assert s.stop() == 0, s.output()[-2000:]
