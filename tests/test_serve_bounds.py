@@ -76,9 +76,23 @@ def quick(tmp_path: Path) -> Iterator[Serve]:
         s.stop()
 
 
+_OPENED: list[socket.socket] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_sockets() -> Iterator[None]:
+    """Every raw socket a test opened is closed when it ends, also when it fails half way (an unclosed socket
+    would otherwise surface as a ResourceWarning, an error, in whichever later test the GC finds it)."""
+    yield
+    while _OPENED:
+        _OPENED.pop().close()
+
+
 def connect(s: Serve) -> socket.socket:
     host, port = s.url.removeprefix("http://").split(":")
-    return socket.create_connection((host, int(port)), timeout=10)
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    _OPENED.append(sock)
+    return sock
 
 
 def read_until_closed(sock: socket.socket, timeout: float = 15.0) -> bytes:
@@ -452,31 +466,40 @@ def test_pipelined_upload_behind_an_answered_request_is_not_cut_by_the_unread_bo
         s.stop()
 
 
-def test_pipelined_flood_is_closed_before_it_is_parsed_into_requests(quick: Serve) -> None:
+@pytest.fixture
+def patient(tmp_path: Path) -> Iterator[Serve]:
+    """Default timers: for tests whose point is not a timeout (a loaded machine must not turn them into one)."""
+    s = serve_with(tmp_path, "")
+    yield s
+    s.stop()
+
+
+def test_pipelined_flood_is_closed_before_it_is_parsed_into_requests(patient: Serve) -> None:
     """250 kB of back-to-back "GET / HTTP/1.1" heads on each of 20 connections, no answer read: each used to
     become ~14,000 queued requests (10 MB sent grew the process by 730 MB). Past PIPELINE_MAX queued behind
     the one being answered, the connection is closed; a few pipelined requests are still all answered."""
-    rss = psutil.Process(quick.proc.pid)
-    with quick.client() as c:
+    rss = psutil.Process(patient.proc.pid)
+    with patient.client() as c:
         assert c.get("/healthz").status_code == 200
     before = rss.memory_info().rss
     flood = b"GET / HTTP/1.1\r\n\r\n" * (250_000 // 18)
-    socks = []
-    for _ in range(20):
-        sock = connect(quick)
-        sock.sendall(flood)
-        socks.append(sock)
-    for sock in socks:
-        read_until_closed(sock)   # closed (a reset counts)
-        sock.close()
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(20):
+            socks.append(connect(patient))
+            socks[-1].sendall(flood)
+        for sock in socks:
+            read_until_closed(sock)   # closed (a reset counts)
+    finally:
+        for sock in socks:
+            sock.close()
     grown = rss.memory_info().rss - before
     assert grown < 32 << 20, f"RSS grew by {grown} bytes under a pipelined flood of {20 * len(flood)} bytes"
-    sock = connect(quick)
-    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" * 3)
-    answers = [read_response(sock) for _ in range(3)]
-    sock.close()
+    with connect(patient) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" * 3)
+        answers = [read_response(sock) for _ in range(3)]
     assert all(a.startswith(b"HTTP/1.1 200 ") for a in answers)
-    with quick.client() as c:
+    with patient.client() as c:
         assert metric(c, 'actionpool_connections_closed_by_guard_total{reason="pipeline_too_deep"}') >= 20
 
 
