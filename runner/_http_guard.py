@@ -219,13 +219,14 @@ class Gate(asyncio.Protocol):
     the head, ``make()`` builds the guarded uvicorn protocol, which takes over the transport and the place.
     """
 
-    __slots__ = ("guard", "make", "loop", "transport", "buf", "lines", "timer", "admitted", "lingering")
+    __slots__ = ("guard", "make", "loop", "transport", "buf", "lines", "drained", "timer", "admitted", "lingering")
 
     def __init__(self, guard: Guard, make: Callable[[], "GuardedHttpToolsProtocol"],
                  loop: asyncio.AbstractEventLoop) -> None:
         self.guard, self.make, self.loop = guard, make, loop
         self.buf = bytearray()
         self.lines = 0
+        self.drained = 0   # bytes discarded while lingering after a refusal
         self.timer: asyncio.TimerHandle | None = None
         self.admitted = self.lingering = False
 
@@ -279,8 +280,8 @@ class Gate(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.lingering:   # discarded; past LINGER_BYTES the connection closes at once
-            self.lines += len(data)
-            if self.lines > LINGER_BYTES:
+            self.drained += len(data)
+            if self.drained > LINGER_BYTES:
                 self.transport.abort()
             return
         g, start = self.guard, max(0, len(self.buf) - 2)
