@@ -1,4 +1,4 @@
-"""What the connection guard (runner/_http_guard.py) costs, and what it saves, against plain uvicorn.
+"""What the connection guard (sidecar/_http_guard.py) costs, and what it saves, against plain uvicorn.
 
     python -m actionpool.benchmarks.http_guard [--requests 5000] [--rounds 3] [--stream-mb 64]
 
@@ -35,7 +35,7 @@ async def app(scope, receive, send):
 
 kw = {}
 if kind == "guard":
-    from actionpool.runner._http_guard import Guard, protocol_class
+    from actionpool.sidecar._http_guard import Guard, protocol_class
     kw["http"] = protocol_class(Guard(max_connections=10_000, header_timeout_s=10.0, max_head_bytes=16384,
                                       max_headers=100))
 elif kind == "h11-capped":

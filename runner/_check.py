@@ -18,29 +18,15 @@ import difflib
 import io
 import re
 import tokenize
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from ..worker._runtime import handler_names
 
+from ._check_js import check_js
+from ._check_report import Checker, Report
 from ._triggers import TRIGGERS
 
 
-@dataclass
-class Report:
-    """What ``check`` found in one file: the handlers it would call, and the problems."""
-
-    path: str
-    handlers: dict[str, str] = field(default_factory=dict)   # trigger -> handler name
-    problems: list[str] = field(default_factory=list)        # "LINE: message" or "message"
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-
-Checker = Callable[[str, str, "str | None"], Report]
 
 
 def _snake(name: str) -> str:
@@ -207,8 +193,8 @@ def check_python(path: str, source: str, trigger: str | None) -> Report:
     return report
 
 
-# One checker per language, by file suffix (the JavaScript runtime adds ".js").
-CHECKERS: dict[str, Checker] = {".py": check_python}
+# One checker per language, by file suffix.
+CHECKERS: dict[str, Checker] = {".py": check_python, ".js": check_js}
 
 
 class CheckUsageError(Exception):
@@ -230,7 +216,3 @@ def check_file(path: str, trigger: str | None) -> Report:
     except OSError as exc:
         raise CheckUsageError(f"{path}: cannot read: {exc.strerror}") from None
     return checker(path, source, trigger)
-
-from ._check_js import check_js  # noqa: E402  (registered here so every checker is known where check_file looks)
-
-CHECKERS[".js"] = check_js

@@ -20,7 +20,7 @@ import _quickjs
 
 from ..worker._js import handler_names, is_module
 
-from ._check import Report
+from ._check_report import Report
 from ._triggers import TRIGGERS
 
 _SENTINEL = "actionpool-check-parsed"

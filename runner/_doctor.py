@@ -6,9 +6,9 @@ capabilities and whether memory cgroups can be created. Exit status 1 when a
 protection the default config requires is missing.
 
 Given the sidecar's store (``--store redis://...`` or ``--config serve.toml``
-with ``[store] url``), it also asks that Redis whether it persists anything
-(``CONFIG GET save`` / ``appendonly``) and warns when a restart would empty it
-(docs/gateway.md, "The store failing"); a warning, not a failure.
+with ``[store] url``), the CLI adds the sidecar's own check of that Redis
+(``actionpool.sidecar._doctor``: does it persist anything?), printed here as a
+warning, not a failure.
 """
 
 from __future__ import annotations
@@ -78,37 +78,8 @@ async def _probe() -> dict[str, Any]:
         await launcher.close()
 
 
-async def _store_check(url: str) -> dict[str, Any]:
-    """Whether the Redis at ``url`` answers and persists; never raises."""
-    import redis.asyncio as aioredis
-
-    from ._store import persistence_problem
-
-    client = aioredis.Redis.from_url(url, decode_responses=True, socket_timeout=2.0, socket_connect_timeout=2.0)
-    try:
-        try:
-            await client.ping()
-        except Exception as exc:
-            return {"url": url, "reachable": False, "warning": f"unreachable: {type(exc).__name__}: {exc}"}
-        problem = await persistence_problem(client)
-        return {"url": url, "reachable": True, "persistent": problem is None,
-                **({"warning": problem} if problem else {})}
-    finally:
-        await client.aclose()
-
-
-def store_url_of(store: str | None, config: str | None) -> str | None:
-    """The Redis to check: ``--store``, else the config's ``[store] url`` (None: nothing to check)."""
-    if store:
-        return store
-    if config:
-        from ._serve_config import load_config
-
-        return load_config(config).store_url
-    return None
-
-
-def doctor(as_json: bool = False, store_url: str | None = None) -> int:
+def doctor(as_json: bool = False, store: dict[str, Any] | None = None) -> int:
+    """Print the report; ``store`` is the sidecar's store check (``actionpool.sidecar``), shown as it is."""
     caps = host_capabilities()
     mgr = CgroupManager.detect()
     cgroup = mgr.version if mgr is not None else None
@@ -127,8 +98,8 @@ def doctor(as_json: bool = False, store_url: str | None = None) -> int:
                            "enable the memory controller (systemd: Delegate=yes)")
     out = {"host": caps, "cgroup": cgroup, "worker": report, "required": list(required), "missing": missing,
            "fixes": fixes, "default_mode": sandbox.mode}
-    if store_url:
-        out["store"] = asyncio.run(_store_check(store_url))
+    if store is not None:
+        out["store"] = store
     if as_json:
         print(json.dumps(out, indent=2, sort_keys=True))
     else:

@@ -29,7 +29,6 @@ from ._errors import ActionpoolError, ConfigError, RunnerClosed, SandboxUnavaila
 from ._flow import Action, FlowResult
 from ._engine import event_problem
 from ._runner import Runner
-from . import _serve_cli
 from ._triggers import TRIGGERS
 
 EXIT_ALLOW, EXIT_ERROR, EXIT_USAGE, EXIT_DENY = 0, 1, 2, 3
@@ -115,7 +114,9 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--store", metavar="URL", help="also check this Redis (the sidecar's store) for persistence")
     d.add_argument("--config", metavar="serve.toml", help="also check the store of this sidecar config")
 
-    _serve_cli.add_parsers(sub)
+    from ..sidecar import _cli as sidecar_cli  # the sidecar's commands: a floor above; parsers only
+
+    sidecar_cli.add_parsers(sub)
     sub.add_parser("bench", help="benchmarks against the baselines (see: actionpool bench --help)")
     sub.add_parser("stress", help="stress and chaos run (see: actionpool stress --help)")
     return p
@@ -314,9 +315,14 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    from ._doctor import doctor, store_url_of
+    from ._doctor import doctor
 
-    return doctor(as_json=args.json, store_url=store_url_of(args.store, args.config))
+    store = None
+    if args.store or args.config:
+        from ..sidecar._doctor import store_report
+
+        store = store_report(args.store, args.config)
+    return doctor(as_json=args.json, store=store)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -354,9 +360,11 @@ def main(argv: list[str] | None = None) -> int:
             return _check(args)
         if args.command == "doctor":
             return _doctor(args)
-        if args.command in _serve_cli.COMMANDS:
+        if args.command in ("serve", "replay"):
             try:
-                return _serve_cli.run(args)
+                from ..sidecar import _cli as sidecar_cli
+
+                return sidecar_cli.run(args)
             except ModuleNotFoundError as exc:
                 if exc.name not in _SERVE_EXTRA:
                     raise

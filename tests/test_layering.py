@@ -2,8 +2,10 @@
 
     protocol   imports nothing of ours
     worker     imports protocol only (never runner: untrusted memory holds no authority)
-    runner     imports protocol and worker (the doctor reads host capabilities); benchmarks only lazily, from the CLI
-    benchmarks imports anything
+    runner     imports protocol and worker (the doctor reads host capabilities); the floors above only
+               lazily, from the CLI, which dispatches their subcommands (serve, replay, doctor --store, bench)
+    sidecar    imports the runner's public API only: ``actionpool.runner`` and ``actionpool.runner.hosting``
+    benchmarks imports anything (it measures the internals too)
 
 Inside the package every import of our own code is relative (``from ..protocol import X``); an
 absolute ``import protocol`` / ``import runner`` would resolve to whatever a host application calls
@@ -19,11 +21,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SUBPACKAGES = ("protocol", "worker", "runner", "benchmarks")
+SUBPACKAGES = ("protocol", "worker", "runner", "sidecar", "benchmarks")
 ALLOWED = {"protocol": {"protocol"}, "worker": {"worker", "protocol"},
-           "runner": {"runner", "protocol", "worker"}, "benchmarks": set(SUBPACKAGES)}
-# The only place outside benchmarks that may load it: the CLI's `bench` and `stress`, inside a function.
-LAZY_BENCHMARKS = {"runner/cli.py"}
+           "runner": {"runner", "protocol", "worker"}, "sidecar": {"sidecar", "runner"},
+           "benchmarks": set(SUBPACKAGES)}
+# The only place below them that may load the upper floors: the CLI's subcommands, inside a function.
+LAZY_UPPER = {"runner/cli.py": {"benchmarks", "sidecar"}}
+# What the sidecar may import of the runner: its public modules.
+RUNNER_PUBLIC = {"runner", "runner.hosting"}
 
 
 @dataclass(frozen=True)
@@ -87,17 +92,47 @@ def test_subpackage_imports_only_what_its_layer_allows(sub: str) -> None:
     bad = []
     for path in sorted((ROOT / sub).rglob("*.py")):
         for e in _edges(path):
-            if e.target not in ALLOWED[sub] and not (e.target == "benchmarks" and e.file in LAZY_BENCHMARKS
-                                                     and not e.top_level):
+            if e.target not in ALLOWED[sub] and not (e.target in LAZY_UPPER.get(e.file, ()) and not e.top_level):
                 bad.append(f"{e.file}:{e.line} imports {e.target or 'the root package'}")
     assert not bad, f"{sub} may import only {sorted(ALLOWED[sub])}:\n" + "\n".join(bad)
 
 
-def test_nothing_outside_benchmarks_imports_benchmarks_at_import_time() -> None:
+@pytest.mark.parametrize("upper", ["benchmarks", "sidecar"])
+def test_nothing_below_an_upper_floor_imports_it_at_import_time(upper: str) -> None:
     bad = [f"{e.file}:{e.line}" for p in _package_files() for e in _edges(p)
-           if e.target == "benchmarks" and not e.file.startswith("benchmarks/")
-           and (e.top_level or e.file not in LAZY_BENCHMARKS)]
-    assert not bad, "benchmarks imported outside benchmarks/: " + ", ".join(bad)
+           if e.target == upper and _package_of(ROOT / e.file) not in (upper, "benchmarks")
+           and (e.top_level or upper not in LAZY_UPPER.get(e.file, ()))]
+    assert not bad, f"{upper} imported from below it: " + ", ".join(bad)
+
+
+def _runner_modules_imported(path: Path) -> list[tuple[int, str]]:
+    """(line, dotted module) of every import of the runner in a sidecar file, e.g. ``runner.hosting``."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 2 and node.module and node.module.startswith("runner"):
+            out.append((node.lineno, node.module))
+            if node.module == "runner":  # `from ..runner import _private` names a module too
+                out += [(node.lineno, f"runner.{a.name}") for a in node.names if a.name.startswith("_")]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("actionpool.runner"):
+            out.append((node.lineno, node.module.removeprefix("actionpool.")))
+        elif isinstance(node, ast.Import):
+            out += [(node.lineno, a.name.removeprefix("actionpool.")) for a in node.names
+                    if a.name.startswith("actionpool.runner")]
+    return out
+
+
+def test_the_sidecar_uses_only_the_runners_public_api() -> None:
+    """``actionpool.runner`` and ``actionpool.runner.hosting``: the sidecar never reaches into ``runner/_x.py``."""
+    files = sorted((ROOT / "sidecar").rglob("*.py"))
+    seen = [(p, line, mod) for p in files for line, mod in _runner_modules_imported(p)]
+    bad = [f"{p.relative_to(ROOT)}:{line} imports {mod}" for p, line, mod in seen if mod not in RUNNER_PUBLIC]
+    assert seen and not bad, "the sidecar may import only " + ", ".join(sorted(RUNNER_PUBLIC)) + ":\n" + "\n".join(bad)
+
+
+def test_the_runners_public_modules_have_no_leading_underscore() -> None:
+    assert all(not m.split(".")[-1].startswith("_") for m in RUNNER_PUBLIC)
+    assert (ROOT / "runner" / "hosting.py").is_file()
 
 
 def test_the_root_package_imports_only_the_runner_and_lazily() -> None:
@@ -133,4 +168,54 @@ def test_the_checker_resolves_relative_imports() -> None:
     assert {e.target for e in edges} <= {"worker", "protocol"} and edges
     cli = _edges(ROOT / "runner" / "cli.py")
     assert any(e.target == "benchmarks" and not e.top_level for e in cli)
+    assert any(e.target == "sidecar" and not e.top_level for e in cli)
+    assert any(e.target == "runner" for e in _edges(ROOT / "sidecar" / "_server.py"))
     assert any(e.target == "runner" and e.top_level for e in cli)
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """Module -> the modules of ours it imports at import time (``runner._check`` -> {``runner._check_js``, ...})."""
+    graph: dict[str, set[str]] = {}
+    for path in _package_files():
+        rel = path.relative_to(ROOT).with_suffix("")
+        name = ".".join(rel.parts)
+        pkg = list(rel.parts[:-1]) if rel.name != "__init__" else list(rel.parts[:-1])
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        top = {id(n) for n in tree.body}
+        for n in tree.body:
+            if isinstance(n, ast.Try):
+                top |= {id(c) for c in ast.walk(n)}
+        deps: set[str] = set()
+        for node in ast.walk(tree):
+            if id(node) not in top or not isinstance(node, ast.ImportFrom) or not node.level:
+                continue
+            base = pkg[:max(len(pkg) - (node.level - 1), 0)]
+            mod = base + (node.module.split(".") if node.module else [])
+            candidates = [".".join(mod + [a.name]) for a in node.names] + [".".join(mod)]
+            for c in candidates:
+                if (ROOT / Path(*c.split("."))).with_suffix(".py").is_file():
+                    deps.add(c)
+        graph[name] = deps
+    return graph
+
+
+def test_no_import_cycle_between_modules() -> None:
+    """Cycles make import order matter (``runner/_check.py`` and ``runner/_check_js.py`` once needed a bottom import)."""
+    graph = _module_graph()
+    assert graph["runner._check"] >= {"runner._check_js", "runner._check_report"}, graph["runner._check"]
+    state: dict[str, int] = {}
+    cycles: list[list[str]] = []
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        for dep in sorted(graph.get(node, ())):
+            if state.get(dep) == 1:
+                cycles.append(stack[stack.index(dep):] + [dep])
+            elif dep not in state:
+                visit(dep, stack + [dep])
+        state[node] = 2
+
+    for n in sorted(graph):
+        if n not in state:
+            visit(n, [n])
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)

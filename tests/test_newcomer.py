@@ -25,7 +25,7 @@ import pytest
 
 from actionpool.runner._errors import ConfigError
 from actionpool.runner._hints import STDLIB_ONLY, failure_reason
-from actionpool.runner._serve_config import load_config
+from actionpool.sidecar._config import load_config
 from net_fixtures import free_port
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -17,8 +17,8 @@ import psutil
 import pytest
 
 from actionpool.runner._errors import ConfigError
-from actionpool.runner._serve import serve
-from actionpool.runner._serve_config import load_config
+from actionpool.sidecar._serve import serve
+from actionpool.sidecar._config import load_config
 from serve_fixtures import AUTH, Serve, start_serve, write_config
 
 pytestmark = pytest.mark.timeout(120)

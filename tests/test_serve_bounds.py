@@ -3,9 +3,9 @@
 Strangers (no token) get bounded connections: idle and slowloris connections are
 closed by the head timer, a flood beyond ``max_connections`` evicts them rather
 than locking out the gateway, and heads are capped in bytes and in lines
-before the parser buffers them (runner/_http_guard.py). Tenants get their own
+before the parser buffers them (sidecar/_http_guard.py). Tenants get their own
 in-flight caps, and a body is read (within ``body_timeout_s``) before a flow
-slot is taken (runner/_server.py). Real serve processes, real sockets.
+slot is taken (sidecar/_server.py). Real serve processes, real sockets.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import psutil
 import pytest
 
 from actionpool.runner._errors import ConfigError
-from actionpool.runner._http_guard import connection_budget
-from actionpool.runner._serve_config import load_config
+from actionpool.sidecar._http_guard import connection_budget
+from actionpool.sidecar._config import load_config
 from serve_fixtures import AUTH, TOKEN, Serve, start_serve, write_config
 
 pytestmark = pytest.mark.timeout(120)
@@ -330,7 +330,7 @@ def test_closed_connections_leave_no_reference_cycles() -> None:
     """Every connection the guard closes (idle, slowloris, served) is freed by reference counting.
 
     A cycle per connection made a reconnect flood into full GC passes of 100-200 ms on the loop that runs
-    every flow (runner/_http_guard.py, ``_break_transport_cycle``). In-process, with blocking client sockets,
+    every flow (sidecar/_http_guard.py, ``_break_transport_cycle``). In-process, with blocking client sockets,
     so every transport in the GC's garbage is the server's.
     """
     import asyncio
@@ -339,7 +339,7 @@ def test_closed_connections_leave_no_reference_cycles() -> None:
     import uvicorn
     from uvicorn.server import ServerState
 
-    from actionpool.runner._http_guard import Guard, gated_protocol
+    from actionpool.sidecar._http_guard import Guard, gated_protocol
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http":
@@ -750,7 +750,7 @@ def test_the_pool_leaves_descriptors_for_connections(tmp_path: Path) -> None:
     """A derived pool no longer takes every descriptor: at a limit of 1024 connections keep 384 slots."""
     import dataclasses
 
-    from actionpool.runner._serve import share_fds
+    from actionpool.sidecar._serve import share_fds
 
     cfg = load_config(write_config(tmp_path, CONFIG.format(server_extra=""), {"slow.py": SLOW}), env={"AP_TOKEN": TOKEN})
     cfg = dataclasses.replace(cfg, runner=dataclasses.replace(cfg.runner, max_workers=None,

@@ -22,7 +22,7 @@ import httpx
 import pytest
 import redis
 
-from actionpool.runner._store import version_of
+from actionpool.sidecar._store import version_of
 from net_fixtures import _redis_ping, free_port
 from serve_fixtures import Serve, start_serve, write_config
 
@@ -376,7 +376,7 @@ def test_doctor_warns_about_a_store_without_persistence(private_redis: Callable[
 
 
 def test_outage_logs_are_rate_limited(caplog: pytest.LogCaptureFixture) -> None:
-    from actionpool.runner._store import OUTAGE_LOG_S, _Health
+    from actionpool.sidecar._store import OUTAGE_LOG_S, _Health
 
     now = [1000.0]
     h = _Health(clock=lambda: now[0])
@@ -396,7 +396,7 @@ def test_outage_logs_are_rate_limited(caplog: pytest.LogCaptureFixture) -> None:
 
 
 async def test_every_kind_of_bad_record_is_skipped_and_counted_at_start(redis_url: str) -> None:
-    from actionpool.runner._store import RedisStore
+    from actionpool.sidecar._store import RedisStore
 
     good = RedisStore(redis_url, 10)
     await good.start()

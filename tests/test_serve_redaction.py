@@ -25,7 +25,7 @@ import pytest
 from actionpool.runner._errors import ConfigError
 from actionpool.runner._history import (MIN_SECRET_CHARS, REDACTED, Redactor, build_record, flow_redactor,
                                         truncate)
-from actionpool.runner._serve_config import load_config
+from actionpool.sidecar._config import load_config
 from serve_fixtures import start_serve, write_config
 
 pytestmark = pytest.mark.timeout(120)

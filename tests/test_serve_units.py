@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 
 from actionpool.runner._decisions import MAX_EXPR_CHARS, compile_decision, make_decision, rewrite
-from actionpool.runner._server import redact, redact_paths
-from actionpool.runner._store import MemoryStore, NothingToRollBack, RedisStore, Store
+from actionpool.sidecar._server import redact, redact_paths
+from actionpool.sidecar._store import MemoryStore, NothingToRollBack, RedisStore, Store
 
 
 class FakeFlow:
@@ -110,8 +110,8 @@ def test_one_tenants_flood_of_run_records_drops_only_its_own_history(tmp_path: A
     import asyncio
     import threading
 
-    from actionpool.runner import _server
-    from actionpool.runner._serve_config import load_config
+    from actionpool.sidecar import _server
+    from actionpool.sidecar._config import load_config
 
     (tmp_path / "serve.toml").write_text("[tenants.a]\n[tenants.b]\n")
     sidecar = _server.Sidecar(load_config(tmp_path / "serve.toml", env={}))

@@ -16,9 +16,9 @@ import psutil
 import pytest
 import redis
 
-from actionpool.runner._action_cache import ActionCache
+from actionpool.sidecar._action_cache import ActionCache
 from actionpool.runner._flow import Action
-from actionpool.runner._store import MemoryStore, NothingToRollBack, RedisStore, Store, StoreFull, version_of
+from actionpool.sidecar._store import MemoryStore, NothingToRollBack, RedisStore, Store, StoreFull, version_of
 from serve_fixtures import start_serve, write_config
 
 pytestmark = pytest.mark.timeout(120)
@@ -240,7 +240,7 @@ def test_run_history_in_redis_stays_within_budget_from_a_real_sidecar(tmp_path: 
 @pytest.mark.parametrize("key", ["history_max_bytes", "sources_max_bytes", "versions_kept", "action_cache_max_bytes"])
 def test_store_budgets_are_validated_naming_the_key(tmp_path: Path, key: str) -> None:
     from actionpool.runner._errors import ConfigError
-    from actionpool.runner._serve_config import load_config
+    from actionpool.sidecar._config import load_config
 
     cfg = write_config(tmp_path, f"[server]\n{key} = 0\n")
     with pytest.raises(ConfigError, match=f"server.{key}: must be positive"):

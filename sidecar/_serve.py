@@ -1,4 +1,4 @@
-"""``actionpool serve``: the sidecar process (uvicorn around runner/_server.py).
+"""``actionpool serve``: the sidecar process (uvicorn around sidecar/_server.py).
 
 SIGTERM drains instead of stopping at once: ``readyz`` answers 503 and new
 flows get 503 with ``Retry-After`` (so the load balancer and the gateway move
@@ -20,11 +20,11 @@ import time
 from typing import Any
 from types import FrameType
 
-from . import _pool_policy as policy
-from ._errors import ConfigError
-from ._serve_config import ServeConfig, ServerSpec, is_loopback, load_config
+from ..runner import ConfigError
+from ..runner import hosting as policy
+from ._config import ServeConfig, ServerSpec, is_loopback, load_config
 from ._server import Sidecar
-from ._serve_preflight import start_problem
+from ._preflight import start_problem
 
 log = logging.getLogger("actionpool.serve")
 
@@ -147,7 +147,7 @@ def serve(config_path: str, host: str = "127.0.0.1", port: int = 8080, *, log_le
               f"or lower runner.max_workers", file=sys.stderr)
     app = Sidecar(cfg)
     # httptools (the serve extra has it: about 0.1 ms less per request than h11 here) under the guard that
-    # bounds every connection before the token is read (runner/_http_guard.py). The plain asyncio loop: the
+    # bounds every connection before the token is read (sidecar/_http_guard.py). The plain asyncio loop: the
     # runner's subprocess and signal handling are tested on it. No limit_concurrency: it answers 503 to every
     # new request once idle strangers fill it; the guard evicts them instead.
     ucfg = uvicorn.Config(app, host=host, port=port, lifespan="on", log_level=log_level, access_log=False,

@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from ._errors import DENIAL_KINDS
+from ..runner import DENIAL_KINDS
 
 disable_created_metrics()  # the *_created samples double the output and nothing here reads them
 
@@ -110,7 +110,7 @@ class Metrics:
                                    ["tenant", "slug", "result"], registry=r)
         self.connections_closed = Counter("actionpool_connections_closed_by_guard",
                                           "Connections the sidecar closed before or between requests, by reason "
-                                          "(runner/_http_guard.py)", ["reason"], registry=r)
+                                          "(sidecar/_http_guard.py)", ["reason"], registry=r)
         self.connections_open = Gauge("actionpool_connections_open", "HTTP connections open", registry=r)
         self.connections_max = Gauge("actionpool_connections_max", "Open connections allowed (server.max_connections "
                                      "or the fd budget)", registry=r)

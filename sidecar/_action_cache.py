@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Callable
 
-from ._flow import Action
+from ..runner import Action
 
 ENTRY_OVERHEAD = 1024  # the Action object, its dicts and digests, beside the source itself
 

@@ -29,11 +29,9 @@ from typing import Any
 
 import orjson
 
-from ._errors import ActionError, ConfigError
-from ._fetch_stub import load_fetch_stub
-from ._history import flow_redactor, stub_from_fetches
-from ._runner import Runner
-from ._serve_config import ServeConfig, load_config
+from ..runner import ActionError, ConfigError, Runner
+from ..runner.hosting import flow_redactor, load_fetch_stub, stub_from_fetches
+from ._config import ServeConfig, load_config
 from ._server import Sidecar
 from ._store import Version, version_of
 

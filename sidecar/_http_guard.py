@@ -68,7 +68,7 @@ from typing import Any, Callable
 import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from ._pool_policy import FD_RESERVE, FDS_PER_WORKER
+from ..runner.hosting import FD_RESERVE, FDS_PER_WORKER
 
 DEFAULT_CONNECTION_CAP = 10_000   # with max_head_bytes = 16 KiB, at most ~160 MB of heads buffered at once
 LINGER_S = 2.0                    # after a 431/408: how long unread input is drained before the close

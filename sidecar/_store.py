@@ -4,7 +4,7 @@ Versions are immutable and content-addressed (the first 16 hex digits of the
 source's SHA-256). Each (tenant, slug) has a *stack* of deployments: a deploy
 pushes, a rollback pops back to the previous one; the top is what flows run.
 A *log* keeps every deploy and rollback with its time, and a *shadow* version
-may run beside the live one (see runner/_server.py).
+may run beside the live one (see sidecar/_server.py).
 
 Bounded per tenant, in bytes (issue 16, class 4): a stack keeps ``versions_kept``
 deployments; a source is kept only while its version is *reachable* (on a
@@ -180,7 +180,7 @@ class Store:
         return h.hexdigest()[:16]
 
     def stats(self) -> dict[str, Any]:
-        """Read at scrape time by runner/_metrics.py."""
+        """Read at scrape time by sidecar/_metrics.py."""
         return {"up": self.health.up, "down_seconds": self.health.down_seconds(), "outages": self.health.outages,
                 "bad_records": self.bad_records, "history_dropped": self.history_dropped,
                 "history_truncated": self.history_truncated, "restores": self.restores,

@@ -33,18 +33,13 @@ from urllib.parse import parse_qs
 
 import orjson
 
-from ._decisions import Decision, make_decision
-from ._errors import ActionError, ConfigError
-from ._failure import set_failure_policy
-from ._flow import SLUG_RE, Action
-from ._history import REDACTED, build_record, flow_redactor, redact, redact_paths  # noqa: F401  (re-exported)
-from ._metrics import CONTENT_TYPE, Metrics
-from ._pool_policy import default_tenant_cap
-from ._runner import Runner
-from ._serve_config import DecisionSpec, ServeConfig, TenantSpec, is_loopback
+from ..runner import TRIGGERS, Action, ActionError, ConfigError, Runner
+from ..runner.hosting import (REDACTED, SLUG_RE, Decision, build_record, default_tenant_cap, flow_redactor,
+                              make_decision, redact, redact_paths, set_failure_policy)
 from ._action_cache import ActionCache
+from ._config import DecisionSpec, ServeConfig, TenantSpec, is_loopback
+from ._metrics import CONTENT_TYPE, Metrics
 from ._store import NothingToRollBack, Store, StoreFull, StoreUnavailable, Version, open_store
-from ._triggers import TRIGGERS
 
 log = logging.getLogger("actionpool.serve")
 
@@ -103,7 +98,7 @@ class Sidecar:
         self._tenant_cap: int | None = config.server.max_inflight_per_tenant
         self.draining = False
         self.started = False
-        self.guard: Any = None   # the connection guard (runner/_http_guard.py), set by `serve`
+        self.guard: Any = None   # the connection guard (sidecar/_http_guard.py), set by `serve`
         self._decisions: dict[tuple[str, str, int], Decision] = {}
         self._bg: set[asyncio.Task[Any]] = set()
         # Run records are built (redacted, truncated, a pass over up to a few MB) on one thread of their own:
@@ -318,7 +313,7 @@ class Sidecar:
         return self.runner._engine.check_event(event)
 
     def _action(self, tenant: TenantSpec, slug: str, v: Version) -> Action:
-        """The Action for a version or a draft, from a per-tenant LRU bounded in bytes (runner/_action_cache.py)."""
+        """The Action for a version or a draft, from a per-tenant LRU bounded in bytes (sidecar/_action_cache.py)."""
         spec = tenant.actions.get(slug)
         return self._actions.get_or_build(
             tenant.name, slug, v.version,

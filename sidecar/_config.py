@@ -19,11 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._config import FetchConfig, Limits, RunnerConfig, SandboxConfig
-from ._errors import ConfigError
-from ._flow import SLUG_RE
-from ._history import MIN_SECRET_CHARS
-from ._triggers import TRIGGERS
+from ..runner import TRIGGERS, ConfigError, FetchConfig, Limits, RunnerConfig, SandboxConfig
+from ..runner.hosting import MIN_SECRET_CHARS, SLUG_RE
 
 FAILURE_POLICIES = ("closed", "open")
 MIN_RECORD_BYTES = 4096  # room for a truncated record's identity, decision and marks
@@ -71,7 +68,7 @@ class ServerSpec:
     versions_kept: int = 10              # deployments kept per action for rollback
     action_cache_max_bytes: int = 8 << 20  # compiled actions (deployed and /test drafts) cached per tenant, LRU
     history_record_max_bytes: int = 256 << 10  # one recorded run (JSON); larger ones are truncated and marked
-    # Bounds before the token is read (runner/_http_guard.py, docs/security.md "Strangers").
+    # Bounds before the token is read (sidecar/_http_guard.py, docs/security.md "Strangers").
     max_connections: int | None = None   # open connections; None: from the fd budget (at most 10000)
     header_timeout_s: float = 10.0       # from open (or a head's first byte) to the end of the head
     keepalive_timeout_s: float = 15.0    # an idle keep-alive connection is closed after this
@@ -186,7 +183,7 @@ def _flow_entry(err: _Errors, key: str, entry: Any) -> str | DecisionSpec:
             raise err(f"{key}.if", "a decision block needs an expression string")
         if not isinstance(reason, str) or not reason:
             raise err(f"{key}.deny", "a decision block needs the deny reason (a string)")
-        from ._decisions import compile_decision  # compiled now, so a bad expression fails at start
+        from ..runner.hosting import compile_decision  # compiled now, so a bad expression fails at start
 
         try:
             compile_decision(expr)
