@@ -62,6 +62,8 @@ PHASES: tuple[Phase, ...] = (
     Phase("4", "scenarios", "actionpool.benchmarks.scenarios:phase_s4", (
         RowSpec("s4.io_cold", "S4 fetch of a 50 ms server, N flows at once, cold pool", "load", "io_flows"),
         RowSpec("s4.io_warm", "S4 same again, workers already spawned", "load", "io_flows"),
+        RowSpec("s4.io_warm_small", "S4 warm, fewer flows at once (50)", "load", "io_flows_small"),
+        RowSpec("s4.aiohttp_floor", "S4 floor: aiohttp alone, N concurrent GETs, no runner", "load", "io_flows"),
     ), aliases=("s4",)),
     Phase("5", "scenarios", "actionpool.benchmarks.scenarios:phase_s5", (
         RowSpec("s5.cold_start", "S5 cold start: no idle worker -> finished flow", "once"),
@@ -74,11 +76,16 @@ PHASES: tuple[Phase, ...] = (
     ), aliases=("s6",)),
     Phase("7", "scenarios", "actionpool.benchmarks.scenarios:phase_s7", (
         RowSpec("s7.many_tenants", "S7 many tenants x actions, Zipf traffic, steady state", "load", C),
+        RowSpec("s7.open_loop", "S7 open loop: Poisson arrivals at 50% of S7's capacity", "load", "open_flows"),
         RowSpec("s9.cold_steady", "S9 first flow of a never-seen action, right after S7", "once"),
     ), aliases=("s7", "s9", "9")),
     Phase("8", "scenarios", "actionpool.benchmarks.scenarios:phase_s8", (
         RowSpec("s8.spinning_tenant", "S8 S7 + one tenant's spinning flows: normal flows", "load", C),
     ), aliases=("s8",)),
+    Phase("10", "scenarios", "actionpool.benchmarks.scenarios:phase_s10", (
+        RowSpec("s10.restart_cold", "S10 restarted runner, first flows of S7's mix, no prewarm", "load", C),
+        RowSpec("s10.restart_prewarm", "S10 the same after Runner.prewarm (hottest first)", "load", C),
+    ), aliases=("s10", "warm")),
 )
 
 ROWS: dict[str, RowSpec] = {r.id: r for p in PHASES for r in p.rows}
@@ -122,6 +129,9 @@ RATIOS: tuple[RatioSpec, ...] = (
               "throughput_per_s", "subprocess tput"),
     # scenario 3: cost of two more actions in the same flow
     RatioSpec("s3_p50_vs_s1_p50", "s3.latency", "p50_ms", "s1.latency", "p50_ms", "S1 p50"),
+    # scenario 4: I/O-bound flows against the fastest Python client alone (the issue's floor)
+    RatioSpec("s4_warm_tput_vs_aiohttp_tput", "s4.io_warm", "throughput_per_s", "s4.aiohttp_floor",
+              "throughput_per_s", "aiohttp floor"),
     # scenario 5: a cold worker against a cold interpreter
     RatioSpec("s5_cold_p50_vs_subprocess_p50", "s5.cold_start", "p50_ms", "subprocess.latency", "p50_ms",
               "subprocess p50"),
@@ -133,6 +143,11 @@ RATIOS: tuple[RatioSpec, ...] = (
     RatioSpec("s7_p99_vs_s2_p99", "s7.many_tenants", "p99_ms", "s2.throughput", "p99_ms", "S2 p99"),
     RatioSpec("s8_p50_vs_s7_p50", "s8.spinning_tenant", "p50_ms", "s7.many_tenants", "p50_ms", "S7 p50"),
     RatioSpec("s8_p99_vs_s7_p99", "s8.spinning_tenant", "p99_ms", "s7.many_tenants", "p99_ms", "S7 p99"),
+    RatioSpec("s7_open_p99_vs_s7_p99", "s7.open_loop", "p99_ms", "s7.many_tenants", "p99_ms", "S7 closed-loop p99"),
+    RatioSpec("s10_prewarm_p99_vs_s7_p99", "s10.restart_prewarm", "p99_ms", "s7.many_tenants", "p99_ms",
+              "steady-state p99"),
+    RatioSpec("s10_cold_p99_vs_s7_p99", "s10.restart_cold", "p99_ms", "s7.many_tenants", "p99_ms",
+              "steady-state p99"),
     RatioSpec("s9_p50_vs_s5_cold_p50", "s9.cold_steady", "p50_ms", "s5.cold_start", "p50_ms", "fresh-runner cold p50"),
 )
 
@@ -155,10 +170,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "subprocess_tasks": 64,
         "concurrency": 64,
         "io_flows": 100,              # S4
+        "io_flows_small": 50,         # S4 warm_small (at most io_flows)
         "io_delay_s": 0.05,
         "cold_iterations": 5,         # S5
         "warm_workers": 50,           # S6
         "many_tasks": 600,            # S7, S8: measured flows (after as many warm-up flows)
+        "open_flows": 600,            # S7 open loop: scheduled flows (at most 20 s of schedule)
+        "restart_flows": 300,         # S10: first flows of a restarted runner, per round
+        "restart_reps": 1,            # S10: rounds of each (with and without prewarm), interleaved
         **TENANT_KNOBS,
         "phase_timeout_s": 45.0,
     },
@@ -169,10 +188,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "subprocess_tasks": 128,
         "concurrency": 64,
         "io_flows": 500,
+        "io_flows_small": 50,
         "io_delay_s": 0.05,
         "cold_iterations": 20,
         "warm_workers": 200,
         "many_tasks": 3000,
+        "open_flows": 3000,
+        "restart_flows": 1000,
+        "restart_reps": 2,
         **TENANT_KNOBS,
         "phase_timeout_s": 240.0,
     },

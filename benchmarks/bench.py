@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="latency distribution plot (default: next to the JSON, .png)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     p.add_argument("--only", metavar="LIST", default=None,
-                   help="comma-separated: baselines, scenarios, direct, ppe, pebble, subprocess, pipe, 1..8")
+                   help="comma-separated: baselines, scenarios, direct, ppe, pebble, subprocess, pipe, 1..8, 10 (warm)")
     p.add_argument("--iterations", type=int, metavar="N",
                    help="single-client calls per latency row (direct call and pipe: 10x; fresh subprocess: N/10)")
     p.add_argument("--tasks", type=int, metavar="N", help="submissions per throughput row")
@@ -64,9 +64,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--actions-per-tenant", metavar="N|LO-HI", help="scenarios 7-9: actions per tenant (1-3)")
     p.add_argument("--zipf", type=float, metavar="S", help="scenarios 7-9: Zipf exponent of tenant traffic (1.1)")
     p.add_argument("--many-tasks", type=int, metavar="N", help="scenarios 7-8: measured flows")
+    p.add_argument("--open-flows", type=int, metavar="N", help="S7 open loop: scheduled flows")
+    p.add_argument("--restart-flows", type=int, metavar="N", help="scenario 10: first flows of a restarted runner")
+    p.add_argument("--restart-reps", type=int, metavar="N", help="scenario 10: rounds with and without prewarm")
     p.add_argument("--phase-timeout", type=float, metavar="S", help="hard bound per phase, seconds")
     p.add_argument("--sandbox", choices=("strict", "degraded", "off"), default=None,
                    help="RunnerConfig.sandbox.mode for scenarios (default: the config's default)")
+    p.add_argument("--runner", action="append", default=[], metavar="KEY=VALUE",
+                   help="a RunnerConfig field for every scenario (int, float or text), e.g. worker_nice=0; repeatable")
     p.add_argument("--inline", action="store_true", help="run phases in this process (debugging; no hard kill)")
     p.add_argument("-v", "--verbose", action="store_true", help="show phase processes' stderr as it comes")
     # Internal: the parent runs a phase child with these.
@@ -90,13 +95,42 @@ def build_knobs(args: argparse.Namespace) -> dict[str, Any]:
         knobs["actions_per_tenant"] = args.actions_per_tenant
     if args.zipf is not None:
         knobs["zipf"] = max(0.0, args.zipf)
-    for name in ("concurrency", "io_flows", "warm_workers", "cold_iterations", "tenants", "many_tasks"):
+    for name in ("concurrency", "io_flows", "warm_workers", "cold_iterations", "tenants", "many_tasks", "open_flows",
+                 "restart_flows", "restart_reps"):
         v = getattr(args, name)
         if v is not None:
             knobs[name] = max(1, v)
     if args.phase_timeout is not None:
         knobs["phase_timeout_s"] = args.phase_timeout
+    knobs["runner"] = _runner_overrides(args.runner)
     return knobs
+
+
+def _runner_overrides(items: list[str]) -> dict[str, Any]:
+    """``--runner KEY=VALUE`` pairs as RunnerConfig keyword arguments (checked against its fields)."""
+    import dataclasses
+
+    from ..runner import RunnerConfig
+
+    fields = {f.name for f in dataclasses.fields(RunnerConfig)}
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or key not in fields:
+            raise SystemExit(f"--runner: expected KEY=VALUE with KEY a RunnerConfig field, got {item!r}")
+        value: Any = raw
+        for conv in (int, float):
+            try:
+                value = conv(raw)
+                break
+            except ValueError:
+                continue
+        out[key] = value
+    try:
+        RunnerConfig(**out).validate()
+    except Exception as exc:
+        raise SystemExit(f"--runner: {exc}") from None
+    return out
 
 
 def select_phases(only: str | None) -> list[Phase]:

@@ -13,6 +13,11 @@
         the normal flows' latency (against S7's)
     S9  right after S7, in the same runner: the first execution of a never-seen action of a new
         tenant, one at a time (a cold start in the steady state, not on a fresh runner)
+    S7 open loop  right after S7, in the same runner: S7's mix with Poisson arrivals at half the
+        capacity S7 measured, latency from each flow's scheduled start (no coordinated omission)
+    S10 warm start: a restarted runner's first flows of S7's mix, with ``Runner.prewarm`` (hottest
+        first by run counts of an earlier plan, extra workers for the hottest by their share of the
+        64 flows in flight) against without, A/B interleaved
 
 Every await is bounded by the phase deadline; a flow that is denied when it
 should be allowed fails its row (with the first denial quoted) but the
@@ -30,7 +35,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, NamedTuple
 
 import psutil
 
@@ -80,7 +85,8 @@ def _api() -> Any:
 
 def _config(knobs: dict[str, Any], **kw: Any) -> Any:
     rn = _api()
-    cfg = rn.RunnerConfig(**kw)
+    # --runner KEY=VALUE (A/B of a default, e.g. worker_nice=0 or max_running=16); a scenario's own settings win.
+    cfg = rn.RunnerConfig(**{**knobs.get("runner", {}), **kw})
     if knobs.get("sandbox"):
         cfg = dataclasses.replace(cfg, sandbox=dataclasses.replace(cfg.sandbox, mode=knobs["sandbox"]))
     return cfg
@@ -252,15 +258,25 @@ async def _peak_live(r: Any, stop: asyncio.Event, out: dict[str, int]) -> None:
 
 
 async def _io_round(r: Any, row: dict[str, Any], actions: list[Any], n: int, deadline: Deadline,
-                    exclude: frozenset[int], delay_s: float) -> None:
+                    exclude: frozenset[int], delay_s: float, *, sample_rss: bool = True) -> None:
+    """``n`` flows at once, each awaiting one fetch; ``sample_rss=False`` keeps the supervisor's CPU clean.
+
+    The supervisor's process CPU over the round, divided by the fetches, is the row's
+    ``supervisor_cpu_us_per_fetch`` (it includes the flow around the fetch: the whole cost of an
+    I/O-bound flow to the shared supervisor). The RSS sampler walks /proc on a thread of this
+    process, so rows that report CPU run without it.
+    """
     spawned_before = int(r.stats().get("spawned", 0))
     stop = asyncio.Event()
     peak: dict[str, int] = {}
     poller = asyncio.ensure_future(_peak_live(r, stop, peak))
-    with RssSampler(0.1, exclude) as rss:
+    rss = RssSampler(0.1, exclude) if sample_rss else contextlib.nullcontext()
+    with rss:
+        cpu0, t0 = time.process_time(), time.perf_counter()
         try:
             result = await _flows(r, actions, n, n, deadline)
         finally:
+            cpu = time.process_time() - cpu0
             stop.set()
             await poller
     _fill(row, *result)
@@ -271,15 +287,24 @@ async def _io_round(r: Any, row: dict[str, Any], actions: list[Any], n: int, dea
     row["extra"].update({
         "upstream_delay_ms": delay_s * 1000,
         "peak_live_workers": peak.get("live", 0),
-        "peak_processes": rss.peak_children,
-        "supervisor_rss_mib_peak": round(mib(rss.peak_supervisor), 1),
-        "total_rss_mib_peak": round(mib(rss.peak_total), 1),
-        "rss_samples": rss.samples,
         "workers_spawned": int(s.get("spawned", 0)) - spawned_before,  # a "warm" round that spawns was not warm
+        "supervisor_cpu_s": round(cpu, 4),
+        "supervisor_cpu_us_per_fetch": round(cpu / max(len(ok), 1) * 1e6, 1),
         "stats": s,
     })
-    row["note"] = (f"peak workers {peak.get('live', 0)} ({row['extra']['workers_spawned']} spawned), supervisor RSS {mib(rss.peak_supervisor):.0f} MiB, "
-                   f"supervisor+workers RSS {mib(rss.peak_total):.0f} MiB (peaks)")
+    note = f"peak workers {peak.get('live', 0)} ({row['extra']['workers_spawned']} spawned)"
+    if isinstance(rss, RssSampler):
+        row["extra"].update({
+            "peak_processes": rss.peak_children,
+            "supervisor_rss_mib_peak": round(mib(rss.peak_supervisor), 1),
+            "total_rss_mib_peak": round(mib(rss.peak_total), 1),
+            "rss_samples": rss.samples,
+        })
+        note += (f", supervisor RSS {mib(rss.peak_supervisor):.0f} MiB, "
+                 f"supervisor+workers RSS {mib(rss.peak_total):.0f} MiB (peaks)")
+    else:
+        note += f", supervisor CPU {row['extra']['supervisor_cpu_us_per_fetch']:.0f} us per fetch"
+    row["note"] = note
     if "p50_ms" in row:
         # Against an ideal runner, every flow would take the upstream's delay and no more.
         row["extra"]["p50_over_upstream_delay"] = row["p50_ms"] / (delay_s * 1000)
@@ -287,24 +312,48 @@ async def _io_round(r: Any, row: dict[str, Any], actions: list[Any], n: int, dea
         row["note"] = f"p50 {row['p50_ms'] / (delay_s * 1000):.1f}x the {delay_s * 1000:.0f} ms upstream; " + row["note"]
 
 
+async def _aiohttp_floor(row: dict[str, Any], url: str, n: int, deadline: Deadline) -> None:
+    """The floor of any Python client here: aiohttp alone, ``n`` concurrent GETs to the same upstream."""
+    from .fetch_floor import aiohttp_floor
+
+    got = await asyncio.wait_for(aiohttp_floor(url, n), deadline.left("aiohttp floor"))
+    # The same with a connection per request: what api.fetch does to S4's upstream (127.0.0.1 is non-public).
+    closing = await asyncio.wait_for(aiohttp_floor(url, n, close=True), deadline.left("aiohttp floor"))
+    row.update({"n": n, "throughput_per_s": got["req_per_s"]})
+    row["extra"].update({"cpu_s": round(got["cpu_s"], 4), "cpu_us_per_request": round(got["cpu_s"] / n * 1e6, 1),
+                         "rounds": got["rounds"], "close_req_per_s": round(closing["req_per_s"], 1),
+                         "close_cpu_us_per_request": round(closing["cpu_s"] / n * 1e6, 1)})
+    row["note"] = (f"{n} concurrent GETs, keep-alive, no runner: {got['cpu_s']:.3f} s CPU "
+                   f"({got['cpu_s'] / n * 1e6:.0f} us per request); Connection: close (S4's path): "
+                   f"{closing['req_per_s']:,.0f} req/s, {closing['cpu_s'] / n * 1e6:.0f} us per request; "
+                   f"medians of {len(got['rounds'])} rounds")
+
+
 async def _s4(knobs: dict[str, Any], rec: Recorder, deadline: Deadline) -> None:
     nofile = raise_nofile_limit()
     n = knobs["io_flows"]
+    small = min(knobs.get("io_flows_small", 50), n)
     delay = knobs["io_delay_s"]
     upstream: _Upstream | None = None
     try:
+        upstream = _Upstream(delay, deadline)
+        with rec.row("s4.aiohttp_floor") as row0:
+            await _aiohttp_floor(row0, upstream.url, n, deadline)
         with rec.row("s4.io_cold") as row:
             rn = _api()
-            upstream = _Upstream(delay, deadline)
             exclude = frozenset({upstream.proc.pid})
             actions = [rn.Action(slug="fetch", source=SRC_FETCH % upstream.url)]
-            cfg = _config(knobs, max_workers=n, fetch=rn.FetchConfig(allow_hosts=("127.0.0.1",)))
+            # One tenant has all N flows in flight: its fetch slots and its share of the workers must not be
+            # what is measured. The upstream is 127.0.0.1, a non-public address the operator listed, so every
+            # fetch is sent "Connection: close" and opens a connection of its own (the floor row keeps them).
+            fetch = rn.FetchConfig(allow_hosts=("127.0.0.1",), max_concurrent_per_tenant=max(n, 64))
+            cfg = _config(knobs, max_workers=n, max_busy_per_tenant=n, fetch=fetch)
             row["extra"]["nofile_limit"] = nofile[0]
             async with _runner(cfg, deadline) as r:
                 await _io_round(r, row, actions, n, deadline, exclude, delay)
                 with rec.row("s4.io_warm") as row2:
                     row2["extra"]["nofile_limit"] = nofile[0]
-                    await _io_round(r, row2, actions, n, deadline, exclude, delay)
+                    await _io_round(r, row2, actions, n, deadline, exclude, delay, sample_rss=False)
                     procs = [psutil.Process(p) for p in r.worker_pids]
                     mem = await asyncio.get_running_loop().run_in_executor(None, memory_full, procs)
                     if mem:
@@ -312,13 +361,17 @@ async def _s4(knobs: dict[str, Any], rec: Recorder, deadline: Deadline) -> None:
                         row2["extra"]["workers_uss_mib_total_after"] = round(mib(uss), 1)
                         row2["extra"]["supervisor_rss_mib_after"] = round(mib(psutil.Process().memory_info().rss), 1)
                         row2["note"] += f"; workers USS total {mib(uss):.0f} MiB after"
+                with rec.row("s4.io_warm_small") as row3:
+                    row3["extra"]["io_flows"] = small
+                    await _io_round(r, row3, actions, small, deadline, exclude, delay, sample_rss=False)
             row["extra"]["leaked_processes"] = _leaked(exclude)
     finally:
         if upstream is not None:
             upstream.stop()
-    if not any(r["id"] == "s4.io_warm" for r in rec.rows):
-        with rec.row("s4.io_warm") as row:
-            row["error"] = "not run: the cold round failed before it"
+    for rid in ("s4.aiohttp_floor", "s4.io_cold", "s4.io_warm", "s4.io_warm_small"):
+        if not any(r["id"] == rid for r in rec.rows):
+            with rec.row(rid) as row:
+                row["error"] = "not run: a round before it failed"
 
 
 def phase_s4(knobs: dict[str, Any], rec: Recorder, deadline: Deadline) -> None:
@@ -479,6 +532,17 @@ def on_execute_post_login(event, api):
 '''  # %% "tenant/action": every action of the mix has its own source, hence its own workers
 
 
+class _Done(NamedTuple):
+    """What the many-tenant rows keep of a FlowResult: a tuple the collector untracks, not ~6 tracked objects.
+
+    S7 keeps every measured flow's answer until the row is filled; kept whole, 3,000 results added ~18,000
+    objects to every full collection of the very process being measured (the harness's own cost on the tail).
+    """
+
+    outcome: str
+    denial: dict[str, Any] | None
+
+
 def _mix(knobs: dict[str, Any]) -> Any:
     from ._tenants import TenantMix, parse_range
 
@@ -508,12 +572,12 @@ async def _mixed_flows(r: Any, mix: Any, actions: list[list[Any]], n: int, seed:
     async def one(i: int) -> Any:
         t0 = time.perf_counter()
         if spinning[i]:
-            out = await r.run_flow(trigger=TRIGGER, actions=[spin], event=EVENT, tenant="spinner")
+            got = await r.run_flow(trigger=TRIGGER, actions=[spin], event=EVENT, tenant="spinner")
         else:
             t, a = plan[i]
-            out = await r.run_flow(trigger=TRIGGER, actions=[actions[t][a]], event=EVENT, tenant=f"t{t}")
+            got = await r.run_flow(trigger=TRIGGER, actions=[actions[t][a]], event=EVENT, tenant=f"t{t}")
         lat[i] = time.perf_counter() - t0
-        res[i] = out
+        out = res[i] = _Done(got.outcome, got.denial)
         return out
 
     _, elapsed, _ = await async_closed_loop(one, n, concurrency, deadline.left("many-tenant flows"))
@@ -558,9 +622,55 @@ async def _s7(knobs: dict[str, Any], rec: Recorder, deadline: Deadline) -> None:
             out = await _mixed_flows(r, mix, actions, n, 200, conc, deadline)
             _tenant_row(row, out, mix, knobs, int(r.stats().get("spawned", 0)) - before)
             row["extra"]["stats"] = r.stats()
+            with rec.row("s7.open_loop") as row_open:
+                if not row.get("throughput_per_s"):
+                    raise RuntimeError("no S7 capacity to take half of: the closed loop failed")
+                await _open_loop_row(r, row_open, mix, actions, knobs, row["throughput_per_s"], deadline)
             with rec.row("s9.cold_steady") as row9:
                 await _cold_steady(r, row9, knobs, deadline)
         row["extra"]["leaked_processes"] = _leaked()
+
+
+OPEN_LOOP_LOAD = 0.5          # share of S7's measured capacity the open loop offers
+OPEN_LOOP_MAX_S = 20.0        # the open loop's schedule never runs longer than this
+
+
+async def _open_loop_row(r: Any, row: dict[str, Any], mix: Any, actions: list[list[Any]], knobs: dict[str, Any],
+                         capacity: float, deadline: Deadline) -> None:
+    """S7's mix at half of S7's capacity, Poisson arrivals, latency from the scheduled start (p50/p99/p99.9)."""
+    import random
+
+    from ._open_loop import open_loop, poisson_offsets
+    from ._stats import percentile
+
+    rate = OPEN_LOOP_LOAD * capacity
+    n = max(1, min(int(knobs["open_flows"]), int(rate * OPEN_LOOP_MAX_S)))
+    plan = mix.plan(n, 300)
+    offsets = poisson_offsets(rate, n, random.Random(301))
+    spawned = int(r.stats().get("spawned", 0))
+    await asyncio.sleep(0.2)   # S7's last releases settle: the open loop starts from the steady state
+
+    async def one(i: int) -> Any:
+        t, a = plan[i]
+        got = await r.run_flow(trigger=TRIGGER, actions=[actions[t][a]], event=EVENT, tenant=f"t{t}")
+        return _Done(got.outcome, got.denial)
+
+    out = await open_loop(one, offsets, min(deadline.left("open loop"), OPEN_LOOP_MAX_S + 30.0))
+    _fill(row, out.latencies, out.elapsed, out.results)
+    ms = sorted(x * 1000 for x in out.latencies)
+    lag = sorted(x * 1000 for x in out.start_lag)
+    spawned = int(r.stats().get("spawned", 0)) - spawned
+    if ms:
+        row["extra"]["p999_ms"] = percentile(ms, 99.9)
+    row["extra"].update({
+        "offered_rate_per_s": rate, "capacity_per_s": capacity, "load": OPEN_LOOP_LOAD,
+        "generator_start_lag_p99_ms": percentile(lag, 99) if lag else None,
+        "max_in_flight": out.max_in_flight, "workers_spawned": spawned, "stats": r.stats(),
+    })
+    row["concurrency"] = out.max_in_flight
+    row["note"] = (f"Poisson at {rate:.0f}/s ({OPEN_LOOP_LOAD:.0%} of S7's {capacity:.0f}/s), from scheduled start"
+                   + (f"; p99.9 {row['extra']['p999_ms']:.1f} ms" if ms else "")
+                   + f"; peak {out.max_in_flight} in flight, {spawned} workers spawned")
 
 
 async def _cold_steady(r: Any, row: dict[str, Any], knobs: dict[str, Any], deadline: Deadline) -> None:
@@ -622,3 +732,75 @@ def phase_s7(knobs: dict[str, Any], rec: Recorder, deadline: Deadline) -> None:
 
 def phase_s8(knobs: dict[str, Any], rec: Recorder, deadline: Deadline) -> None:
     _run(_s8, knobs, rec, deadline)
+
+
+# -- S10: warm start (a restarted runner's first flows, with and without prewarm) ------------------
+
+
+async def _restart_round(knobs: dict[str, Any], mix: Any, actions: list[list[Any]], counts: dict[tuple[str, str], int],
+                         prewarm: bool, deadline: Deadline) -> dict[str, Any]:
+    """A fresh runner (default config), optionally prewarmed, then the first flows of S7's mix, 64 in flight."""
+    n, conc = knobs["restart_flows"], knobs["concurrency"]
+    out: dict[str, Any] = {}
+    async with _runner(_config(knobs), deadline) as r:
+        if prewarm:
+            by_tenant = {f"t{t}": acts for t, acts in enumerate(actions)}
+            t0 = time.perf_counter()
+            rep = await asyncio.wait_for(r.prewarm(by_tenant, counts, concurrency=knobs["concurrency"]),
+                                         deadline.left("prewarm"))
+            out["prewarm_s"] = time.perf_counter() - t0
+            out["prewarm"] = {"warmed": len(rep["warmed"]), "left": len(rep["left"]), "stopped": rep["stopped"]}
+        before = int(r.stats().get("spawned", 0))
+        flows = await _mixed_flows(r, mix, actions, n, 400, conc, deadline)
+        out.update(flows)
+        out["spawned"] = int(r.stats().get("spawned", 0)) - before
+    out["leaked"] = _leaked()
+    return out
+
+
+async def _s10(knobs: dict[str, Any], rec: Recorder, deadline: Deadline) -> None:
+    raise_nofile_limit()
+    mix = _mix(knobs)
+    actions = _tenant_actions(mix)
+    # The run counts a replica recorded before its restart: the same traffic, an earlier stretch of it.
+    counts: dict[tuple[str, str], int] = {}
+    for t, a in mix.plan(knobs["many_tasks"], 50):
+        key = (f"t{t}", actions[t][a].slug)
+        counts[key] = counts.get(key, 0) + 1
+    rounds: dict[bool, list[dict[str, Any]]] = {False: [], True: []}
+    problem: str | None = None
+    try:
+        for k in range(knobs["restart_reps"]):
+            # A/B interleaved, the order alternating: the machine's drift lands on both sides.
+            for prewarm in ((False, True) if k % 2 == 0 else (True, False)):
+                rounds[prewarm].append(await _restart_round(knobs, mix, actions, counts, prewarm, deadline))
+    except Exception as exc:  # reported on both rows
+        problem = f"{type(exc).__name__}: {exc}"[:300]
+    for prewarm, row_id in ((False, "s10.restart_cold"), (True, "s10.restart_prewarm")):
+        with rec.row(row_id) as row:
+            got = rounds[prewarm]
+            if got:
+                lat = [x for g in got for x in g["normal_lat"]]
+                res = [x for g in got for x in g["normal_res"]]
+                _fill(row, lat, sum(g["elapsed"] for g in got), res)
+                p99s = [summarize(g["normal_lat"])["p99_ms"] for g in got if g["normal_lat"]]
+                row["extra"].update({
+                    "rounds": len(got), "p99_ms_per_round": p99s,
+                    "p99_ms_median_of_rounds": statistics.median(p99s) if p99s else None,
+                    "workers_spawned_per_round": [g["spawned"] for g in got],
+                    "leaked_processes": sum(g["leaked"] for g in got),
+                    "flows_per_round": knobs["restart_flows"],
+                })
+                if prewarm:
+                    row["extra"]["prewarm"] = [g["prewarm"] for g in got]
+                    row["extra"]["prewarm_s"] = [round(g["prewarm_s"], 3) for g in got]
+                row["note"] = (f"first {knobs['restart_flows']} flows of a restarted runner, "
+                               + (f"prewarmed ({got[0]['prewarm']['warmed']} workers in {got[0]['prewarm_s']:.1f}s, "
+                                  "hottest first)" if prewarm else "no prewarm")
+                               + f"; workers spawned during the flows {[g['spawned'] for g in got]}"
+                               + f"; p99 per round {[round(p, 1) for p in p99s]} ms")
+            row["error"] = row.get("error") or problem
+
+
+def phase_s10(knobs: dict[str, Any], rec: Recorder, deadline: Deadline) -> None:
+    _run(_s10, knobs, rec, deadline)

@@ -66,6 +66,7 @@ class CacheBackend(Protocol):
     async def get(self, scope: str, key: str) -> dict | None: ...
     async def set(self, scope: str, key: str, value: str, options: dict | None) -> dict: ...
     async def delete(self, scope: str, key: str) -> dict: ...
+    async def drop_scope(self, scope: str) -> None: ...
     async def aclose(self) -> None: ...
 
 
@@ -208,6 +209,11 @@ class MemoryCache:
                 del self._scopes[scope]
         return dict(SUCCESS)
 
+    async def drop_scope(self, scope: str) -> None:
+        """Every entry of ``scope`` (a forgotten tenant's), at once."""
+        _check_types(scope, "")
+        self._scopes.pop(scope, None)
+
     async def aclose(self) -> None:
         self._scopes.clear()
 
@@ -262,6 +268,16 @@ return 'OK'
 """
 
 
+# KEYS[1] index. ARGV[1] entry prefix. Deletes the scope's entries and its index.
+_DROP_LUA = """
+for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  redis.call('DEL', ARGV[1] .. m)
+end
+redis.call('DEL', KEYS[1])
+return 'OK'
+"""
+
+
 class RedisCache:
     """Shared backend: every runner on the same redis sees the same cache.
 
@@ -281,6 +297,7 @@ class RedisCache:
             socket_connect_timeout=socket_timeout_s, max_connections=max_connections,
         )
         self._set_script = self._redis.register_script(_SET_LUA)
+        self._drop_script = self._redis.register_script(_DROP_LUA)
 
     @staticmethod
     def _prefix(scope: str) -> str:
@@ -324,6 +341,17 @@ class RedisCache:
                 pipe.zrem(prefix + "i", key)
                 await pipe.execute()
         return dict(SUCCESS)
+
+    async def drop_scope(self, scope: str) -> None:
+        """Every entry of ``scope`` (a forgotten tenant's): its index and the entries it names, in one script.
+
+        The index holds at most the scope's live entries plus expired ones not yet trimmed; entries
+        it no longer names have expired on their own (PEXPIREAT), so nothing of the scope is left.
+        """
+        _check_types(scope, "")
+        prefix = self._prefix(scope)
+        with _unavailable(self._where):
+            await self._drop_script(keys=[prefix + "i"], args=[prefix + "e:"])
 
     async def aclose(self) -> None:
         await self._redis.aclose()

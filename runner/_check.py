@@ -19,11 +19,12 @@ import io
 import re
 import tokenize
 from pathlib import Path
+from typing import Iterable
 
 from ..worker._runtime import handler_names
 
 from ._check_js import check_js
-from ._check_report import Checker, Report
+from ._check_report import Checker, Report, SourceProblem
 from ._triggers import TRIGGERS
 
 
@@ -90,22 +91,33 @@ _NESTING_WORDS = frozenset({"not", "lambda", "await", "if", "else", "yield"})
 # Far above what the compiler itself takes (its recursion gives up near 1,000 levels): a larger element is
 # refused before the parser spends memory on it. Also bounded: the scan itself (one pass, no recursion).
 MAX_NESTING_TOKENS = 3000
+# Code objects (def, lambda, class, comprehension) in one source. CPython 3.11's compiler merges equal
+# constants, and equal code objects cost it time quadratic in their number: 10,000 copies of one small
+# function took seconds of the supervisor's CPU to compile, for 200 kB of source. An action needs far fewer.
+MAX_CODE_OBJECTS = 1000
+_CODE_WORDS = frozenset({"def", "lambda", "class"})
 
 
-def _nesting(source: str) -> tuple[int, int]:
-    """(most nesting tokens in one comma-separated element, its line): one linear pass over the tokens.
+def _nesting(source: str) -> tuple[int, int, int, int]:
+    """(most nesting tokens in one comma-separated element, its line, code objects, the line of the one over
+    ``MAX_CODE_OBJECTS``): one linear pass over the tokens.
 
     Counts reset at each comma of the element's own bracket level, so long flat literals
     (``[-1, -2, ...]``) count little. A source the tokenizer refuses is the compiler's to report.
     """
     stack = [0]
     best, best_line = 0, 1
+    code, code_line = 0, 0
     try:
         for tok in tokenize.generate_tokens(io.StringIO(source).readline):
             if tok.type == tokenize.NEWLINE:
                 stack = [0]
                 continue
             t = tok.string
+            if tok.type == tokenize.NAME and (t in _CODE_WORDS or (t == "for" and len(stack) > 1)):
+                code += 1
+                if code == MAX_CODE_OBJECTS + 1:
+                    code_line = tok.start[0]
             if tok.type == tokenize.OP:
                 if t == "," or t == ";":
                     stack[-1] = 0
@@ -128,30 +140,41 @@ def _nesting(source: str) -> tuple[int, int]:
                 break
     except (tokenize.TokenError, SyntaxError, ValueError):  # unterminated string, bad indentation, null byte
         pass
-    return best, best_line
+    return best, best_line, code, code_line
 
 
-def _compile_problem(path: str, source: str) -> tuple[ast.Module | None, str | None]:
-    """Parse and compile ``source`` without letting it crash the checker: (tree, None) or (None, problem).
+def compile_python(path: str, source: str) -> tuple[ast.Module | None, SourceProblem | None]:
+    """Parse and compile ``source``, never run it, without letting it crash or stall the caller.
 
-    A deeply nested expression makes CPython's parser or compiler raise MemoryError or
-    RecursionError; both become a problem naming the line, like a syntax error.
+    (tree, None) or (None, problem with its 1-based line and column where known). A deeply nested
+    expression makes CPython's parser or compiler raise MemoryError or RecursionError; both become
+    a problem naming the line, like a syntax error. Too many code objects are refused before the
+    compiler's quadratic merge of them runs (``MAX_CODE_OBJECTS``).
     """
-    depth, line = _nesting(source)
-    too_deep = f"{line}: expression nested too deeply to compile (split it into several statements)"
+    depth, line, code, code_line = _nesting(source)
+    too_deep = SourceProblem("expression nested too deeply to compile (split it into several statements)", line)
     if depth > MAX_NESTING_TOKENS:
         return None, too_deep
+    if code > MAX_CODE_OBJECTS:
+        return None, SourceProblem(f"more than {MAX_CODE_OBJECTS} functions, lambdas, classes and comprehensions "
+                                   "in one action (split it into several actions)", code_line)
     try:
         tree = ast.parse(source, filename=path)
         compile(tree, path, "exec", dont_inherit=True)
     except SyntaxError as exc:
-        where = f"{exc.lineno}:{exc.offset}: " if exc.lineno else ""
-        return None, f"{where}SyntaxError: {exc.msg}"
+        return None, SourceProblem(f"SyntaxError: {exc.msg}", exc.lineno or None,
+                                   exc.offset if exc.lineno and exc.offset and exc.offset > 0 else None)
     except ValueError as exc:  # e.g. a null byte in the source
-        return None, f"cannot compile: {exc}"
+        return None, SourceProblem(f"cannot compile: {exc}")
     except (RecursionError, MemoryError):
         return None, too_deep
     return tree, None
+
+
+def _compile_problem(path: str, source: str) -> tuple[ast.Module | None, str | None]:
+    """``compile_python`` with its problem as the checker prints it ("LINE:COL: message")."""
+    tree, problem = compile_python(path, source)
+    return tree, None if problem is None else str(problem)
 
 
 def check_python(path: str, source: str, trigger: str | None) -> Report:
@@ -191,6 +214,41 @@ def check_python(path: str, source: str, trigger: str | None) -> Report:
         else:
             report.problems.append("no handler: define on_execute_<trigger>(event, api) or on_execute(event, api)")
     return report
+
+
+def python_problem(source: str, triggers: Iterable[str]) -> SourceProblem | None:
+    """The first reason ``source`` cannot serve every trigger in ``triggers`` (validation at deploy), or None.
+
+    Compiled, never run (``compile_python``), then a module-level handler per trigger with the
+    arity ``check`` accepts; a missing handler names the near miss that was probably meant.
+    """
+    tree, problem = compile_python("<action>", source)
+    if tree is None:
+        return problem
+    bound = _top_level_bindings(tree)
+    every_valid = _valid_names(None)
+    for t in triggers:
+        found = next((n for n in handler_names(t) if n in bound), None)
+        if found is not None:
+            node = bound[found]
+            arity = _arity_problem(found, node)
+            if arity:
+                return SourceProblem(arity.split(": ", 1)[1], getattr(node, "lineno", None),
+                                     getattr(node, "col_offset", -1) + 1 or None)
+            continue
+        specific, catch_all = handler_names(t)
+        message = f"no handler for {t}: define {specific}(event, api) or {catch_all}(event, api)"
+        candidates = sorted(handler_names(t))
+        for name, node in bound.items():
+            if name in every_valid:
+                continue
+            guess = _suggest(name, candidates)
+            if guess is not None:
+                return SourceProblem(f"{message}; {name} is not a handler name, did you mean {guess}?",
+                                     getattr(node, "lineno", None), getattr(node, "col_offset", -1) + 1 or None)
+        others = sorted(n for n in bound if n in every_valid)
+        return SourceProblem(message + (f" (found {', '.join(others)}, for other triggers)" if others else ""))
+    return None
 
 
 # One checker per language, by file suffix.

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import difflib
 import re
+from typing import Iterable
 
 import _quickjs
 
 from ..worker._js import handler_names, is_module
 
-from ._check_report import Report
+from ._check_report import Report, SourceProblem
 from ._triggers import TRIGGERS
 
 _SENTINEL = "actionpool-check-parsed"
@@ -34,8 +35,8 @@ _BRACKET_OR_NL = re.compile(r"[{}\[\]()\n]")
 _PREFIX_OPS = re.compile(r"[-+!~]")
 
 
-def _parse_error(source: str, module: bool) -> str | None:
-    """None if the source parses; else "LINE:COL: SyntaxError: message" in the action's own coordinates."""
+def parse_problem(source: str, module: bool) -> SourceProblem | None:
+    """None if the source parses; else the engine's message at the action's own 1-based line and column."""
     wrapper = "(function (exports, module, require) {\n" if module else "(async function (event, api) {\n"
     script = f"throw {_SENTINEL!r};\n{wrapper}{source}\n}})"
     ctx = _quickjs.Context()
@@ -51,10 +52,19 @@ def _parse_error(source: str, module: bool) -> str | None:
         m = _POS.search(text)
         if m is None:
             if isinstance(exc, _quickjs.StackOverflow) or "call stack" in head:  # the parser's recursion gave up
-                return f"{_deepest_line(source)}: {head} (nested too deeply to parse)"
-            return head
-        return f"{int(m.group(1)) - 2}:{m.group(2)}: {head}"
-    return "the engine ran the check script instead of refusing it"  # cannot happen: it starts with throw
+                return SourceProblem(f"{head} (nested too deeply to parse)", _deepest_line(source))
+            return SourceProblem(head)
+        line = int(m.group(1)) - 2
+        if line > source.count("\n") + 1:  # at the wrapper's closing brace: the source ended too early
+            return SourceProblem(f"{head} (at the end of the source)", source.count("\n") + 1)
+        return SourceProblem(head, line, int(m.group(2)))
+    return SourceProblem("the engine ran the check script instead of refusing it")  # cannot happen: throw first
+
+
+def _parse_error(source: str, module: bool) -> str | None:
+    """``parse_problem`` as the checker prints it: "LINE:COL: SyntaxError: message"."""
+    problem = parse_problem(source, module)
+    return None if problem is None else str(problem)
 
 
 def _deepest_line(source: str) -> int:
@@ -151,3 +161,25 @@ def check_js(path: str, source: str, trigger: str | None) -> Report:
         else:
             report.problems.append("no handler: assign exports.onExecute<Trigger> or exports.onExecute")
     return report
+
+
+def js_problem(source: str, triggers: Iterable[str]) -> SourceProblem | None:
+    """The first reason ``source`` cannot serve every trigger in ``triggers`` (validation at deploy), or None.
+
+    Parsed by QuickJS, never run (``parse_problem``). A bare body is every trigger's handler; a
+    module must assign each trigger's handler or ``exports.onExecute``.
+    """
+    module = is_module(source)
+    problem = parse_problem(source, module)
+    if problem is not None or not module:
+        return problem
+    exported = _exported_names(source)
+    for t in triggers:
+        if any(n in exported for n in handler_names(t)):
+            continue
+        specific, catch_all = handler_names(t)
+        message = (f"no handler for {t}: assign exports.{specific} = async (event, api) => {{...}} "
+                   f"or exports.{catch_all}")
+        close = difflib.get_close_matches(specific, sorted(exported), n=1, cutoff=0.75)
+        return SourceProblem(message + (f"; exports.{close[0]} is not a handler name" if close else ""))
+    return None

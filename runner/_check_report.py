@@ -24,3 +24,17 @@ class Report:
 
 
 Checker = Callable[[str, str, "str | None"], Report]
+
+
+@dataclass(frozen=True)
+class SourceProblem:
+    """Why a source cannot be deployed, where known: 1-based ``line`` and ``column`` in the action's own text."""
+
+    message: str
+    line: int | None = None
+    column: int | None = None
+
+    def __str__(self) -> str:
+        where = f"{self.line}:{self.column}: " if self.line and self.column else f"{self.line}: " if self.line else ""
+        return where + self.message
+

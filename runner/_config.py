@@ -74,7 +74,7 @@ class FetchConfig:
     max_response_bytes: int = 1 << 20
     max_request_bytes: int = 256 << 10
     max_redirects: int = 5
-    max_response_header_lines: int = 256     # per response head; h11's parse cost is per line
+    max_response_header_lines: int = 256     # per response head (aiohttp's max_headers)
     max_response_head_bytes: int = 64 << 10
     max_concurrent_per_execution: int = 16
     # Capacity per tenant, so one tenant's slow hosts or DNS never take another's (runner/_fetch_capacity.py).
@@ -148,6 +148,13 @@ class RunnerConfig:
     # An execution past this much CPU time runs under SCHED_IDLE until it ends, so short executions of
     # other tenants preempt it (runner/_cpu.py). 0: never demote.
     cpu_budget_ms: float = 50.0
+    # Workers' scheduling groups run this much nicer than the supervisor (0-18; a demoted spinner's goes to 19),
+    # which every flow waits on, so it preempts them; they also yield to every other process (docs/design.md).
+    worker_nice: int = 0
+    # Executions admitted to the CPU at once, the rest first-come-first-served (runner/_admission.py); a token
+    # lasts at most running_hold_ms, so I/O-bound and long executions never block admission. 0: no limit.
+    max_running: int = 0
+    running_hold_ms: float = 5.0
 
     def validate(self) -> "RunnerConfig":
         self.limits.validate()
@@ -155,6 +162,14 @@ class RunnerConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ConfigError(f"{name} must be a non-negative integer, got {v!r}")
+        nice = self.worker_nice
+        if isinstance(nice, bool) or not isinstance(nice, int) or not 0 <= nice <= 18:
+            raise ConfigError(f"worker_nice must be an integer from 0 to 18, got {self.worker_nice!r}")
+        if isinstance(self.max_running, bool) or not isinstance(self.max_running, int) or self.max_running < 0:
+            raise ConfigError(f"max_running must be a non-negative integer, got {self.max_running!r}")
+        h = self.running_hold_ms
+        if isinstance(h, bool) or not isinstance(h, (int, float)) or not math.isfinite(h) or not 0 < h <= 1000:
+            raise ConfigError(f"running_hold_ms must be a number of milliseconds in (0, 1000], got {h!r}")
         for name in ("max_executions_per_worker", "spawn_concurrency"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:

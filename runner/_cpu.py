@@ -101,9 +101,43 @@ def demote(pid: int) -> None:
     _set_class(pid, os.SCHED_IDLE, 19)
 
 
-def restore(pid: int) -> None:
+def restore(pid: int, autogroup_nice: int = 0) -> None:
     """Back to SCHED_OTHER. Raises PermissionError without CAP_SYS_NICE (leaving SCHED_IDLE needs it)."""
-    _set_class(pid, os.SCHED_OTHER, 0)
+    _set_class(pid, os.SCHED_OTHER, autogroup_nice)
+
+
+def set_worker_nice(pid: int, nice: int) -> None:
+    """A new worker's scheduling group below the supervisor's (``RunnerConfig.worker_nice``).
+
+    Each worker is a session, hence (with autogroups) a scheduling group that competes with the
+    supervisor's as an equal: with 50 runnable workers the supervisor, which every flow waits
+    on, got about a fiftieth of the CPU and its loop ran 30-180 ms late (bench S7). A group
+    at nice 10 weighs about a tenth of one at 0, so the supervisor runs when it has work, and
+    workers still get every cycle it leaves (the scheduler is work-conserving). Where autogroups do
+    not apply (a container's own CPU cgroup, or a kernel without them) every task competes on its own
+    nice value, so the worker's task gets the same value.
+    Both are relative to the supervisor's own (a supervisor started under ``nice`` keeps its lead).
+    """
+    if nice:
+        try:
+            os.setpriority(os.PRIO_PROCESS, pid, min(18, os.getpriority(os.PRIO_PROCESS, 0) + nice))
+        except OSError:
+            pass   # gone already, or not ours to change: it then competes as an equal, as before
+        _set_autogroup_nice(_own_autogroup(pid), worker_group_nice(nice))
+
+
+def worker_group_nice(nice: int) -> int:
+    """The autogroup nice of a worker: ``nice`` above the supervisor's group, below a demoted one's 19."""
+    return min(18, _autogroup_nice_of_self() + nice) if nice else 0
+
+
+def _autogroup_nice_of_self() -> int:
+    try:
+        with open("/proc/self/autogroup") as f:
+            parts = f.read().split()
+        return int(parts[2]) if len(parts) >= 3 and parts[1] == "nice" else 0
+    except (OSError, ValueError):
+        return 0
 
 
 class _Watch:
@@ -125,7 +159,8 @@ class _Watch:
 class CpuGovernor:
     """Watches running executions' CPU time; demotes spinners, enforces ``cpu_limit``."""
 
-    def __init__(self, budget_ms: float) -> None:
+    def __init__(self, budget_ms: float, worker_nice: int = 0) -> None:
+        self.worker_nice = worker_nice   # where a demoted worker's group goes back to
         self.budget_ns = int(budget_ms * 1e6)
         self.period_s = max(budget_ms / 2000.0, 0.002)
         # Running executions: the start time (monotonic) until the first tick anchors them, then a _Watch.
@@ -151,7 +186,7 @@ class CpuGovernor:
             self._limits.pop(w, None)
         if type(st) is _Watch and st.demoted and w.alive:
             try:
-                restore(w.pid)
+                restore(w.pid, worker_group_nice(self.worker_nice))
             except OSError as exc:  # no CAP_SYS_NICE: an unprivileged supervisor cannot undo SCHED_IDLE
                 w.kill(f"could not restore its CPU priority ({exc.strerror}); discarded")
 

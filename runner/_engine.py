@@ -16,8 +16,10 @@ import orjson
 
 from ..protocol import check_json, pack
 
+from ._admission import Admission
 from ._config import RunnerConfig
 from ._cpu import CpuGovernor
+from ._decisions import ALLOW
 from ._errors import DenialKind, Overloaded, PoolClosed
 from ._failure import environment_kind
 from ._flow import Action, FlowState, js_heap_bytes
@@ -87,7 +89,17 @@ class FlowEngine:
         # Set by Runner.close() once the grace period is over: whatever fails from then on failed
         # because the runner killed it, and says so (``shutdown``), not ``worker_crash SIGKILL``.
         self.closing = False
-        self.cpu = CpuGovernor(config.cpu_budget_ms) if config.cpu_budget_ms else None
+        self.cpu = CpuGovernor(config.cpu_budget_ms, config.worker_nice) if config.cpu_budget_ms else None
+        self.admission = Admission(config.max_running, config.running_hold_ms / 1000) if config.max_running else None
+
+    def owner_of(self, tenant: str, action: Action) -> str:
+        """Whose workers may run ``action`` for ``tenant`` (see ``_acquire_live``)."""
+        return tenant if self.config.worker_binding == "tenant" else f"{tenant}\x00{action.identity}"
+
+    def worker_key(self, tenant: str, action: Action) -> tuple[str, tuple[Any, ...]]:
+        """The pool key a flow of ``action`` acquires under: (owner, worker profile); ``Runner.prewarm`` uses it."""
+        limits = self.config.limits.merged(action.limits)
+        return self.owner_of(tenant, action), (limits.memory_mb, limits.cpu_seconds, limits.max_open_files)
 
     def check_event(self, event: Any) -> str | None:
         return event_problem(event, self.config.limits.max_frame_bytes)
@@ -99,7 +111,7 @@ class FlowEngine:
         # in a warm worker and must not carry one action's secrets into another's execution.
         # worker_binding="tenant": any action of the tenant; its actions can then see each other's
         # module globals and secrets (a tenant is one trust domain).
-        owner = flow.tenant if self.config.worker_binding == "tenant" else f"{flow.tenant}\x00{action.identity}"
+        owner = self.owner_of(flow.tenant, action)
         for _ in range(3):
             remaining = flow.deadline - time.monotonic()
             w = await self._pool.acquire(owner, action.digest, wprofile,
@@ -117,13 +129,27 @@ class FlowEngine:
 
     async def run_actions(self, flow: FlowState, prof: TriggerProfile, actions: list[Action]) -> None:
         pool = self._pool
+        resume = 0  # a skip_to block passes over the entries before this index (their records stay "skipped")
         for i, action in enumerate(actions):
             if flow.denial is not None:
                 break
+            if i < resume:
+                continue
             rec = flow.records[i]
             decide = getattr(action, "decide", None)
             if decide is not None:  # a decision block (runner/_decisions.py): evaluated here, no worker
                 rec.status = decide(flow)
+                goto, flow.goto = flow.goto, None
+                if goto is None:
+                    continue
+                if goto == ALLOW:
+                    break  # the flow ends allowed; the later entries stay "skipped"
+                resume = next((j for j in range(i + 1, len(actions)) if actions[j].slug == goto), -1)
+                if resume < 0:  # an embedder's list without the target: fail closed, never run past it
+                    flow.deny(action.slug, "decision_error", f"skip_to {goto!r} is not a later entry of this flow",
+                              None)
+                    rec.status = "failed"
+                    break
                 continue
             limits = flow.limits_for(action.slug)
             now = time.monotonic()
@@ -133,6 +159,8 @@ class FlowEngine:
                 break
             wprofile = (limits.memory_mb, limits.cpu_seconds, limits.max_open_files)
             try:
+                # FIFO admission to the CPU (runner/_admission.py); an unused token expires by itself.
+                tok = await self.admission.enter() if self.admission is not None else None
                 w = await self._acquire_live(flow, action, wprofile)
             except Overloaded as exc:
                 flow.deny(action.slug, "overloaded", str(exc), None)
@@ -155,7 +183,9 @@ class FlowEngine:
                 timeout, kind = limits.action_timeout_s, "timeout"
             else:
                 timeout, kind = max(remaining, 0.001), "flow_timeout"
-            ctx = ExecutionContext(flow, action.slug, prof, self._services, time.monotonic() + timeout)
+            began = time.monotonic()
+            rec.started_ms = (began - flow.started) * 1000.0   # when the span of this action starts (tracing)
+            ctx = ExecutionContext(flow, action.slug, prof, self._services, began + timeout)
             params = {
                 "trigger": prof.name,
                 "filename": action.filename,
@@ -180,6 +210,8 @@ class FlowEngine:
                 pool.release(w, False)
                 raise
             finally:
+                if tok is not None:
+                    tok.leave()
                 if cpu is not None:
                     cpu.end(w)
             if outcome.error is None:

@@ -8,8 +8,9 @@ The worker has no network; every request is made here, after three gates:
 3. SSRF: the name is resolved once, every address is vetted, and the
    connection is made to a vetted address only (the pin). The URL keeps its
    host name, so the Host header, SNI and certificate checks are the normal
-   ones; only the TCP connect is redirected, by a network backend that reads
-   the pin of the current request from a context variable. A host without a
+   ones; only the address lookup is replaced, by a resolver that reads the
+   pin of the current request from a context variable, and the socket is
+   created only for a vetted address (``_fetch_client``). A host without a
    pin cannot be connected to at all (fail closed), so DNS rebinding between
    check and connect is impossible.
 
@@ -29,24 +30,26 @@ characters), so every step is linear in what the server sends.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import ipaddress
 import logging
 import math
 import re
 import ssl
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from functools import lru_cache
 from typing import Any
 
+import aiohttp
 import httpcore
 import httpx
 import idna
+import yarl
 
 from ._config import FetchConfig
 from ._errors import ConfigError, FetchDenied, FetchError, FetchTimeout
 from ._fetch_capacity import BlockingResolver, CapacityTable, Resolver, TenantCapacity
+from ._fetch_client import PINS, ConnectCheck, TenantClient
 from ._fetch_stub import StubPool, compile_stub
 from ._redact import install_log_redaction
 
@@ -71,8 +74,11 @@ METADATA_ADDRESSES = frozenset({
     ipaddress.ip_address("fd00:ec2::254"),
 })
 MAX_URL_CHARS = 16384
+MEMO_URL_CHARS = 1024  # longer URLs are checked every time, not remembered (bounds the per-tenant memo)
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
+# Control characters a header value may not carry (CR, LF, NUL and the rest; tab is fine), as RFC 9110 says.
+_CTL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 # ---------------------------------------------------------------- host policy
@@ -177,97 +183,6 @@ def _is_internal(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     )
 
 
-# ------------------------------------------------------- pinned connections
-
-# (host as httpcore sees it, port) -> vetted addresses, for the request in flight.
-_PINS: contextvars.ContextVar[dict[tuple[str, int], tuple[str, ...]]] = contextvars.ContextVar("actionpool_fetch_pins")
-
-
-class _HeadGuard(httpcore.AsyncNetworkStream):
-    """Caps each response head (status line + headers) before h11 parses it.
-
-    h11 parses a whole head in one step once its blank line arrives, and the
-    cost is per header line: 100 KiB of tiny headers is tens of thousands of
-    lines, and a burst of such responses would hold the event loop for
-    seconds. httpcore sends one request at a time per connection, so every
-    ``write`` starts a new head; ``read`` counts its lines and bytes (linear,
-    ``bytes.count``) until the blank line and fails the fetch past the caps.
-    """
-
-    def __init__(self, inner: httpcore.AsyncNetworkStream, max_lines: int, max_bytes: int) -> None:
-        self._inner = inner
-        self._max_lines = max_lines
-        self._max_bytes = max_bytes
-        self._in_head = False
-        self._lines = 0
-        self._bytes = 0
-        self._tail = b""  # the last 3 bytes seen, for a blank line split across reads
-
-    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        self._in_head, self._lines, self._bytes, self._tail = True, 0, 0, b""
-        await self._inner.write(buffer, timeout)
-
-    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        data = await self._inner.read(max_bytes, timeout)
-        if self._in_head and data:
-            window = self._tail + data
-            end = window.find(b"\r\n\r\n")
-            head = window[len(self._tail):] if end < 0 else window[len(self._tail):end + 4]
-            self._lines += head.count(b"\n")
-            self._bytes += len(head)
-            if self._lines > self._max_lines or self._bytes > self._max_bytes:
-                raise FetchError(f"api.fetch: the response head exceeds {self._max_lines} header lines or "
-                                 f"{self._max_bytes} bytes")
-            if end >= 0:
-                self._in_head = False  # interim (1xx) heads count towards the same budget
-            self._tail = window[-3:]
-        return data
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
-
-    async def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
-                        timeout: float | None = None) -> httpcore.AsyncNetworkStream:
-        inner = await self._inner.start_tls(ssl_context, server_hostname, timeout)
-        return _HeadGuard(inner, self._max_lines, self._max_bytes)
-
-    def get_extra_info(self, info: str) -> Any:
-        return self._inner.get_extra_info(info)
-
-
-class _PinnedBackend(httpcore.AsyncNetworkBackend):
-    """Connects to the vetted address of the current request instead of resolving the name again."""
-
-    def __init__(self, inner: httpcore.AsyncNetworkBackend | None = None, *,
-                 max_head_lines: int = 256, max_head_bytes: int = 64 << 10) -> None:
-        self._inner = inner or httpcore.AnyIOBackend()
-        self._max_head_lines = max_head_lines
-        self._max_head_bytes = max_head_bytes
-
-    async def connect_tcp(self, host: str, port: int, timeout: float | None = None,
-                          local_address: str | None = None, socket_options: Any = None) -> httpcore.AsyncNetworkStream:
-        ips = _PINS.get({}).get((host, port))
-        if not ips:
-            raise httpcore.ConnectError(f"no vetted address for {host}:{port}; refusing to connect")
-        last: Exception | None = None
-        for ip in ips:
-            try:
-                stream = await self._inner.connect_tcp(ip, port, timeout=timeout, local_address=local_address,
-                                                       socket_options=socket_options)
-                return _HeadGuard(stream, self._max_head_lines, self._max_head_bytes)
-            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
-                last = exc
-        assert last is not None
-        raise last
-
-    async def connect_unix_socket(self, path: str, timeout: float | None = None,
-                                  socket_options: Any = None) -> httpcore.AsyncNetworkStream:
-        raise httpcore.ConnectError("unix sockets are not reachable from actions")
-
-    async def sleep(self, seconds: float) -> None:
-        await self._inner.sleep(seconds)
-
-
 # ------------------------------------------------------------ body decoding
 
 
@@ -346,14 +261,13 @@ class Fetcher:
     def __init__(self, config: FetchConfig, *, resolver: Resolver | None = None,
                  blocking_resolver: BlockingResolver | None = None,
                  ssl_context: ssl.SSLContext | None = None,
-                 network_backend: httpcore.AsyncNetworkBackend | None = None) -> None:
-        """``resolver``/``blocking_resolver`` replace DNS and ``network_backend`` the socket layer
-        under the pin (tests: a loopback-only backend that fails the test instead of connecting)."""
+                 connect_check: ConnectCheck | None = None) -> None:
+        """``resolver``/``blocking_resolver`` replace DNS; ``connect_check(address, port)`` is called
+        right before every connect, under the pin (tests: fail the test instead of leaving loopback)."""
         install_log_redaction()
         self._config = config
         self._ssl = ssl_context or httpx.create_ssl_context(trust_env=False)
-        self._backend = _PinnedBackend(network_backend, max_head_lines=config.max_response_header_lines,
-                                       max_head_bytes=config.max_response_head_bytes)
+        self._connect_check = connect_check
         if config.stub is not None:
             stub = StubPool(compile_stub(config.stub), config.stub_redact)
             make_pool: Callable[[], Any] = lambda: stub  # noqa: E731
@@ -361,18 +275,17 @@ class Fetcher:
             make_pool = self._make_pool
         self._capacity = CapacityTable(config, make_pool, resolver=resolver, blocking_resolver=blocking_resolver)
 
-    def _make_pool(self) -> httpcore.AsyncConnectionPool:
-        n = self._config.max_concurrent_per_tenant
-        return httpcore.AsyncConnectionPool(
-            ssl_context=self._ssl, max_connections=n,
-            max_keepalive_connections=min(n, self._config.max_keepalive_per_tenant),
-            keepalive_expiry=30.0, http1=True, http2=False, retries=0, network_backend=self._backend,
-        )
+    def _make_pool(self) -> TenantClient:
+        return TenantClient(self._config, self._ssl, self._connect_check)
 
     @property
     def tenant_pools(self) -> int:
         """How many tenants currently hold a pool (bounded by ``FetchConfig.max_tenant_pools``)."""
         return len(self._capacity)
+
+    def forget_tenant(self, tenant: str) -> None:
+        """Close ``tenant``'s connection pool and DNS answers (Runner.forget_tenant); in-flight fetches finish first."""
+        self._capacity.forget(tenant)
 
     async def aclose(self) -> None:
         await self._capacity.aclose()
@@ -387,7 +300,7 @@ class Fetcher:
         body. ``max_reply_bytes``: the result must fit one reply frame.
         """
         method, headers, body = self._parse_init(init)
-        target = self._check_url(url, allow_hosts)  # FetchDenied before anything else happens
+        target = self._checked_url(tenant, url, allow_hosts)  # FetchDenied before anything else happens
         budget = min(float(timeout_s), float(self._config.timeout_s)) if not math.isnan(timeout_s) else 0.0
         if not budget > 0:
             raise FetchTimeout("no time left for api.fetch in this execution")
@@ -427,7 +340,7 @@ class Fetcher:
                     raise FetchError(f"api.fetch: invalid header name {name!r:.60}")
                 if not isinstance(value, str):
                     raise FetchError(f"api.fetch: header {name!r:.60} must be a string, got {type(value).__name__}")
-                if any(c in value for c in "\r\n\0") or not value.isascii() and not _latin1(value):
+                if _CTL.search(value) or not value.isascii() and not _latin1(value):
                     raise FetchError(f"api.fetch: header {name!r:.60} has an invalid value")
                 if name.lower() not in DROPPED_HEADERS:
                     headers.append((name, value))
@@ -443,6 +356,18 @@ class Fetcher:
             if len(data) > self._config.max_request_bytes:
                 raise FetchError(f"api.fetch: request body exceeds {self._config.max_request_bytes} bytes")
         return method, headers, data
+
+    def _checked_url(self, tenant: str, url: Any, allow_hosts: tuple[str, ...]) -> httpx.URL:
+        """:meth:`_check_url`, answered from the tenant's memo of recent verdicts when it has one."""
+        cap = self._capacity.peek(tenant)
+        if cap is None or type(url) is not str or len(url) > MEMO_URL_CHARS:
+            return self._check_url(url, allow_hosts)
+        key = ("url", url, _compile_allowlist(tuple(allow_hosts)))
+        hit = cap.remembered(key)
+        if hit is None:
+            hit = self._check_url(url, allow_hosts)
+            cap.remember(key, hit)
+        return hit
 
     def _check_url(self, url: Any, allow_hosts: tuple[str, ...]) -> httpx.URL:
         if not isinstance(url, (str, httpx.URL)):
@@ -479,7 +404,18 @@ class Fetcher:
                 raise FetchError(f"api.fetch: could not resolve {host!r}: {exc}") from None
             if not names:
                 raise FetchError(f"api.fetch: {host!r} has no addresses")
-        exact, _ = _compile_allowlist(tuple(allow_hosts))
+        compiled = _compile_allowlist(tuple(allow_hosts))
+        key = ("vet", host, tuple(map(str, names)), compiled)
+        hit = cap.remembered(key) if cap is not None else None
+        if hit is None:
+            hit = self._vet_addresses(host, names, compiled[0])
+            if cap is not None:
+                cap.remember(key, hit)
+        return hit
+
+    @staticmethod
+    def _vet_addresses(host: str, names: list[str], exact: frozenset[str]) -> tuple[tuple[str, ...], bool]:
+        """Every address of ``host`` must be public, or listed by IP; never a metadata address."""
         out: list[str] = []
         public = True
         for name in names:
@@ -508,36 +444,64 @@ class Fetcher:
             if hop:
                 url = self._check_url(url, allow_hosts)
             host = url.raw_host.decode("ascii")
-            port = url.port or (443 if url.scheme == "https" else 80)
-            # A stub never touches the network, so there is nothing to resolve or pin.
-            ips, public = ((), True) if stubbed else await self._vet(cap, host, allow_hosts)
-            remaining = max(deadline - loop.time(), 0.001)
-            request = _core_request(method, url, headers, body, close=not public, timeout=remaining)
-            token = _PINS.set({(host, port): ips})
-            try:
-                with _mapped_errors(host):
-                    response = await cap.pool.handle_async_request(request)
+            with _mapped_errors(host, self._config):
+                if stubbed:  # a stub never touches the network: nothing to resolve or pin
+                    status, raw, data = await self._stub_exchange(cap.pool, method, url, headers, body,
+                                                                  max(deadline - loop.time(), 0.001))
+                else:
+                    ips, public = await self._vet(cap, host, allow_hosts)
+                    port = url.port or (443 if url.scheme == "https" else 80)
+                    token = PINS.set({(host, port): ips})
                     try:
-                        resp_headers = httpx.Headers(response.headers)
-                        location = resp_headers.get("location")
-                        if response.status in REDIRECT_STATUSES and location is not None:
-                            nxt = self._redirect_target(url, location)
-                            method, body, headers = _redirected(response.status, method, body, headers,
-                                                                same_origin=_origin(nxt) == _origin(url))
-                            url = nxt
-                            continue
-                        data = await self._read_body(response, resp_headers, method)
+                        status, raw, data = await self._exchange(cap.pool, method, url, headers, body,
+                                                                 close=not public)
                     finally:
-                        await response.aclose()
-            finally:
-                _PINS.reset(token)
-            log.debug("fetch %s %s -> %d (%d bytes)", method, url, response.status, len(data))
+                        PINS.reset(token)
+            if data is None:  # a redirect with a Location: the next hop passes every gate again
+                nxt = self._redirect_target(url, _first(raw, "location") or "")
+                method, body, headers = _redirected(status, method, body, headers,
+                                                    same_origin=_origin(nxt) == _origin(url))
+                url = nxt
+                continue
+            log.debug("fetch %s %s -> %d (%d bytes)", method, url, status, len(data))
             return {
-                "status": response.status,
-                "headers": _flatten_headers(resp_headers),
-                "body": data.decode(_charset(resp_headers.get("content-type")), errors="replace"),
+                "status": status,
+                "headers": _flatten_headers(raw),
+                "body": data.decode(_charset(_first(raw, "content-type")), errors="replace"),
             }
         raise FetchError(f"api.fetch: more than {self._config.max_redirects} redirects")
+
+    async def _exchange(self, client: TenantClient, method: str, url: httpx.URL, headers: list[tuple[str, str]],
+                        body: bytes | None, *, close: bool) -> tuple[int, list[tuple[str, str]], bytes | None]:
+        """One request on the tenant's pool: (status, headers, body), body None for a redirect to follow."""
+        target = yarl.URL(str(url), encoded=True)  # exactly the URL the gates saw, not re-encoded
+        resp = await client.session(close=close).request(method, target, headers=_request_headers(headers, close),
+                                                         data=body, allow_redirects=False)
+        try:
+            raw = _decode_headers(resp.raw_headers)
+            if sum(len(k) + len(v) + 4 for k, v in raw) > self._config.max_response_head_bytes:
+                raise FetchError(_head_too_big(self._config))
+            if resp.status in REDIRECT_STATUSES and _first(raw, "location") is not None:
+                resp.close()  # its body is not wanted: the connection is not reused
+                return resp.status, raw, None
+            data = await self._read_body(resp.content.iter_any(), raw, method)
+        except BaseException:
+            resp.close()
+            raise
+        resp.release()
+        return resp.status, raw, data
+
+    async def _stub_exchange(self, stub: Any, method: str, url: httpx.URL, headers: list[tuple[str, str]],
+                             body: bytes | None, timeout: float) -> tuple[int, list[tuple[str, str]], bytes | None]:
+        """The same exchange answered by ``FetchConfig.stub`` (offline mode)."""
+        response = await stub.handle_async_request(_core_request(method, url, headers, body, timeout=timeout))
+        try:
+            raw = _decode_headers(response.headers)
+            if response.status in REDIRECT_STATUSES and _first(raw, "location") is not None:
+                return response.status, raw, None
+            return response.status, raw, await self._read_body(response.aiter_stream(), raw, method)
+        finally:
+            await response.aclose()
 
     def _redirect_target(self, current: httpx.URL, location: str) -> httpx.URL:
         try:
@@ -548,25 +512,25 @@ class Fetcher:
             raise FetchDenied("api.fetch: refusing a redirect from https to plain http")
         return nxt
 
-    async def _read_body(self, response: httpcore.Response, headers: httpx.Headers, method: str) -> bytes:
+    async def _read_body(self, chunks: AsyncIterator[bytes], headers: list[tuple[str, str]], method: str) -> bytes:
         """The body, decompressed, never holding more than the cap (checked chunk by chunk as it streams)."""
         if method == "HEAD":
             return b""
         cap = self._config.max_response_bytes
         too_big = f"api.fetch: response body exceeds {cap} bytes"
-        encoding = headers.get("content-encoding", "").strip().lower()
+        encoding = (_first(headers, "content-encoding") or "").strip().lower()
         inflate: _BoundedInflate | None = None
         if encoding in ("gzip", "x-gzip", "deflate"):
             inflate = _BoundedInflate("deflate" if encoding == "deflate" else "gzip")
         elif encoding not in ("", "identity"):
             raise FetchError(f"api.fetch: unsupported response content-encoding {encoding!r:.60}")
         else:
-            length = headers.get("content-length", "")
+            length = (_first(headers, "content-length") or "").strip()
             if length.isdigit() and int(length) > cap:
                 raise FetchError(too_big)
         buf = bytearray()
         try:
-            async for chunk in response.aiter_stream():
+            async for chunk in chunks:
                 data = inflate.feed(chunk, cap - len(buf)) if inflate else chunk
                 if len(buf) + len(data) > cap:
                     raise FetchError(too_big)
@@ -580,15 +544,44 @@ class Fetcher:
         return bytes(buf)
 
 
-def _core_request(method: str, url: httpx.URL, headers: list[tuple[str, str]], body: bytes | None, *,
-                  close: bool, timeout: float) -> httpcore.Request:
-    """The request as httpcore sends it: ours defaults, the action's headers, Host and Content-Length."""
+def _request_headers(headers: list[tuple[str, str]], close: bool) -> list[tuple[str, str]]:
+    """Our defaults unless the action gave its own, the action's headers, our Accept-Encoding, maybe close."""
     given = {k.lower() for k, _ in headers}
-    hop = [(k, v) for k, v in DEFAULT_HEADERS if k not in given] + list(headers) + [ACCEPT_ENCODING]
+    out = [(k, v) for k, v in DEFAULT_HEADERS if k not in given] + headers + [ACCEPT_ENCODING]
     if close:
-        hop.append(("connection", "close"))
-    # Values may be Latin-1 (as in fetch); httpx would encode str values as ASCII only.
-    raw = [(k.encode("ascii"), v.encode("latin-1")) for k, v in hop]
+        out.append(("connection", "close"))
+    return out
+
+
+def _decode_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+    """Header bytes as text: ASCII, else UTF-8, else Latin-1, for the whole head (as httpx decodes them)."""
+    pairs = list(raw)
+    for encoding in ("ascii", "utf-8"):
+        try:
+            return [(k.decode(encoding), v.decode(encoding)) for k, v in pairs]
+        except UnicodeDecodeError:
+            continue
+    return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in pairs]
+
+
+def _first(headers: list[tuple[str, str]], name: str) -> str | None:
+    """The first value of header ``name`` (lower-case), or None."""
+    for k, v in headers:
+        if k.lower() == name:
+            return v
+    return None
+
+
+def _head_too_big(config: FetchConfig) -> str:
+    return (f"api.fetch: the response head exceeds {config.max_response_header_lines} header lines or "
+            f"{config.max_response_head_bytes} bytes")
+
+
+def _core_request(method: str, url: httpx.URL, headers: list[tuple[str, str]], body: bytes | None, *,
+                  timeout: float) -> httpcore.Request:
+    """The request as the fetch stub receives it (the stub keeps httpcore's request shape)."""
+    hop = _request_headers(headers, False)
+    raw = [(k.encode("ascii"), v.encode("latin-1", errors="replace")) for k, v in hop]
     built = httpx.Request(method, url, headers=raw, content=body)  # adds Host and Content-Length
     return httpcore.Request(
         method=method.encode("ascii"),
@@ -609,26 +602,33 @@ def _check_reply_size(result: dict, limit: int) -> None:
 
 
 class _mapped_errors:
-    """Turn transport exceptions into FetchError/FetchTimeout with a message naming the host."""
+    """Turn transport exceptions into FetchError with a message naming the host (timeouts pass: the caller's)."""
 
-    def __init__(self, host: str) -> None:
+    def __init__(self, host: str, config: FetchConfig) -> None:
         self._host = host
+        self._config = config
 
     def __enter__(self) -> None:
         return None
 
     def __exit__(self, et: type[BaseException] | None, exc: BaseException | None, tb: Any) -> bool:
-        if exc is None or isinstance(exc, FetchError):
+        if exc is None or isinstance(exc, (FetchError, TimeoutError)):
             return False
-        if isinstance(exc, (httpcore.TimeoutException, httpx.TimeoutException)):
-            raise FetchTimeout(f"api.fetch: {self._host} did not answer in time ({type(exc).__name__})") from None
-        if isinstance(exc, (httpcore.ConnectError, httpx.ConnectError)):
-            raise FetchError(f"api.fetch: could not connect to {self._host}: {exc or type(exc).__name__}") from None
-        if isinstance(exc, (httpcore.NetworkError, httpcore.ProtocolError, httpcore.UnsupportedProtocol,
-                            httpx.HTTPError, httpx.StreamError, ssl.SSLError, OSError)):
+        if isinstance(exc, aiohttp.ClientConnectorError):
+            raise FetchError(f"api.fetch: could not connect to {self._host}: {exc.os_error or exc}") from None
+        if isinstance(exc, aiohttp.ClientResponseError) and _head_error(str(exc.message)):
+            raise FetchError(_head_too_big(self._config)) from None
+        if isinstance(exc, (aiohttp.ClientError, httpcore.NetworkError, httpcore.ProtocolError, ssl.SSLError,
+                            OSError, ValueError)):
             raise FetchError(f"api.fetch: request to {self._host} failed: "
                              f"{exc or type(exc).__name__}") from None
         return False
+
+
+def _head_error(message: str) -> bool:
+    """Is this aiohttp parser message one of the response-head caps (too many lines, a line too long)?"""
+    m = message.lower()
+    return "too many headers" in m or "got more than" in m or "line is too long" in m or "header value is too long" in m
 
 
 def _latin1(value: str) -> bool:
@@ -654,9 +654,9 @@ def _redirected(status: int, method: str, body: bytes | None, headers: list[tupl
     return method, body, headers
 
 
-def _flatten_headers(headers: httpx.Headers) -> dict[str, str]:
+def _flatten_headers(headers: list[tuple[str, str]]) -> dict[str, str]:
     """Lower-case names; repeated headers joined with ", " (once: linear in the number of repeats)."""
     parts: dict[str, list[str]] = {}
-    for k, v in headers.multi_items():
+    for k, v in headers:
         parts.setdefault(k.lower(), []).append(v)
     return {k: ", ".join(v) for k, v in parts.items()}

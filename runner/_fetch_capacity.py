@@ -30,6 +30,7 @@ from ._errors import FetchError
 __all__ = ["TenantCapacity", "CapacityTable", "Resolver", "BlockingResolver", "system_getaddrinfo"]
 
 Resolver = Callable[[str], Awaitable[list[str]]]
+MEMO_ENTRIES = 32  # per tenant: verdicts on URLs (at most MEMO_URL_CHARS long) and address sets
 BlockingResolver = Callable[[str], list[str]]
 
 
@@ -76,12 +77,28 @@ class TenantCapacity:
         self.fetches = _Gate(config.max_concurrent_per_tenant, config.max_queued_per_tenant, "fetches")
         self.lookups = _Gate(config.max_dns_per_tenant, config.max_queued_per_tenant, "DNS lookups")
         self.active = 0          # fetches holding this entry (never closed while > 0)
+        self.forgotten = False   # its tenant was forgotten: the last fetch holding it closes its pool
         self.dns_threads = 0     # DNS threads this tenant occupies right now
         self.last_used = time.monotonic()
         # Recent answers (host -> (expiry, addresses)), LRU-capped, and lookups in flight: a
         # burst of fetches to one host costs one lookup. Addresses are vetted on every use.
         self.answers: OrderedDict[str, tuple[float, list[str]]] = OrderedDict()
         self.pending: dict[str, asyncio.Task[list[str]]] = {}
+        # The policy's verdicts on this tenant's recent URLs and address sets (pure functions of their
+        # key, so a hit is the same answer, ~100 us cheaper): kept per tenant, like everything here.
+        self.memo: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+
+    def remembered(self, key: tuple[Any, ...]) -> Any:
+        """A verdict stored by :meth:`remember`, or None."""
+        hit = self.memo.get(key)
+        if hit is not None:
+            self.memo.move_to_end(key)
+        return hit
+
+    def remember(self, key: tuple[Any, ...], value: Any) -> None:
+        self.memo[key] = value
+        if len(self.memo) > MEMO_ENTRIES:
+            self.memo.popitem(last=False)
 
 
 class CapacityTable:
@@ -100,6 +117,10 @@ class CapacityTable:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def peek(self, tenant: str) -> TenantCapacity | None:
+        """``tenant``'s entry if it has one (never creates one: a denied fetch costs no pool)."""
+        return self._entries.get(tenant)
+
     @asynccontextmanager
     async def use(self, tenant: str) -> AsyncIterator[TenantCapacity]:
         """Hold one of ``tenant``'s fetch slots (waiting in its bounded queue) for the block."""
@@ -114,6 +135,8 @@ class CapacityTable:
         finally:
             cap.active -= 1
             cap.last_used = time.monotonic()
+            if cap.forgotten and cap.active == 0:
+                self._close(cap)
 
     async def resolve(self, cap: TenantCapacity, host: str) -> list[str]:
         """``host``'s addresses: a recent answer, a lookup already in flight, or a new lookup."""
@@ -204,10 +227,27 @@ class CapacityTable:
                 and not cap.fetches.busy and not cap.lookups.busy)
 
     def _evict(self, tenant: str) -> None:
-        cap = self._entries.pop(tenant)
+        self._close(self._entries.pop(tenant))
+
+    def _close(self, cap: TenantCapacity) -> None:
         task = asyncio.get_running_loop().create_task(cap.pool.aclose())
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
+
+    def forget(self, tenant: str) -> None:
+        """Drop ``tenant``'s entry (pool, DNS answers) now; fetches still in flight close its pool when done.
+
+        A later fetch of the same tenant name gets a new entry: nothing carries over.
+        """
+        cap = self._entries.pop(tenant, None)
+        if cap is None:
+            return
+        if cap.active == 0:
+            for task in list(cap.pending.values()):  # lookups left by fetches that gave up: nobody reads them
+                task.cancel()
+            self._close(cap)
+        else:
+            cap.forgotten = True
 
     async def aclose(self) -> None:
         entries = list(self._entries.values())

@@ -1,7 +1,9 @@
 """Actions, the state of one flow run, and the ``FlowResult`` contract.
 
 A flow runs its actions in their bound order. A deny (or validation error,
-or any failure) stops it: later actions are ``skipped``. Metadata patches are
+or any failure) stops it: later actions are ``skipped``. Decision blocks route
+it: ``allow`` ends it allowed and ``skip_to`` jumps forward, the entries passed
+over are ``skipped`` too. Metadata patches are
 aggregated across the flow and later actions see them in ``event.user``;
 state is scoped to this run under the writing action's slug and later actions
 read it as ``event.step[slug][key]``.
@@ -113,8 +115,9 @@ class Action:
 @dataclass
 class ActionRecord:
     slug: str
-    status: str = "skipped"   # ok | denied | failed | skipped
+    status: str = "skipped"   # ok | denied | failed | failed_open | skipped
     duration_ms: float = 0.0
+    started_ms: float | None = None   # from the flow's start to the execution's (tracing); not in to_dict()
 
     def to_dict(self) -> dict[str, Any]:
         return {"slug": self.slug, "status": self.status, "duration_ms": round(self.duration_ms, 3)}
@@ -182,6 +185,8 @@ class FlowState:
         self.claims: dict[str, dict[str, Any]] = {"access_token": {}, "id_token": {}}
         self.logs: list[dict[str, Any]] = []
         self.fetches: list[dict[str, Any]] | None = None  # a list when run history asked for them
+        # Set by a true allow or skip_to decision block (runner/_decisions.py), read and cleared by the engine.
+        self.goto: str | None = None
         self.records = [ActionRecord(a.slug) for a in actions]
         self._limits: dict[str, Limits] = {}
         for a in actions:

@@ -33,6 +33,7 @@ import time
 from typing import Any, Awaitable, Callable
 
 from . import _pool_policy as policy
+from ._cpu import set_worker_nice
 from ._errors import Overloaded, PoolClosed
 from ._pool_tasks import TaskSide
 from ._pool_workers import Key, WorkerSide
@@ -44,6 +45,7 @@ __all__ = ["Pool", "Key"]
 
 
 REFILL_DELAY_S = 0.01   # a spare taken by a flow is replaced this much later (see Pool._take_spare)
+CLOSE_STARTS_S = 2.0    # close() lets starts in flight finish this long before it cancels them
 
 
 class _Expired(Exception):
@@ -74,7 +76,8 @@ class Pool:
                  max_workers: int, max_queue: int, max_executions: int, default_profile: tuple[Any, ...],
                  spawn_concurrency: int = 2, idle_timeout_s: float = 60.0, min_idle_per_tenant: int = 0,
                  max_busy_per_tenant: int | None = None, max_queue_per_tenant: int | None = None,
-                 fair_wait_s: float = 0.5, clock: Callable[[], float] = time.monotonic) -> None:
+                 fair_wait_s: float = 0.5, worker_nice: int = 0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._launch = launch
         self._clock = clock
         self.ws = WorkerSide(max_workers, clock)
@@ -86,6 +89,7 @@ class Pool:
         self.spawn_concurrency = spawn_concurrency
         self.idle_timeout_s = idle_timeout_s
         self.fair_wait_s = fair_wait_s
+        self.worker_nice = worker_nice
         self.min_idle_per_tenant = min_idle_per_tenant
         self.max_busy_per_tenant = max_busy_per_tenant or policy.default_tenant_cap(max_workers)
         self.max_queue_per_tenant = (max_queue_per_tenant if max_queue_per_tenant is not None
@@ -104,6 +108,7 @@ class Pool:
         self.closed = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self.last_spawn_error: str | None = None
+        self._retiring: set[WorkerHandle] = set()   # busy workers of a forgotten tenant: killed when released
 
     @classmethod
     def from_config(cls, launch: Callable[[tuple[Any, ...]], Awaitable[WorkerHandle]], cfg: Any) -> "Pool":
@@ -120,7 +125,7 @@ class Pool:
                    spawn_concurrency=cfg.spawn_concurrency,
                    idle_timeout_s=cfg.idle_timeout_s, min_idle_per_tenant=cfg.min_idle_per_tenant,
                    max_busy_per_tenant=cfg.max_busy_per_tenant, max_queue_per_tenant=cfg.max_queue_per_tenant,
-                   fair_wait_s=cfg.fair_wait_s,
+                   fair_wait_s=cfg.fair_wait_s, worker_nice=cfg.worker_nice,
                    default_profile=(limits.memory_mb, limits.cpu_seconds, limits.max_open_files))
 
     # -- views (tests and stats read these) ----------------------------------------------------------
@@ -172,6 +177,7 @@ class Pool:
 
     def _on_dead(self, w: WorkerHandle) -> None:
         """Called by a handle the moment it dies (killed, crashed, retired)."""
+        self._retiring.discard(w)
         if self.ws.forget(w) and not self.closed:
             self._after_capacity_freed()
 
@@ -193,9 +199,10 @@ class Pool:
         finally:
             self.ws.unreserve(key if for_waiters else None)
         if self.closed:
-            w.kill("pool closed")
+            await w.shutdown(1.0)   # gone, pipes closed, before close() returns (a bare kill left its pipes open)
             raise PoolClosed("pool closed while a worker was starting")
         w.tenant = key[0]
+        set_worker_nice(w.pid, self.worker_nice)
         self.ws.adopt(w)
         w.on_dead = self._on_dead
         if not w.alive:  # died between hello and now
@@ -258,6 +265,94 @@ class Pool:
             await self._warm_one()
         finally:
             self._warming -= 1
+
+    # -- warm start -----------------------------------------------------------------------------------
+    def prewarm_room(self) -> int:
+        """Workers a prewarm may still start: the memory budget less what is kept for flows (see prewarm)."""
+        return self.ws.capacity - self.ws.total - (self.pool_size + self.spawn_concurrency)
+
+    async def prewarm(self, keys: list[Key]) -> tuple[list[tuple[Key, WorkerHandle]], int, int, str]:
+        """Start one idle worker for each of ``keys``, in order, without delaying flows.
+
+        A key listed n times asks for n workers (a hot action's flows overlap).
+        Returns the workers started (with their keys), how many keys were already warm, how many
+        keys it went through (the rest were not tried), and why it stopped ("done", "memory
+        budget", "closed"). Flows go first: a start begins only while no flow waits for a worker and a start
+        slot is free, so a prewarm running beside traffic only takes what traffic leaves. It never
+        evicts and stops where the memory budget would be used up, keeping ``pool_size +
+        spawn_concurrency`` slots free for unassigned spares and for the starts of actions nobody
+        predicted (a full pool would make every new action wait for an eviction). A key that
+        already has an idle, busy or starting worker is skipped. At the end, the warmed workers
+        are ordered in the LRU so the first keys (the hottest) are evicted last.
+        """
+        mine: set[asyncio.Future[tuple[Key, WorkerHandle] | None]] = set()
+        started: list[tuple[Key, WorkerHandle]] = []
+        already = 0
+        tried = 0
+        why = "done"
+        wanted: dict[Key, int] = {}   # a key listed n times asks for n workers
+        for key in keys:
+            wanted[key] = wanted.get(key, 0) + 1
+            if self.closed:
+                why = "closed"
+                break
+            while not self.closed and (self.ts.n_waiting or self.ws.starting >= self.spawn_concurrency):
+                if mine and self.ws.starting >= self.spawn_concurrency:
+                    await asyncio.wait(mine, return_when=asyncio.FIRST_COMPLETED)
+                else:  # flows are waiting or hold every slot: look again after about one start
+                    await asyncio.sleep(min(0.05, max(0.002, self.spawn_ema_s)))
+                started.extend(self._collect(mine))
+            if self.closed:
+                why = "closed"
+                break
+            if self.ws.count(key) + self.ts.held_count(key) >= wanted[key]:  # traffic may have started one meanwhile
+                already += 1
+                tried += 1
+                continue
+            if self.prewarm_room() <= 0:
+                why = "memory budget"
+                break
+            tried += 1
+            self.ws.reserve(key)
+            fut = asyncio.ensure_future(self._prewarm_one(key))
+            self._tasks.add(fut)
+            fut.add_done_callback(self._tasks.discard)
+            mine.add(fut)
+        if mine:
+            await asyncio.wait(mine)
+            started.extend(self._collect(mine))
+        if self.closed and why == "done":
+            why = "closed"
+        pos: dict[Key, int] = {}
+        for i, k in enumerate(keys):
+            pos.setdefault(k, i)
+        started.sort(key=lambda kw: pos[kw[0]])   # in the order asked (starts in parallel finish in any order)
+        now = self._clock()
+        for _, w in reversed(started):  # the hottest last: the most recently used, the last evicted
+            self.ws.touch(w, now)
+        return started, already, tried, why
+
+    @staticmethod
+    def _collect(mine: set["asyncio.Future[tuple[Key, WorkerHandle] | None]"]) -> list[tuple[Key, WorkerHandle]]:
+        out = []
+        for f in [f for f in mine if f.done()]:
+            mine.discard(f)
+            got = None if f.cancelled() else f.result()
+            if got is not None:
+                out.append(got)
+        return out
+
+    async def _prewarm_one(self, key: Key) -> tuple[Key, WorkerHandle] | None:
+        """One prewarm start (slot reserved for ``key``): the worker is parked idle, or serves a waiter of its key."""
+        try:
+            w = await self._new_worker(key, True)
+        except PoolClosed:
+            return None
+        except Exception as exc:
+            log.warning("prewarm: could not start a worker: %s", exc)
+            return None
+        self._offer(w, key)
+        return key, w
 
     # -- acquire / release --------------------------------------------------------------------------
     def _tenant_room(self, tenant: str) -> int:
@@ -344,6 +439,9 @@ class Pool:
             key = (w.tenant, w.profile or self.default_profile)
         w.last_used = now
         self.reuse_ema = 0.9 * self.reuse_ema + (0.1 if reusable and w.alive else 0.0)
+        if self._retiring and w in self._retiring:
+            w.kill("retired: its tenant was forgotten")  # -> _on_dead -> _grow
+            return
         if not reusable or not w.alive or w.executions >= self.max_executions or self.closed:
             if w.alive:
                 w.kill("retired" if reusable else "not reusable after its execution")  # -> _on_dead -> _grow
@@ -547,6 +645,19 @@ class Pool:
         self._grow()
         self._replenish()
 
+    def retire_tenant(self, tenant: str, owns: Callable[[Any], bool]) -> list[WorkerHandle]:
+        """Kill ``tenant``'s idle workers (those whose owner ``owns``) now; its busy ones when they are released.
+
+        A busy worker finishes its execution and is then never reused. Returns every worker
+        concerned (killed now or marked), so the caller can wait for their exit.
+        """
+        idle = [w for w, key in self.ws.oldest_idle() if key[0] is not None and owns(key[0])]
+        for w in idle:
+            w.kill("retired: its tenant was forgotten")  # -> _on_dead -> forget
+        busy = [w for w, (_key, t, _since) in self.ts.held.items() if t == tenant and w.alive]
+        self._retiring.update(busy)
+        return idle + busy
+
     # -- idle retirement ------------------------------------------------------------------------------
     def sweep(self) -> int:
         """Retire idle workers unused for ``idle_timeout_s`` (beyond the warm ones each key keeps)."""
@@ -577,6 +688,10 @@ class Pool:
         for _, key in list(self.ts.fair_keys()):
             while (fut := self.ts.pop(key)) is not None:
                 fut.set_exception(PoolClosed("pool closed"))
+        if self._tasks:
+            # Starts in flight end on their own (each is bounded, and stops its worker once it sees the pool
+            # closed): a start cancelled mid-launch left its worker's pipe transports for the GC to find.
+            await asyncio.wait(list(self._tasks), timeout=CLOSE_STARTS_S)
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -88,6 +88,16 @@ class WorkerSide:
             del self.idle[key]
         del self._lru[w]
 
+    def touch(self, w: WorkerHandle, now: float) -> None:
+        """Mark an idle worker as just used: the most recent in the LRU, its idle timer restarted."""
+        w.last_used = now
+        if w in self._lru:
+            self._lru.move_to_end(w)
+
+    def count(self, key: Key) -> int:
+        """Idle workers of ``key`` and starts in flight for it (busy ones are the task side's)."""
+        return len(self.idle.get(key, ())) + self.spawning.get(key, 0)
+
     def forget(self, w: WorkerHandle) -> bool:
         """A worker died: drop it from every structure. True when it was one of ours."""
         if w not in self.live:

@@ -1,6 +1,7 @@
 """Query strings out of every log line: API keys often travel as ``?api_key=...``.
 
-httpx logs each request URL at INFO and httpcore traces at DEBUG; our own
+httpx logs each request URL at INFO, httpcore traces at DEBUG, aiohttp (fetch's
+client) may name a URL in a warning; our own
 lines name URLs too. A :class:`logging.Filter` on each of those loggers
 rewrites the record before any handler sees it. A logger filter does not see
 records of its child loggers, so every logger that writes is listed by name.
@@ -22,6 +23,7 @@ REDACTED_LOGGERS = (
     "httpx",
     "httpcore", "httpcore.connection", "httpcore.connection_pool", "httpcore.http11", "httpcore.http2",
     "httpcore.proxy", "httpcore.socks",
+    "aiohttp", "aiohttp.client", "aiohttp.internal",  # fetch's client (runner/_fetch_client.py)
     "actionpool", "actionpool.fetch",
 )
 

@@ -40,14 +40,33 @@ def cache_scope(tenant: str, trigger: str) -> str:
 
 
 class Services:
-    def __init__(self, config: RunnerConfig) -> None:
+    def __init__(self, config: RunnerConfig, tenant_hosts: dict[str, tuple[str, ...]] | None = None) -> None:
         from ._cache import open_cache
         from ._fetch import Fetcher
 
         self.config = config
         self.fetch_config = config.fetch
+        # Runtime allowlists by tenant (Runner.set_tenant_policy): the Runner's own dict, read on every fetch.
+        self.tenant_hosts: dict[str, tuple[str, ...]] = tenant_hosts if tenant_hosts is not None else {}
         self.cache = open_cache(config.cache_url)
         self.fetcher = Fetcher(config.fetch)
+
+    def hosts_for(self, tenant: str) -> tuple[str, ...]:
+        """The tenant's fetch allowlist: the runner-wide hosts plus its runtime override, else its configured ones."""
+        override = self.tenant_hosts.get(tenant)
+        return self.fetch_config.hosts_for(tenant) if override is None else self.fetch_config.allow_hosts + override
+
+    async def forget_tenant(self, tenant: str) -> None:
+        """Drop the tenant's api.cache scopes (every trigger) and its fetch pool; a later flow starts clean."""
+        from ._triggers import TRIGGERS
+
+        self.fetcher.forget_tenant(tenant)
+        for trigger in TRIGGERS:
+            try:
+                await self.cache.drop_scope(cache_scope(tenant, trigger))
+            except CacheUnavailable as exc:  # redis down: its entries expire on their own (at most 24 h)
+                log_cache.warning("forgetting tenant %r: api.cache entries not dropped: %s", tenant, exc)
+                return
 
     async def aclose(self) -> None:
         await self.fetcher.aclose()
@@ -109,7 +128,7 @@ class Services:
         except FetchError as exc:
             raise InvalidFetchRequest(exc.error_kind, redact_query(str(exc))) from None
         try:
-            return await self.fetcher.fetch(url, init, allow_hosts=self.fetch_config.hosts_for(tenant),
+            return await self.fetcher.fetch(url, init, allow_hosts=self.hosts_for(tenant),
                                             timeout_s=timeout, tenant=tenant, max_reply_bytes=max_reply_bytes)
         except FetchError as exc:
             raise ApiFailure(exc.error_kind, redact_query(str(exc))) from None

@@ -16,6 +16,7 @@ ignored. Any message the worker sends that the state does not expect kills it.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import enum
 import logging
 import os
@@ -92,6 +93,7 @@ class _Running:
     cpu: float = 0.0              # supervisor CPU used so far on behalf of this execution
     timer: asyncio.TimerHandle | None = None
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    context: contextvars.Context | None = None   # the flow's: its api calls run (and log) in it
 
 
 def describe_exit(returncode: int | None) -> str:
@@ -146,11 +148,14 @@ class WorkerHandle(asyncio.Protocol):
         # Pipes first, death watch second: a worker that dies at once must not close the pipe
         # ends under a half-connected transport (its death is seen right after, through the pidfd).
         self._pipes = [os.fdopen(self._spawned.rfd, "rb", buffering=0), os.fdopen(self._spawned.wfd, "wb", buffering=0)]
-        self._rtransport, _ = await loop.connect_read_pipe(lambda: self, self._pipes[0])
+        # The pipe's callbacks run in a context of their own, not in that of the flow whose acquire happened
+        # to start this worker: a later flow's log lines must not name that one (sidecar/_logs.py).
+        self._rtransport, _ = await loop.create_task(loop.connect_read_pipe(lambda: self, self._pipes[0]),
+                                                     context=contextvars.Context())
         self._wtransport, _ = await loop.connect_write_pipe(asyncio.Protocol, self._pipes[1])
         try:
             self._pidfd = os.pidfd_open(self.pid)
-            loop.add_reader(self._pidfd, self._on_exit)
+            contextvars.Context().run(loop.add_reader, self._pidfd, self._on_exit)
         except OSError:  # the process is already gone; waitpid finds its status
             self._pidfd = None
             self._reap()
@@ -219,7 +224,8 @@ class WorkerHandle(asyncio.Protocol):
         self.state = State.BUSY
         # An unpredictable id: a blind forgery of the answer from inside the worker names no pending request.
         fut = self._loop.create_future()
-        run = _Running(random_u32(), handler, fut, time.perf_counter(), max_output, max_queued, cpu_budget_s)
+        run = _Running(random_u32(), handler, fut, time.perf_counter(), max_output, max_queued, cpu_budget_s,
+                       context=contextvars.copy_context())
         self._running = run
         self.executions += 1
         run.timer = self._loop.call_later(timeout, self._on_timeout, run, timeout_kind, timeout)
@@ -321,7 +327,7 @@ class WorkerHandle(asyncio.Protocol):
             if t is Notification:
                 run.handler.notify(msg.method, msg.params)
             elif t is Request:
-                task = self._loop.create_task(self._serve_request(run, msg))
+                task = self._loop.create_task(self._serve_request(run, msg), context=run.context)
                 run.tasks.add(task)
                 task.add_done_callback(run.tasks.discard)
             elif msg.msgid == run.msgid:

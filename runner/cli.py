@@ -351,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_ERROR
     try:
         args = _parser().parse_args(argv)
+        args.argv = list(argv)   # `serve --workers N` starts N processes with the same command line
     except SystemExit as exc:
         return EXIT_USAGE if exc.code not in (0, None) else 0
     try:

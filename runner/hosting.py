@@ -2,14 +2,18 @@
 
 A gateway that embeds the runner needs only :mod:`actionpool.runner`. A server in front of many
 gateways also needs what is re-exported here: the decision blocks of a flow, the failure policy of an
-action, the redaction of run records, the fetch stubs of replay, and the capacity sums that share the
-process's descriptors and memory between the pool and the connections. The sidecar imports nothing
+action, the redaction of run records, the fetch stubs of replay, the capacity sums that share the
+process's descriptors and memory between the pool and the connections, and validation at deploy
+(``validate_source``, ``validate_flow``: checked statically, never run). Runtime changes of a tenant
+are ``Runner`` methods: ``set_tenant_policy``, ``forget_tenant``, ``check_event``. The sidecar imports nothing
 else of the runner (tests/test_layering.py), so everything it relies on is named in one place.
 """
 
 from __future__ import annotations
 
-from ._decisions import Decision, compile_decision, make_decision
+from ._check_report import SourceProblem
+from ._decisions import (BlockError, Decision, FlowBlock, compile_decision, decision_from_block, make_decision,
+                         parse_block)
 from ._failure import set_failure_policy
 from ._fetch_stub import load_fetch_stub
 from ._flow import SLUG_RE
@@ -17,9 +21,14 @@ from ._history import (MIN_SECRET_CHARS, REDACTED, Redactor, build_record, flow_
                        stub_from_fetches)
 from ._pool_policy import (FD_RESERVE, FDS_PER_WORKER, WORKER_MEMORY_ESTIMATE_MB, default_memory_budget_mb,
                            default_tenant_cap, physical_memory_bytes)
+from ._validate import (INLINE_SOURCE_BYTES, MAX_FLOW_ENTRIES, FlowProblem, flow_problem, normalise_language,
+                        validate_flow, validate_flow_async, validate_source, validate_source_async)
 
 __all__ = [
-    "Decision", "FD_RESERVE", "FDS_PER_WORKER", "MIN_SECRET_CHARS", "REDACTED", "Redactor",
+    "BlockError", "Decision", "FlowBlock", "FlowProblem", "MAX_FLOW_ENTRIES", "SourceProblem", "decision_from_block",
+    "flow_problem", "normalise_language", "parse_block", "validate_flow", "validate_source",
+    "INLINE_SOURCE_BYTES", "validate_flow_async", "validate_source_async",
+    "FD_RESERVE", "FDS_PER_WORKER", "MIN_SECRET_CHARS", "REDACTED", "Redactor",
     "SLUG_RE", "WORKER_MEMORY_ESTIMATE_MB", "build_record", "compile_decision", "default_memory_budget_mb",
     "default_tenant_cap", "flow_redactor", "load_fetch_stub", "make_decision", "physical_memory_bytes", "redact",
     "redact_paths", "set_failure_policy", "stub_from_fetches",

@@ -48,6 +48,11 @@ class ActionCache:
         self._bytes[tenant] = total
         return action
 
+    def forget(self, tenant: str) -> None:
+        """Drop every entry of a tenant (deleted: its compiled actions must not outlive it)."""
+        self._tenants.pop(tenant, None)
+        self._bytes.pop(tenant, None)
+
     def bytes(self, tenant: str) -> int:
         return self._bytes.get(tenant, 0)
 

@@ -13,6 +13,7 @@ import dataclasses
 import ipaddress
 import math
 import os
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -23,6 +24,9 @@ from ..runner import TRIGGERS, ConfigError, FetchConfig, Limits, RunnerConfig, S
 from ..runner.hosting import MIN_SECRET_CHARS, SLUG_RE
 
 FAILURE_POLICIES = ("closed", "open")
+LANGUAGES = ("python", "javascript")
+SECRET_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+MIN_ADMIN_TOKEN_CHARS = 16  # the admin token manages every tenant: long enough not to be guessed
 MIN_RECORD_BYTES = 4096  # room for a truncated record's identity, decision and marks
 
 
@@ -38,8 +42,10 @@ class DecisionSpec:
 class ActionSpec:
     slug: str
     file: Path | None            # seeded into the store at start; None: deployed through the API only
-    failure: str = "closed"
+    failure: str | None = None   # None: the tenant's default
     limits: dict[str, Any] = field(default_factory=dict)
+    secrets: tuple[str, ...] = ()  # the tenant secrets this action declares (it receives only these)
+    language: str = "python"       # "python" | "javascript"; default from the file's suffix
 
 
 @dataclass(frozen=True)
@@ -49,14 +55,18 @@ class TenantSpec:
     allow_hosts: tuple[str, ...]
     secrets: dict[str, str]
     actions: dict[str, ActionSpec]
-    flows: dict[str, tuple[str | DecisionSpec, ...]]
+    flows: dict[str, tuple[str | dict[str, Any], ...]]
     redact: tuple[str, ...]      # event paths ("user.email") replaced in run history
+    failure: str = "closed"      # the default failure policy of its actions (an action's own overrides it)
+    limits: dict[str, Any] = field(default_factory=dict)  # tenant limits, within [runner.limits]
 
 
 @dataclass(frozen=True)
 class ServerSpec:
     token: str | None = None             # read from token_env; None: no auth, loopback only
     token_env: str | None = None
+    admin_token: str | None = None       # read from admin_token_env; None: single-token mode (the flow token manages)
+    admin_token_env: str | None = None
     max_body_bytes: int = 1 << 20
     max_inflight: int = 512              # flows in flight before 503
     retry_after_s: int = 1
@@ -75,8 +85,31 @@ class ServerSpec:
     max_head_bytes: int = 16384          # request line + headers; more: 431 and close
     max_headers: int = 100               # header lines in one head; more: 431 and close
     body_timeout_s: float = 10.0         # the whole body, read before a flow slot is taken; else 408
+    prewarm_timeout_s: float = 30.0      # start-up: warm deployed actions' workers this long before ready; 0: off
     max_inflight_per_tenant: int | None = None  # one tenant's flows in flight; None: the runner's per-tenant
                                                 # capacity (busy + queue), at most 3/4 of max_inflight
+    # The control-plane catalog (sidecar/_catalog.py): secrets at rest and per-tenant bounds (StoreFull over them).
+    secrets_key_env: str = "ACTIONPOOL_SECRETS_KEY"  # 32 bytes base64; <name>_PREVIOUS: older keys (comma list)
+    tenants_max: int = 10000             # tenants in the store
+    tenant_settings_max_bytes: int = 64 << 10  # one tenant's settings (canonical JSON)
+    actions_max: int = 256               # action slugs per tenant
+    flows_max: int = 32                  # flows (triggers) per tenant
+    flow_entries_max: int = 64           # entries in one flow
+    flow_max_bytes: int = 64 << 10       # one flow version (canonical JSON)
+    secrets_max: int = 128               # secrets per tenant
+    secret_max_bytes: int = 8 << 10      # one secret value
+    audit_max: int = 1000                # audit entries kept per tenant (oldest dropped)
+    metrics_top_tenants: int = 20        # tenants with labels of their own on /metrics (the busiest); rest "other"
+
+
+@dataclass(frozen=True)
+class TracingSpec:
+    """``[tracing]``: OpenTelemetry spans of flows and actions (sidecar/_tracing.py, the ``otel`` extra)."""
+
+    exporter: str = ""                   # "otlp" | "none"; "" (unset): OTEL_TRACES_EXPORTER=otlp turns it on
+    endpoint: str | None = None          # OTLP/HTTP traces URL; None: OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT
+    service_name: str = "actionpool"     # OTEL_SERVICE_NAME wins when set
+    sample_ratio: float = 1.0            # of the traces the gateway did not decide (parent-based otherwise)
 
 
 @dataclass(frozen=True)
@@ -86,6 +119,7 @@ class ServeConfig:
     server: ServerSpec
     store_url: str | None
     tenants: dict[str, TenantSpec]
+    tracing: TracingSpec = field(default_factory=TracingSpec)
 
 
 class _Errors:
@@ -171,25 +205,25 @@ def _secret(err: _Errors, base: Path, key: str, value: Any, env: dict[str, str])
         raise err(f"{key}.file", f"{p} is not UTF-8") from None
 
 
-def _flow_entry(err: _Errors, key: str, entry: Any) -> str | DecisionSpec:
+def _flow_entry(err: _Errors, key: str, entry: Any) -> str | dict[str, Any]:
+    """A slug, or a decision block ``{ if, deny [, message] }``, ``{ if, allow = true }`` or ``{ if, skip_to }``.
+
+    Blocks are kept as the JSON the management API takes (``PUT .../flows/{trigger}``), so the config and
+    the store compare entry for entry (drift, ``--sync-config``).
+    """
     if isinstance(entry, str):
         if not SLUG_RE.match(entry):
             raise err(key, f"{entry!r} is not a valid action slug ({SLUG_RE.pattern})")
         return entry
     if isinstance(entry, dict):
-        _only(err, entry, key, {"if", "deny"})
-        expr, reason = entry.get("if"), entry.get("deny")
-        if not isinstance(expr, str) or not expr.strip():
-            raise err(f"{key}.if", "a decision block needs an expression string")
-        if not isinstance(reason, str) or not reason:
-            raise err(f"{key}.deny", "a decision block needs the deny reason (a string)")
-        from ..runner.hosting import compile_decision  # compiled now, so a bad expression fails at start
+        _only(err, entry, key, {"if", "deny", "allow", "skip_to", "message"})
+        from ..runner.hosting import BlockError, parse_block  # the API's own check; compiled now, fails at start
 
         try:
-            compile_decision(expr)
-        except ValueError as exc:
-            raise err(f"{key}.if", str(exc)) from None
-        return DecisionSpec(expr, reason)
+            parse_block(entry)
+        except BlockError as exc:
+            raise err(f"{key}.{exc.field}" if exc.field else key, str(exc)) from None
+        return dict(entry)
     raise err(key, f"must be an action slug or {{ if = ..., deny = ... }}, got {type(entry).__name__}")
 
 
@@ -197,7 +231,8 @@ def _tenant(err: _Errors, base: Path, name: str, table: dict[str, Any], env: dic
     pre = f"tenants.{name}"
     if not SLUG_RE.match(name):
         raise err(pre, f"tenant names must match {SLUG_RE.pattern}")
-    _only(err, table, pre, {"denial_message", "allow_hosts", "secrets", "actions", "flows", "redact"})
+    _only(err, table, pre, {"denial_message", "allow_hosts", "secrets", "actions", "flows", "redact", "failure",
+                            "limits"})
     dm = table.get("denial_message")
     if dm is not None and (not isinstance(dm, str) or not dm):
         raise err(f"{pre}.denial_message", "must be a non-empty string")
@@ -220,7 +255,7 @@ def _tenant(err: _Errors, base: Path, name: str, table: dict[str, Any], env: dic
         if not SLUG_RE.match(slug):
             raise err(akey, f"action slugs must match {SLUG_RE.pattern}")
         spec = _table(err, spec, akey)
-        _only(err, spec, akey, {"file", "failure", "limits"})
+        _only(err, spec, akey, {"file", "failure", "limits", "secrets", "language"})
         file = spec.get("file")
         path = None
         if file is not None:
@@ -229,16 +264,22 @@ def _tenant(err: _Errors, base: Path, name: str, table: dict[str, Any], env: dic
             path = (base / file)
             if not path.is_file():
                 raise err(f"{akey}.file", f"no such file: {path}")
-        failure = spec.get("failure", "closed")
-        if failure not in FAILURE_POLICIES:
+        failure = spec.get("failure")
+        if failure is not None and failure not in FAILURE_POLICIES:
             raise err(f"{akey}.failure", f"must be \"open\" or \"closed\", got {failure!r}")
         limits = _table(err, spec.get("limits", {}), f"{akey}.limits")
         try:
             Limits().merged(limits)
         except (ConfigError, TypeError) as exc:
             raise err(f"{akey}.limits", str(exc)) from None
-        actions[slug] = ActionSpec(slug, path, failure, dict(limits))
-    flows: dict[str, tuple[str | DecisionSpec, ...]] = {}
+        declared = spec.get("secrets", [])
+        if not isinstance(declared, list) or not all(isinstance(n, str) and SECRET_NAME_RE.match(n) for n in declared):
+            raise err(f"{akey}.secrets", f"must be a list of secret names ({SECRET_NAME_RE.pattern})")
+        language = spec.get("language", "javascript" if path is not None and path.suffix == ".js" else "python")
+        if language not in LANGUAGES:
+            raise err(f"{akey}.language", f"must be \"python\" or \"javascript\", got {language!r}")
+        actions[slug] = ActionSpec(slug, path, failure, dict(limits), tuple(sorted(set(declared))), language)
+    flows: dict[str, tuple[str | dict[str, Any], ...]] = {}
     for trigger, entries in _table(err, table.get("flows", {}), f"{pre}.flows").items():
         fkey = f"{pre}.flows.{trigger}"
         if trigger not in TRIGGERS:
@@ -246,7 +287,22 @@ def _tenant(err: _Errors, base: Path, name: str, table: dict[str, Any], env: dic
         if not isinstance(entries, list):
             raise err(fkey, "must be a list of action slugs and decision blocks")
         flows[trigger] = tuple(_flow_entry(err, f"{fkey}[{i}]", e) for i, e in enumerate(entries))
-    return TenantSpec(name, dm, tuple(hosts), secrets, actions, flows, tuple(redact))
+        from ..runner.hosting import flow_problem  # the whole list as the API checks it (skip_to, repeats, size)
+
+        problem = flow_problem(list(flows[trigger]), None, trigger)
+        if problem is not None:
+            where = fkey + ("" if problem.index is None else f"[{problem.index}]") + \
+                (f".{problem.field}" if problem.field else "")
+            raise err(where, problem.message)
+    tfailure = table.get("failure", "closed")
+    if tfailure not in FAILURE_POLICIES:
+        raise err(f"{pre}.failure", f"must be \"open\" or \"closed\", got {tfailure!r}")
+    tlimits = _table(err, table.get("limits", {}), f"{pre}.limits")
+    try:
+        Limits().merged(tlimits)
+    except (ConfigError, TypeError) as exc:
+        raise err(f"{pre}.limits", str(exc)) from None
+    return TenantSpec(name, dm, tuple(hosts), secrets, actions, flows, tuple(redact), tfailure, dict(tlimits))
 
 
 def _check_bounds(err: _Errors, server: ServerSpec) -> None:
@@ -256,13 +312,49 @@ def _check_bounds(err: _Errors, server: ServerSpec) -> None:
         if not math.isfinite(v) or v <= 0:
             raise err(f"server.{name}", f"must be a positive number of seconds, got {v}")
     for name, low in (("max_connections", 2), ("max_head_bytes", 1024), ("max_headers", 8),
-                      ("max_inflight_per_tenant", 1)):
+                      ("max_inflight_per_tenant", 1), ("metrics_top_tenants", 1)):
         v = getattr(server, name)
         if v is not None and v < low:
             raise err(f"server.{name}", f"must be at least {low}, got {v}")
     if server.max_inflight_per_tenant is not None and server.max_inflight_per_tenant > server.max_inflight:
         raise err("server.max_inflight_per_tenant", f"cannot exceed server.max_inflight ({server.max_inflight}), "
                                                     f"got {server.max_inflight_per_tenant}")
+
+
+def _admin_token(err: _Errors, server: ServerSpec, env: dict[str, str]) -> str:
+    """The admin token: set, long enough to resist guessing, and not the flow token (which must exist too)."""
+    name = server.admin_token_env
+    token = env.get(name or "", "")
+    if not token:
+        raise err("server.admin_token_env", f"environment variable {name} is not set or empty")
+    if len(token) < MIN_ADMIN_TOKEN_CHARS:
+        raise err("server.admin_token_env", f"the admin token in {name} is {len(token)} characters long; it must "
+                                            f"have at least {MIN_ADMIN_TOKEN_CHARS}")
+    if server.token is None:
+        raise err("server.admin_token_env", "needs server.token_env too (the flow token of the gateway's login "
+                                            "path); without it only loopback peers are served, unauthenticated")
+    if token == server.token:
+        raise err("server.admin_token_env", f"the admin token in {name} equals the flow token "
+                                            f"({server.token_env}): the roles would be one")
+    return token
+
+
+def _check_catalog(err: _Errors, server: ServerSpec, env: dict[str, str]) -> None:
+    """The catalog bounds (each at least 1) and the secrets keys in the environment (32 bytes base64 each)."""
+    for name in ("tenants_max", "tenant_settings_max_bytes", "actions_max", "flows_max", "flow_entries_max",
+                 "flow_max_bytes", "secrets_max", "secret_max_bytes", "audit_max"):
+        if getattr(server, name) < 1:
+            raise err(f"server.{name}", f"must be positive, got {getattr(server, name)}")
+    if server.secret_max_bytes < MIN_SECRET_CHARS:
+        raise err("server.secret_max_bytes", f"must be at least {MIN_SECRET_CHARS}, got {server.secret_max_bytes}")
+    if not server.secrets_key_env:
+        raise err("server.secrets_key_env", "must name an environment variable")
+    from ._secrets import Keyring, SecretKeyError
+
+    try:
+        Keyring.from_env(env, server.secrets_key_env)
+    except SecretKeyError as exc:
+        raise err("server.secrets_key_env", str(exc)) from None
 
 
 def load_config(path: str | os.PathLike[str], *, env: dict[str, str] | None = None) -> ServeConfig:
@@ -280,7 +372,7 @@ def load_config(path: str | os.PathLike[str], *, env: dict[str, str] | None = No
         raise ConfigError(f"{path}: not UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    _only(err, raw, "", {"runner", "server", "store", "tenants"})
+    _only(err, raw, "", {"runner", "server", "store", "tenants", "tracing"})
     base = p.parent
 
     store = _table(err, raw.get("store", {}), "store")
@@ -291,7 +383,7 @@ def load_config(path: str | os.PathLike[str], *, env: dict[str, str] | None = No
             raise err("store.url", f"must be redis://host:port/db (or absent: in memory), got {store_url!r}")
 
     server_t = _table(err, raw.get("server", {}), "server")
-    _only(err, server_t, "server", {f.name for f in dataclasses.fields(ServerSpec)} - {"token"})
+    _only(err, server_t, "server", {f.name for f in dataclasses.fields(ServerSpec)} - {"token", "admin_token"})
     server = _dataclass_from(err, ServerSpec, server_t, "server", {})
     for name in ("max_body_bytes", "max_inflight", "retry_after_s", "history_size", "shadow_concurrency"):
         if getattr(server, name) < (0 if name in ("history_size", "shadow_concurrency") else 1):
@@ -304,12 +396,18 @@ def load_config(path: str | os.PathLike[str], *, env: dict[str, str] | None = No
             raise err(f"server.{name}", f"must be positive, got {getattr(server, name)}")
     if server.drain_grace_s < 0:
         raise err("server.drain_grace_s", "must not be negative")
+    if not math.isfinite(server.prewarm_timeout_s) or not 0 <= server.prewarm_timeout_s <= 3600:
+        raise err("server.prewarm_timeout_s",
+                  f"must be between 0 (off) and 3600 seconds, got {server.prewarm_timeout_s}")
     _check_bounds(err, server)
+    _check_catalog(err, server, env)
     if server.token_env is not None:
         token = env.get(server.token_env, "")
         if not token:
             raise err("server.token_env", f"environment variable {server.token_env} is not set or empty")
         server = dataclasses.replace(server, token=token)
+    if server.admin_token_env is not None:
+        server = dataclasses.replace(server, admin_token=_admin_token(err, server, env))
 
     tenants = {name: _tenant(err, base, name, _table(err, t, f"tenants.{name}"), env)
                for name, t in _table(err, raw.get("tenants", {}), "tenants").items()}
@@ -329,7 +427,21 @@ def load_config(path: str | os.PathLike[str], *, env: dict[str, str] | None = No
         runner.validate()
     except ConfigError as exc:
         raise err("runner", str(exc)) from None
-    return ServeConfig(path=p, runner=runner, server=server, store_url=store_url, tenants=tenants)
+    return ServeConfig(path=p, runner=runner, server=server, store_url=store_url, tenants=tenants,
+                       tracing=_tracing(err, raw.get("tracing", {})))
+
+
+def _tracing(err: _Errors, value: Any) -> TracingSpec:
+    spec: TracingSpec = _dataclass_from(err, TracingSpec, _table(err, value, "tracing"), "tracing", {})
+    if spec.exporter not in ("", "none", "otlp"):
+        raise err("tracing.exporter", f'must be "otlp" or "none", got {spec.exporter!r}')
+    if spec.endpoint is not None and not spec.endpoint.startswith(("http://", "https://")):
+        raise err("tracing.endpoint", f"must be an http:// or https:// URL (OTLP/HTTP), got {spec.endpoint!r}")
+    if not math.isfinite(spec.sample_ratio) or not 0.0 <= spec.sample_ratio <= 1.0:
+        raise err("tracing.sample_ratio", f"must be between 0 and 1, got {spec.sample_ratio}")
+    if not spec.service_name:
+        raise err("tracing.service_name", "must not be empty")
+    return spec
 
 
 def is_loopback(host: str) -> bool:

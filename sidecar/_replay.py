@@ -89,16 +89,17 @@ async def replay(config_path: str, flow_id: str, source_file: str | None = None,
         if run is None:
             raise ConfigError(f"no recorded run {flow_id!r} (history keeps the last "
                               f"{cfg.server.history_size} flows per tenant)")
-        tenant = cfg.tenants.get(run["tenant"])
-        if tenant is None:
-            raise ConfigError(f"{config_path}: tenants.{run['tenant']}: the run's tenant is not configured")
-        secrets = tuple(tenant.secrets.values())
+        if app.store.tenant(run["tenant"]) is None:
+            raise ConfigError(f"tenant {run['tenant']}: the run's tenant is not in the store (deleted?)")
+        tenant = app.tenant(run["tenant"])   # settings, flows and secrets: the store's, as the run had them
+        secrets = tuple(app.secrets_of(tenant.name).values())
         replay_cfg, mode, skipped = _with_fetch(cfg, run, secrets, fetch_stub, live_fetch)
         # Not started yet: the fetch mode is the replay's own. No audit events: a replay is not a login,
         # and its report (redacted) is the only output.
         app.runner = Runner(replay_cfg.runner, audit=_NoAudit())
         event = run["event"] if isinstance(run.get("event"), dict) else {}
         await app.runner.start()
+        app._apply_policy(tenant.name)   # the store's allow_hosts, as the served runs had them
         try:
             actions, versions = app._resolve(tenant, run["trigger"])
             if source_file is not None:
@@ -112,7 +113,11 @@ async def replay(config_path: str, flow_id: str, source_file: str | None = None,
                 if not positions:
                     raise ConfigError(f"the {run['trigger']} flow of {tenant.name} has no action {slug!r} "
                                       "(use --slug)")
-                draft = app._action(tenant, slug, Version(version_of(source), source, time.time()))
+                cur = app.store.current(tenant.name, slug)
+                draft = app._action(tenant, slug, Version(
+                    version=f"draft-{version_of(source)}", source=source, at=time.time(),
+                    language=cur.language if cur else ("javascript" if p.suffix == ".js" else "python"),
+                    secrets=cur.secrets if cur else (), failure=cur.failure if cur else None))
                 for i in positions:
                     actions[i] = draft
                 versions[slug] = f"draft:{version_of(source)}"

@@ -1,20 +1,16 @@
 """The sidecar's ASGI app: the HTTP face of one Runner, for gateways in any language.
 
-A plain ASGI callable with a hand-written router rather than Starlette: ten
-routes do not need a framework, and the flow path is the one a login waits
-on (see docs/gateway.md for the measurement). Routes::
+A plain ASGI callable with a table-driven router rather than Starlette: the
+flow path is the one a login waits on (see docs/gateway.md for the measurement).
+Every route, its role and its schemas are one table in sidecar/_routes.py, which
+also generates ``GET /openapi.json`` (sidecar/_openapi.py); handlers register by
+name (the flow path and the probes here, the management API in sidecar/_manage.py).
 
-    POST /v1/tenants/{t}/flows/{trigger}          run the tenant's flow; 200 FlowResult + versions
-    PUT  /v1/tenants/{t}/actions/{slug}[?shadow=1] deploy a version (201) or a shadow version
-    GET  /v1/tenants/{t}/actions/{slug}           versions, deploy times, shadow disagreements
-    POST /v1/tenants/{t}/actions/{slug}/rollback  back to the previous version
-    POST /v1/tenants/{t}/actions/{slug}/test      a draft run of one action; nothing deployed
-    GET  /v1/tenants/{t}/runs/{flow_id}           one recorded run
-    GET  /healthz  /readyz  /metrics
-
-Every answer but healthz and readyz needs the bearer token when the config
-names one (``[server] token_env``); without one the process only binds to
-loopback and refuses any other peer.
+Roles: the flow token (``[server] token_env``) runs flows; the admin token
+(``[server] admin_token_env``) manages, and runs flows too; without an admin
+token the flow token does both (single-token mode, warned about at start);
+without any token only loopback peers are served. healthz, readyz and
+openapi.json are public.
 """
 
 from __future__ import annotations
@@ -22,24 +18,29 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
-import hmac
 import logging
 import os
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Awaitable, Callable
-from urllib.parse import parse_qs
 
 import orjson
 
-from ..runner import TRIGGERS, Action, ActionError, ConfigError, Runner
+from ..runner import TRIGGERS, Action, ConfigError, Runner
 from ..runner.hosting import (REDACTED, SLUG_RE, Decision, build_record, default_tenant_cap, flow_redactor,
                               make_decision, redact, redact_paths, set_failure_policy)
 from ._action_cache import ActionCache
-from ._config import DecisionSpec, ServeConfig, TenantSpec, is_loopback
-from ._metrics import CONTENT_TYPE, Metrics
-from ._store import NothingToRollBack, Store, StoreFull, StoreUnavailable, Version, open_store
+from ._config import ServeConfig, is_loopback
+from ._logs import flow_context, log_flow
+from ._metrics import CONTENT_TYPE, Metrics, TopTenants
+from . import _manage  # noqa: F401  (the management API's handlers register themselves on import)
+from ._openapi import document_bytes
+from ._routes import EVENT_FIELD as _FIELD
+from ._routes import HANDLERS, HTTPError, Request, Roles, Router, author_of, handler, parse_query
+from ._store import Store, StoreUnavailable, Version, store_for
+from ._tenancy import Tenant
+from ._workers import WorkerSlot
 
 log = logging.getLogger("actionpool.serve")
 
@@ -48,16 +49,9 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")
-_FIELD = re.compile(r"^(event[^\s:]*)")
 SHADOW_KEEP = 20
 RECORDS_PENDING = 256            # run records waiting to be built, all tenants; more are dropped (and counted)
 RECORDS_PENDING_PER_TENANT = 16  # ... and of one tenant, so one tenant's flood drops only its own history
-
-
-class HTTPError(Exception):
-    def __init__(self, status: int, error: str, field: str | None = None, headers: list[tuple[bytes, bytes]] = ()) -> None:
-        super().__init__(error)
-        self.status, self.error, self.field, self.headers = status, error, field, list(headers)
 
 
 class NotDeployed(Decision):
@@ -68,15 +62,17 @@ class NotDeployed(Decision):
         return "failed"
 
 
-def _served(slug: str, v: Version, secrets: dict[str, str], limits: dict[str, Any], failure: str,
-            suffix: str = ".py") -> Action:
+def _served(slug: str, v: Version, secrets: dict[str, str], limits: dict[str, Any], failure: str) -> Action:
     """A deployed version as an Action; its failure policy and version travel with it.
 
-    The language is the configured file's (``.js``: JavaScript, via Action's file name); an action with
-    no file in the config is Python.
+    The language is the version's own (deployed with it), never a config file's suffix: JavaScript deployed
+    to a slug the config names with a ``.py`` file (or none) runs as JavaScript. ``secrets`` are the
+    tenant's values of the names the version declares, and only those.
     """
-    a = Action(slug=slug, source=v.source, secrets=secrets, limits=limits, filename=f"{slug}{suffix}")
-    set_failure_policy(a, failure)
+    language = "js" if v.language in ("javascript", "js") else "python"
+    a = Action(slug=slug, source=v.source, secrets={n: secrets[n] for n in v.secrets if n in secrets},
+               limits=limits, language=language)
+    set_failure_policy(a, v.failure or failure)
     object.__setattr__(a, "version", v.version)
     return a
 
@@ -89,17 +85,24 @@ class Sidecar:
         self.server = config.server
         self.runner = Runner(config.runner)
         srv = config.server
-        self.store: Store = open_store(config.store_url, srv.history_size, history_max_bytes=srv.history_max_bytes,
-                                       sources_max_bytes=srv.sources_max_bytes, versions_kept=srv.versions_kept)
+        self.store: Store = store_for(config)   # every [server] store bound and the secrets keyring
         self._actions = ActionCache(srv.action_cache_max_bytes)
-        self.metrics = Metrics(self.runner.stats, self.store.stats, self._actions.stats)
+        self.metrics = Metrics(self.runner.stats, self.store.stats, self._actions.stats,
+                               top=TopTenants(srv.metrics_top_tenants))
+        from ._tracing import start_tracing   # imports OpenTelemetry only when tracing is configured
+
+        self.tracer = start_tracing(config.tracing)   # None: off (sidecar/_tracing.py)
         self.inflight = 0
         self.tenant_inflight: dict[str, int] = {}   # flows in flight by tenant; a tenant at 0 has no entry
         self._tenant_cap: int | None = config.server.max_inflight_per_tenant
         self.draining = False
         self.started = False
+        slot = WorkerSlot.from_env()   # one of `serve --workers N`'s processes, or None
+        self.process_label = f"{slot.index}/{slot.count}".encode() if slot is not None else None
+        self.warming = False   # the start-up prewarm runs: /readyz says not ready (bounded by prewarm_timeout_s)
+        self.prewarm_report: dict[str, Any] | None = None
         self.guard: Any = None   # the connection guard (sidecar/_http_guard.py), set by `serve`
-        self._decisions: dict[tuple[str, str, int], Decision] = {}
+        self._decisions: dict[tuple[str, str, str, int], Decision] = {}
         self._bg: set[asyncio.Task[Any]] = set()
         # Run records are built (redacted, truncated, a pass over up to a few MB) on one thread of their own:
         # on the loop a 2 MB record stalled every tenant's flows and kill timers for tens of ms; here the loop
@@ -110,24 +113,67 @@ class Sidecar:
         self._shadow_running = 0
         self._shadow_by_tenant: dict[str, int] = {}   # shadow runs in flight by tenant; at 0 no entry
         self.disagreements: dict[tuple[str, str], collections.deque[dict[str, Any]]] = {}
-        self._token = config.server.token.encode() if config.server.token else None
-        # Every secret is redacted from history: the config refuses one too short for that (MIN_SECRET_CHARS).
-        self._secrets = {name: tuple(t.secrets.values()) for name, t in config.tenants.items()}
+        self.roles = Roles(config.server.token, config.server.admin_token, is_loopback)
+        self.router = Router()
+        # Tenants, flows and secrets come from the store (the config only bootstraps it: sidecar/_bootstrap.py).
+        # Views built from the store's local maps, dropped by on_change when a write lands on any replica.
+        self._tenant_views: dict[str, Tenant] = {}
+        self._secret_values: dict[str, dict[str, str]] = {}
+        self._secret_gen: dict[str, int] = {}
+        self.sync_config = False   # `serve --sync-config`: make the store equal to the config at start
+        self.drift: list[dict[str, Any]] = []
+        self.forgetting: dict[str, asyncio.Task[Any]] = {}   # deleted tenants whose workers are being freed
+        self.store.on_change = self._store_changed
 
     # -- life cycle ----------------------------------------------------------------------------
     async def startup(self) -> None:
         await self.runner.start()
         await self.store.start()
-        for tenant in self.config.tenants.values():
-            for spec in tenant.actions.values():
-                if spec.file is not None:
-                    try:
-                        source = spec.file.read_text(encoding="utf-8")
-                    except (OSError, UnicodeDecodeError) as exc:
-                        raise ConfigError(f"{self.config.path}: tenants.{tenant.name}.actions.{spec.slug}.file: "
-                                          f"cannot read {spec.file}: {exc}") from None
-                    await self.store.seed(tenant.name, spec.slug, source)
+        from ._bootstrap import apply_config
+
+        await apply_config(self, sync=self.sync_config)
+        for name in self.store.tenants():
+            self._apply_policy(name)
+        if self.server.prewarm_timeout_s > 0:
+            # Workers for the deployed actions before /readyz says ready; flows are served meanwhile (first).
+            self.warming = True
+            self._spawn(self._prewarm())
         self.started = True
+
+    def _deployed_actions(self) -> dict[str, list[Action]]:
+        """Each tenant's flow actions at their current versions, in flow order, once each (what prewarm warms)."""
+        out: dict[str, list[Action]] = {}
+        for name in self.store.tenants():
+            try:
+                tenant = self.tenant(name)
+            except HTTPError:
+                continue
+            seen: set[str] = set()
+            acts: list[Action] = []
+            for trigger in self.store.flows(name):
+                for a in self._resolve(tenant, trigger)[0]:
+                    if getattr(a, "decide", None) is None and a.slug not in seen:
+                        seen.add(a.slug)
+                        acts.append(a)
+            if acts:
+                out[name] = acts
+        return out
+
+    async def _prewarm(self) -> None:
+        """Warm start (issue 18): bounded by ``[server] prewarm_timeout_s``, then ready anyway."""
+        timeout = self.server.prewarm_timeout_s
+        try:
+            rep = await asyncio.wait_for(self.runner.prewarm(self._deployed_actions()), timeout)
+            self.prewarm_report = {"warmed": len(rep["warmed"]), "left": len(rep["left"]), "failed": rep["failed"],
+                                   "stopped": rep["stopped"]}
+        except asyncio.TimeoutError:
+            self.prewarm_report = {"stopped": "timeout", "timeout_s": timeout}
+            log.warning("sidecar: prewarm not done after prewarm_timeout_s=%gs; ready anyway", timeout)
+        except Exception as exc:  # a failed prewarm costs cold starts, never the replica
+            self.prewarm_report = {"stopped": "error", "error": f"{type(exc).__name__}: {exc}"[:200]}
+            log.exception("sidecar: prewarm failed; ready anyway")
+        finally:
+            self.warming = False
 
     async def shutdown(self, grace: float | None = None) -> None:
         self.draining = True
@@ -138,6 +184,8 @@ class Sidecar:
             await asyncio.wait(list(self._bg), timeout=5)
         self._history_thread.shutdown(wait=False, cancel_futures=True)
         await self.store.close()
+        if self.tracer is not None:
+            self.tracer.close()
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         t = asyncio.ensure_future(coro)
@@ -166,13 +214,20 @@ class Sidecar:
         except Exception:  # a bug here must still answer, and must not kill the process
             log.exception("sidecar: unhandled error")
             status, body = 500, {"error": "internal error"}
-        if isinstance(body, bytes):
-            payload, ctype = body, CONTENT_TYPE.encode()
+        if body is None or status == 204:   # 204: no body and no Content-Type
+            payload, out = b"", [(b"content-length", b"0"), *headers]
         else:
-            payload, ctype = orjson.dumps(body), b"application/json"
-        out = [(b"content-type", ctype), (b"content-length", str(len(payload)).encode()), *headers]
+            if isinstance(body, bytes):   # bytes: the metrics' text, unless the handler names its own type
+                payload, ctype = body, CONTENT_TYPE.encode()
+            else:
+                payload, ctype = orjson.dumps(body), b"application/json"
+            typed = any(k == b"content-type" for k, _ in headers)
+            out = [*(() if typed else [(b"content-type", ctype)]), (b"content-length", str(len(payload)).encode()),
+                   *headers]
         if self.draining:
             out.append((b"connection", b"close"))
+        if self.process_label is not None:   # serve --workers N: which of the N answered (sidecar/_workers.py)
+            out.append((b"x-actionpool-process", self.process_label))
         await send({"type": "http.response.start", "status": status, "headers": out})
         await send({"type": "http.response.body", "body": payload})
 
@@ -183,11 +238,16 @@ class Sidecar:
                 try:
                     await self.startup()
                 except Exception as exc:
+                    self.start_error = exc   # serve exits 2 for a ConfigError (e.g. a missing secrets key), else 3
                     log.error("actionpool serve: start failed: %s", exc)
                     await self.runner.close(0)
                     await self.store.close()
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})
                     return
+                if self.roles.single_token:
+                    log.warning("actionpool serve: single-token mode: the flow token (server.token_env) may also "
+                                "manage tenants, actions, flows and secrets; set server.admin_token_env to "
+                                "separate the roles")
                 await send({"type": "lifespan.startup.complete"})
             elif msg["type"] == "lifespan.shutdown":
                 await self.shutdown()
@@ -221,77 +281,144 @@ class Sidecar:
             raise HTTPError(408, f"request body not received within {self.server.body_timeout_s:g} s "
                                  f"(server.body_timeout_s)", headers=[(b"connection", b"close")]) from None
 
-    def _authorize(self, scope: Scope) -> None:
-        if self._token is None:
-            client = scope.get("client")
-            if client is not None and not is_loopback(client[0]):
-                raise HTTPError(401, "no token configured: only loopback peers are served")
-            return
-        for name, value in scope["headers"]:
-            if name == b"authorization":
-                scheme, _, token = value.partition(b" ")
-                if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self._token):
-                    return
-                break
-        raise HTTPError(401, "missing or bad bearer token", headers=[(b"www-authenticate", b"Bearer")])
+    # -- routing (sidecar/_routes.py holds the table) ---------------------------------------------
+    def _authorize(self, scope: Scope, route: Any) -> str:
+        """The caller's identity, allowed to call ``route``: 401 (no or bad token) or 403 (flow token, admin route).
+
+        Called before any body is read, so a stranger's upload is never waited for.
+        """
+        identity = self.roles.identify(scope)
+        self.roles.permit(route, identity)
+        return identity
 
     async def _route(self, scope: Scope, receive: Receive) -> tuple[int, Any, list[tuple[bytes, bytes]]]:
-        method, path = scope["method"], scope["path"]
-        if path == "/healthz":
-            return 200, {"status": "alive"}, []
-        if path == "/readyz":
-            # "Can serve flows": a started replica serves its loaded versions while Redis is down (degraded).
-            if self.draining or not self.started:
-                return 503, {"status": "not ready", "reason": "draining" if self.draining else "starting"}, []
-            return 200, {"status": "ready", **self.store.status()}, []
-        self._authorize(scope)
-        if path == "/metrics":
-            return 200, self.metrics.render(), []
-        parts = path.split("/")
-        if len(parts) < 6 or parts[:3] != ["", "v1", "tenants"]:
-            raise HTTPError(404, "no such route")
-        tenant = self.config.tenants.get(parts[3])
-        if tenant is None:
-            raise HTTPError(404, f"unknown tenant {parts[3]!r}", "tenant")
-        what, rest = parts[4], parts[5:]
-        query = {k: v[-1] for k, v in parse_qs(scope.get("query_string", b"").decode("latin-1")).items()}
-        if what == "flows" and len(rest) == 1:
-            _method(method, "POST")
-            return await self._flow(tenant, rest[0], scope, receive)
-        if what == "runs" and len(rest) == 1:
-            _method(method, "GET")
-            run = await self.store.get_run(rest[0])
-            if run is None or run.get("tenant") != tenant.name:
-                raise HTTPError(404, f"no recorded run {rest[0]!r}", "flow_id")
-            return 200, run, []
-        if what == "actions" and rest:
-            slug = rest[0]
-            if slug not in self._known_slugs(tenant):
-                raise HTTPError(404, f"tenant {tenant.name} has no action {slug!r} (name it under [tenants.{tenant.name}."
-                                     f"actions] or in a flow)", "slug")
-            if len(rest) == 1 and method == "PUT":
-                return await self._deploy(tenant, slug, query, scope, receive)
-            if len(rest) == 1:
-                _method(method, "GET")
-                return 200, await self._describe(tenant, slug), []
-            if rest[1:] == ["rollback"]:
-                _method(method, "POST")
-                try:
-                    v = await self.store.rollback(tenant.name, slug)
-                except NothingToRollBack as exc:
-                    raise HTTPError(409, str(exc), "slug") from None
-                return 200, {"slug": slug, "version": v.version}, []
-            if rest[1:] == ["test"]:
-                _method(method, "POST")
-                return await self._test(tenant, slug, scope, receive)
-        raise HTTPError(404, "no such route")
+        """Match, authenticate, authorize, check the parameters, then the route's handler.
 
-    @staticmethod
-    def _known_slugs(tenant: TenantSpec) -> set[str]:
-        slugs = set(tenant.actions)
-        for entries in tenant.flows.values():
-            slugs.update(e for e in entries if isinstance(e, str))
-        return slugs
+        Public routes aside, the token is checked before anything about the path is answered: a stranger
+        learns nothing but 401. An unknown path is 404, a known one with another method 405 with ``Allow``.
+        """
+        try:
+            route, params = self.router.match(scope["method"], scope["path"])
+        except HTTPError as exc:
+            if not exc.public:
+                self.roles.identify(scope)   # 401 first for a stranger
+            raise
+        if route.role == "public":
+            identity = author = "public"
+        else:
+            identity = self._authorize(scope, route)
+            author = author_of(scope, identity)
+        self.router.check_params(params)
+        fn = HANDLERS.get(route.handler)
+        if fn is None:
+            raise HTTPError(501, f"{route.method} {route.path} is not implemented yet")
+        req = Request(scope, route, params, parse_query(scope), identity, author,
+                      functools.partial(self._body, scope, receive), receive=receive)
+        return await fn(self, req)
+
+    @handler("healthz")
+    async def _healthz(self, req: Request) -> tuple[int, Any, list]:
+        return 200, {"status": "alive"}, []
+
+    @handler("readyz")
+    async def _readyz(self, req: Request) -> tuple[int, Any, list]:
+        # "Can serve flows": a started replica serves its loaded versions while Redis is down (degraded).
+        if self.draining or not self.started or self.warming:
+            why = "draining" if self.draining else "starting" if not self.started else "warming"
+            return 503, {"status": "not ready", "reason": why}, []
+        body = {"status": "ready", **self.store.status()}
+        if self.prewarm_report is not None:
+            body["prewarm"] = self.prewarm_report
+        return 200, body, []
+
+    @handler("openapi")
+    async def _openapi(self, req: Request) -> tuple[int, Any, list]:
+        return 200, document_bytes(), [(b"content-type", b"application/json")]
+
+    @handler("metrics")
+    async def _metrics(self, req: Request) -> tuple[int, Any, list]:
+        return 200, self.metrics.render(), []
+
+    @handler("flow_run")
+    async def _flow_run(self, req: Request) -> tuple[int, Any, list]:
+        return await self._flow(self.tenant(req.params["tenant"]), req.params["trigger"], req.scope, req.receive)
+
+    # -- tenants, from the store ------------------------------------------------------------------
+    def tenant(self, name: str) -> Tenant:
+        """The tenant's view (local reads only), or 404: unknown, or deleted on any replica."""
+        view = self._tenant_views.get(name)
+        if view is not None:
+            return view
+        rec = self.store.tenant(name)
+        if rec is None:
+            raise HTTPError(404, f"unknown tenant {name[:64]!r}", "tenant")
+        view = self._tenant_views[name] = Tenant.of(name, rec.settings, rec.version)
+        return view
+
+    def secrets_of(self, tenant: str) -> dict[str, str]:
+        """The tenant's secret values (decrypted by the store), for declared-name filtering and redaction."""
+        got = self._secret_values.get(tenant)
+        if got is None:
+            got = self._secret_values[tenant] = dict(self.store.secret_values(tenant))
+        return got
+
+    def _store_changed(self, kind: str, tenant: str, key: str) -> None:
+        """A write landed (this replica's or another's): drop the views built from it, apply runtime policy.
+
+        Called from inside the store's reload: it must never raise (the store would count the record bad).
+        """
+        try:
+            self._apply_change(kind, tenant, key)
+        except Exception:
+            log.exception("sidecar: applying a %s change of tenant %s failed", kind, tenant)
+
+    def _apply_change(self, kind: str, tenant: str, key: str) -> None:
+        if kind == "secret":
+            self._secret_values.pop(tenant, None)
+            self._secret_gen[tenant] = self._secret_gen.get(tenant, 0) + 1
+        elif kind == "tenant":
+            self._tenant_views.pop(tenant, None)
+            self._secret_values.pop(tenant, None)
+            if self.store.tenant(tenant) is None:
+                self._forget(tenant)
+            else:
+                self._apply_policy(tenant)
+        elif kind == "flow":
+            for k in [k for k in self._decisions if k[0] == tenant and k[1] == key]:
+                del self._decisions[k]
+
+    def _apply_policy(self, tenant: str) -> None:
+        rec = self.store.tenant(tenant)
+        if rec is None:
+            return
+        try:
+            self.runner.set_tenant_policy(tenant, allow_hosts=tuple(rec.settings.get("allow_hosts") or ()))
+        except (ConfigError, ValueError) as exc:  # validated at PUT; a bad record from the store is logged
+            log.warning("sidecar: tenant %s: allow_hosts not applied: %s", tenant, exc)
+
+    def _forget(self, tenant: str) -> None:
+        """A deleted tenant: its workers, caches, decisions and shadow reports go (its flows already 404)."""
+        self._secret_gen.pop(tenant, None)
+        self._actions.forget(tenant)
+        self.metrics.forget_tenant(tenant)   # its series and its label (sidecar/_metrics.py TopTenants)
+        for k in [k for k in self._decisions if k[0] == tenant]:
+            del self._decisions[k]
+        for k in [k for k in self.disagreements if k[0] == tenant]:
+            del self.disagreements[k]
+        try:
+            self.runner.set_tenant_policy(tenant, allow_hosts=None)
+        except (ConfigError, ValueError):
+            pass
+        if self.runner_started():
+            t = asyncio.ensure_future(self.runner.forget_tenant(tenant))
+            self._bg.add(t)
+            t.add_done_callback(self._bg.discard)
+            self.forgetting[tenant] = t   # the DELETE that caused it (on this replica) waits for it
+            t.add_done_callback(lambda _t, name=tenant: self.forgetting.pop(name, None) if
+                                self.forgetting.get(name) is _t else None)
+
+    def runner_started(self) -> bool:
+        return self.started and not self.draining
 
     # -- flows -----------------------------------------------------------------------------------
     def _event(self, raw: bytes) -> dict[str, Any]:
@@ -308,30 +435,44 @@ class Sidecar:
         return event
 
     def _check(self, event: dict[str, Any]) -> str | None:
-        if self.runner._engine is None:  # not started: nothing is served before startup anyway
-            return None
-        return self.runner._engine.check_event(event)
+        return self.runner.check_event(event)
 
-    def _action(self, tenant: TenantSpec, slug: str, v: Version) -> Action:
-        """The Action for a version or a draft, from a per-tenant LRU bounded in bytes (sidecar/_action_cache.py)."""
-        spec = tenant.actions.get(slug)
+    def _action(self, tenant: Tenant, slug: str, v: Version) -> Action:
+        """The Action for a version or a draft, from a per-tenant LRU bounded in bytes (sidecar/_action_cache.py).
+
+        Keyed by version, tenant settings and secrets generation: a changed secret or limit builds it anew.
+        """
+        spec = self.config.tenants.get(tenant.name)
+        aspec = spec.actions.get(slug) if spec is not None else None
+        key = f"{v.version}/{tenant.version}/{self._secret_gen.get(tenant.name, 0)}"
         return self._actions.get_or_build(
-            tenant.name, slug, v.version,
-            lambda: _served(slug, v, tenant.secrets, spec.limits if spec else {}, spec.failure if spec else "closed",
-                            spec.file.suffix if spec and spec.file else ".py"))
+            tenant.name, slug, key,
+            lambda: _served(slug, v, self.secrets_of(tenant.name),
+                            {**tenant.limits, **(aspec.limits if aspec is not None else {})}, tenant.failure))
 
-    def _resolve(self, tenant: TenantSpec, trigger: str) -> tuple[list[Action], dict[str, str]]:
-        """The actions of the tenant's flow for ``trigger`` at their current versions (local reads only)."""
+    def _resolve(self, tenant: Tenant, trigger: str) -> tuple[list[Action], dict[str, str]]:
+        """The actions of the tenant's current flow for ``trigger`` at their current versions (local reads only)."""
         actions: list[Action] = []
         versions: dict[str, str] = {}
         missing: list[Action] = []
-        for i, entry in enumerate(tenant.flows.get(trigger, ()), 1):
-            if isinstance(entry, DecisionSpec):
-                key = (tenant.name, trigger, i)
+        rec = self.store.flow(tenant.name, trigger)
+        for i, entry in enumerate(rec.entries if rec is not None else (), 1):
+            if isinstance(entry, dict):
+                key = (tenant.name, trigger, rec.version, i)
                 d = self._decisions.get(key)
                 if d is None:
-                    d = self._decisions[key] = make_decision(i, entry.expr, entry.deny)
+                    try:
+                        d = make_decision(i, entry["if"], deny=entry.get("deny"), allow=bool(entry.get("allow", False)),
+                                          skip_to=entry.get("skip_to"), message=entry.get("message"))
+                    except (KeyError, TypeError, ValueError) as exc:  # validated at PUT; a bad record fails closed
+                        log.warning("sidecar: tenant %s: flow %s@%s entry %d is not a decision block (%s); the "
+                                    "flow is denied", tenant.name, trigger, rec.version, i, exc)
+                        d = make_decision(i, "true", deny="invalid_flow_entry")
+                    self._decisions[key] = d
                 actions.append(d)
+                continue
+            if type(entry) is not str or not SLUG_RE.match(entry):   # a bad record: fail closed, never a 500
+                actions.append(make_decision(i, "true", deny="invalid_flow_entry"))
                 continue
             v = self.store.current(tenant.name, entry)
             if v is None:
@@ -379,9 +520,10 @@ class Sidecar:
     def _overloaded(self, why: str) -> HTTPError:
         return HTTPError(503, why, headers=[(b"retry-after", str(self.server.retry_after_s).encode())])
 
-    async def _flow(self, tenant: TenantSpec, trigger: str, scope: Scope, receive: Receive) -> tuple[int, Any, list]:
+    async def _flow(self, tenant: Tenant, trigger: str, scope: Scope, receive: Receive) -> tuple[int, Any, list]:
         if trigger not in TRIGGERS:
             raise HTTPError(400, f"unknown trigger {trigger!r}; expected one of {', '.join(TRIGGERS)}", "trigger")
+        start_ns = time.time_ns()   # the flow span's start (sidecar/_tracing.py)
         self._take_slot(tenant.name, check_only=True)   # refused at once when full: no body read for nothing
         # The body is read (within server.body_timeout_s) before a slot is taken: a stalled upload holds none.
         event = self._event(await self._body(scope, receive))
@@ -394,10 +536,12 @@ class Sidecar:
         if execution_id is None:
             execution_id = os.urandom(16).hex()
         event["execution_id"] = execution_id  # the same across the gateway's retries of one attempt
+        # From here every log line of this request's task (and of the tasks it starts) names the flow.
+        flow_context(execution_id, tenant.name, trigger)
         self._take_slot(tenant.name)
         try:
             actions, versions = self._resolve(tenant, trigger)
-            t0 = time.perf_counter()
+            t0, run_ns = time.perf_counter(), time.time_ns()
             result = await self.runner.run_flow(trigger=trigger, actions=actions, event=event, tenant=tenant.name,
                                                 denial_message=tenant.denial_message,
                                                 record_fetches=self.server.history_size > 0)
@@ -408,6 +552,9 @@ class Sidecar:
         body["versions"] = versions
         body["execution_id"] = execution_id
         self.metrics.flow(tenant.name, trigger, body, seconds)
+        log_flow(body, seconds)
+        if self.tracer is not None:
+            self._trace(scope, start_ns, run_ns, execution_id, tenant.name, trigger, body, result.actions)
         if self.server.history_size:
             self._spawn(self._record(tenant, event, body, seconds, result.fetches))
         self._shadows(tenant, trigger, actions, event, body)
@@ -415,7 +562,16 @@ class Sidecar:
             raise self._overloaded(body["denial"]["reason"])
         return 200, body, []
 
-    async def _record(self, tenant: TenantSpec, event: dict[str, Any], body: dict[str, Any], seconds: float,
+    def _trace(self, scope: Scope, start_ns: int, run_ns: int, execution_id: str, tenant: str, trigger: str,
+               body: dict[str, Any], records: list[Any]) -> None:
+        """The flow's spans, from its result (after the flow: nothing on the worker path); never fails a flow."""
+        try:
+            self.tracer.flow(scope["headers"], start_ns=start_ns, run_ns=run_ns, end_ns=time.time_ns(),
+                             execution_id=execution_id, tenant=tenant, trigger=trigger, body=body, records=records)
+        except Exception:
+            log.exception("sidecar: tracing failed")
+
+    async def _record(self, tenant: Tenant, event: dict[str, Any], body: dict[str, Any], seconds: float,
                       fetches: list[dict[str, Any]] | None = None) -> None:
         """Redacted (keys and values, event, whole result, fetches) and capped: runner/_history.py.
 
@@ -431,7 +587,7 @@ class Sidecar:
         self._records_total += 1
         try:
             build = functools.partial(build_record, tenant=tenant.name, paths=tenant.redact,
-                                      secrets=self._secrets.get(tenant.name, ()), event=event, body=body,
+                                      secrets=tuple(self.secrets_of(tenant.name).values()), event=event, body=body,
                                       seconds=seconds, recorded_at=time.time(), fetches=fetches,
                                       max_bytes=self.server.history_record_max_bytes)
             record = await asyncio.get_running_loop().run_in_executor(self._history_thread, build)
@@ -448,7 +604,7 @@ class Sidecar:
             log.warning("sidecar: run history write failed: %s", exc)
 
     # -- shadow versions -------------------------------------------------------------------------
-    def _shadows(self, tenant: TenantSpec, trigger: str, actions: list[Action], event: dict[str, Any],
+    def _shadows(self, tenant: Tenant, trigger: str, actions: list[Action], event: dict[str, Any],
                  live: dict[str, Any]) -> None:
         for i, a in enumerate(actions):
             sh = self.store.shadow(tenant.name, a.slug)
@@ -467,7 +623,7 @@ class Sidecar:
             self._shadow_by_tenant[tenant.name] = held + 1
             self._spawn(self._shadow(tenant, trigger, a.slug, sh.version, variant, event, live))
 
-    async def _shadow(self, tenant: TenantSpec, trigger: str, slug: str, version: str, actions: list[Action],
+    async def _shadow(self, tenant: Tenant, trigger: str, slug: str, version: str, actions: list[Action],
                       event: dict[str, Any], live: dict[str, Any]) -> None:
         try:
             result = (await self.runner.run_flow(trigger=trigger, actions=actions, event=event, tenant=tenant.name,
@@ -488,91 +644,6 @@ class Sidecar:
         if diff:
             q = self.disagreements.setdefault((tenant.name, slug), collections.deque(maxlen=SHADOW_KEEP))
             q.append({"flow_id": live["flow_id"], "shadow_version": version, "at": time.time(),
-                      "differences": flow_redactor(self._secrets.get(tenant.name, ()), tenant.redact, event)(diff)})
-
-    # -- actions ---------------------------------------------------------------------------------
-    async def _deploy(self, tenant: TenantSpec, slug: str, query: dict[str, str], scope: Scope,
-                      receive: Receive) -> tuple[int, Any, list]:
-        raw = await self._body(scope, receive)
-        try:
-            source = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise HTTPError(400, "the action source must be UTF-8", "body") from None
-        if not source.strip():
-            raise HTTPError(400, "the action source is empty", "body")
-        shadow = query.get("shadow", "0") not in ("0", "", "false")
-        try:
-            v = await self.store.deploy(tenant.name, slug, source, shadow=shadow)
-        except StoreFull as exc:
-            raise HTTPError(413, str(exc), "body") from None
-        out = {"slug": slug, "version": v.version}
-        if shadow:
-            out["shadow"] = True
-        return 201, out, []
-
-    async def _describe(self, tenant: TenantSpec, slug: str) -> dict[str, Any]:
-        out = {"slug": slug, **await self.store.describe(tenant.name, slug)}
-        out["shadow_disagreements"] = list(self.disagreements.get((tenant.name, slug), ()))
-        return out
-
-    async def _test(self, tenant: TenantSpec, slug: str, scope: Scope, receive: Receive) -> tuple[int, Any, list]:
-        # A draft runs in the tenant's workers like a login, so it takes the same slots (server.max_inflight and
-        # the tenant's cap) the same way: refused at once when full, the body read first. Without them drafts
-        # were the one way past the HTTP layer's caps (30 concurrent drafts all admitted, the runner refusing 18).
-        self._take_slot(tenant.name, check_only=True)
-        try:
-            req = orjson.loads(await self._body(scope, receive))
-        except orjson.JSONDecodeError as exc:
-            raise HTTPError(400, f"body is not valid JSON: {exc}", "body") from None
-        if type(req) is not dict:
-            raise HTTPError(400, "the body must be {\"trigger\", \"event\", \"source\"?}", "body")
-        unknown = set(req) - {"trigger", "event", "source"}
-        if unknown:
-            raise HTTPError(400, f"unknown field(s): {', '.join(sorted(unknown))}", sorted(unknown)[0])
-        trigger = req.get("trigger")
-        if trigger not in TRIGGERS:
-            raise HTTPError(400, f"unknown trigger {trigger!r}; expected one of {', '.join(TRIGGERS)}", "trigger")
-        event = req.get("event", {})
-        if type(event) is not dict:
-            raise HTTPError(400, "event must be a JSON object", "event")
-        problem = self._check(event)
-        if problem is not None:
-            m = _FIELD.match(problem)
-            raise HTTPError(400, problem, m.group(1) if m else "event")
-        source = req.get("source")
-        if source is None:
-            v = self.store.current(tenant.name, slug)
-            if v is None:
-                raise HTTPError(409, f"{slug} has no deployed version; send a source to test a draft", "source")
-        elif type(source) is not str or not source.strip():
-            raise HTTPError(400, "source must be a non-empty string", "source")
-        else:
-            from ._store import version_of
-
-            v = Version(version_of(source), source, time.time())
-        event = {**event, "execution_id": os.urandom(16).hex()}
-        try:
-            action = self._action(tenant, slug, v)
-        except ActionError as exc:
-            raise HTTPError(400, str(exc), "source") from None
-        self._take_slot(tenant.name)
-        try:
-            result = await self.runner.run_flow(trigger=trigger, actions=[action], event=event, tenant=tenant.name,
-                                                denial_message=tenant.denial_message)
-        finally:
-            self._release_slot(tenant.name)
-        body = result.to_dict()
-        body["versions"] = {slug: v.version}
-        body["draft"] = source is not None
-        # Not a login: a debugging answer to whoever holds the management token, like replay's report, and
-        # redacted like it (the tenant's secrets and the event's redact-path values, keys and values), so a
-        # log line that prints an API key does not hand it to everyone who can test a draft.
-        return 200, flow_redactor(self._secrets.get(tenant.name, ()), tenant.redact, event)(body), []
-
-
-def _method(got: str, want: str) -> None:
-    if got != want:
-        raise HTTPError(405, f"use {want}", headers=[(b"allow", want.encode())])
-
+                      "differences": flow_redactor(tuple(self.secrets_of(tenant.name).values()), tenant.redact, event)(diff)})
 
 __all__ = ["Sidecar", "HTTPError", "redact", "redact_paths", "SLUG_RE"]

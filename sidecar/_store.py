@@ -1,10 +1,24 @@
-"""Deployed action versions and run history, in memory (one replica) or on Redis (N replicas).
+"""Deployed action versions, the tenant catalog and run history, in memory (one replica) or on Redis (N replicas).
 
-Versions are immutable and content-addressed (the first 16 hex digits of the
-source's SHA-256). Each (tenant, slug) has a *stack* of deployments: a deploy
-pushes, a rollback pops back to the previous one; the top is what flows run.
-A *log* keeps every deploy and rollback with its time, and a *shadow* version
-may run beside the live one (see sidecar/_server.py).
+Versions are immutable and content-addressed: the first 16 hex digits of SHA-256 over the source and its
+metadata (language, sorted declared secrets, failure policy; a plain Python version with neither hashes the
+source alone, so ids from before metadata stay). :class:`Version` also carries message, author and ``at``
+(``deployed_at`` is an alias). Each (tenant, slug) has a *stack* of deployments: a deploy pushes, a rollback
+pops back to the previous one or, with ``to=``, pushes a kept version again (history stays linear; a version
+not kept raises :class:`UnknownVersion`, a KeyError); the top is what flows run. A *log* keeps every deploy
+and rollback with its time, and a *shadow* version may run beside the live one (see sidecar/_server.py).
+
+The interface beyond the deploy/rollback of issue 16:
+``deploy(..., language, secrets, failure, message, author)``, ``rollback(..., to=, author=)``,
+``get_version``, ``describe`` (each version with language/secrets/failure/author/message/kept),
+``deployed_count()``, and the catalog of sidecar/_catalog.py (tenants, flows, secrets, audit, ``is_empty``,
+``rekey_secrets``). Flow and secret writes for a tenant the store does not hold raise :class:`UnknownTenant`
+(a KeyError); malformed names or values raise ValueError; a Redis store without a secrets key raises
+:class:`SecretsUnavailable` on ``put_secret``, and :class:`SecretsKeyMissing` (a ConfigError: serve exits 2)
+from ``start()`` when Redis holds secrets under a key it lacks. ``store_for(config)`` builds the store a
+ServeConfig names, with every bound and the keyring. ``on_change(kind, tenant, key)`` follows every local
+change (kind "action" | "tenant" | "flow" | "secret"). Every write lands in the tenant's audit trail; the
+author "config" records op "sync".
 
 Bounded per tenant, in bytes (issue 16, class 4): a stack keeps ``versions_kept``
 deployments; a source is kept only while its version is *reachable* (on a
@@ -30,7 +44,9 @@ key of the wrong Redis type (or a ``gen`` that is not a number) is one too, not
 an outage, and the write or start that meets it replaces it (:meth:`RedisStore._repair`). A
 Redis that comes back empty (restarted without persistence) is re-written
 from what this replica holds. Replicas publish a digest of their loaded
-versions and report peers that disagree for two checks in a row.
+versions and catalog and report peers that disagree for two checks in a row. A gen that vanished while this
+replica holds data means Redis lost it: nothing is forgotten, the catalog (tenants, flow tops, secrets as
+ciphertext) is written back with the actions.
 """
 
 from __future__ import annotations
@@ -46,6 +62,12 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import orjson
+
+from ._catalog import (BOUND_NAMES, Catalog, CatalogBounds, FlowRecord, MemoryCatalog, NothingToRollBack,
+                       SecretsKeyMissing, SecretsUnavailable, StoreFull, StoreUnavailable, TenantRecord,
+                       UnknownTenant, UnknownVersion, audit_entry, AUDIT_MESSAGE_CHARS, AUTHOR_CHARS)
+from ._redis_catalog import CHANNEL, P, RedisCatalog
+from ._secrets import Keyring
 
 log = logging.getLogger("actionpool.serve")
 
@@ -65,29 +87,77 @@ VERSIONS_KEPT = 10
 
 @dataclass(frozen=True)
 class Version:
+    """One deployed version: the source and what travels with it (all of it is in the version id)."""
+
     version: str
     source: str
-    deployed_at: float
+    language: str = "python"         # "python" | "javascript"
+    secrets: tuple[str, ...] = ()    # declared secret names: the run sees these (those that exist), no others
+    failure: str | None = None       # "open" | "closed" | None: the tenant's default
+    message: str = ""
+    author: str = ""
+    at: float = 0.0                  # deployed, epoch seconds
+
+    @property
+    def deployed_at(self) -> float:
+        return self.at
+
+    def meta(self) -> dict[str, Any]:
+        """The version's record on a stack (everything but the source, kept once per version)."""
+        out: dict[str, Any] = {"version": self.version, "at": self.at}
+        if self.language != "python":
+            out["language"] = self.language
+        if self.secrets:
+            out["secrets"] = list(self.secrets)
+        if self.failure is not None:
+            out["failure"] = self.failure
+        if self.message:
+            out["message"] = self.message
+        if self.author:
+            out["author"] = self.author
+        return out
 
 
-def version_of(source: str) -> str:
-    return hashlib.sha256(source.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+def version_of(source: str, language: str = "python", secrets: tuple[str, ...] | list[str] = (),
+               failure: str | None = None) -> str:
+    """The first 16 hex of SHA-256 over the source and its metadata.
+
+    A Python version with no declared secrets and the tenant's failure default hashes the source alone, so
+    versions deployed before metadata existed keep their ids.
+    """
+    data = source.encode("utf-8", "surrogatepass")
+    if language != "python" or secrets or failure is not None:
+        data += b"\0" + orjson.dumps({"language": language, "secrets": sorted(set(secrets)), "failure": failure},
+                                      option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def version_from_meta(meta: dict[str, Any], source: str) -> Version:
+    """A Version from its stack record; TypeError/KeyError/ValueError when the record is malformed."""
+    version, at = meta["version"], float(meta["at"])
+    language, secrets = meta.get("language", "python"), meta.get("secrets", [])
+    failure, message, author = meta.get("failure"), meta.get("message", ""), meta.get("author", "")
+    if type(version) is not str:
+        raise TypeError("version is not a string")
+    if language not in LANGUAGES or failure not in (None, "open", "closed"):
+        raise ValueError(f"language {language!r} or failure {failure!r} unknown")
+    if not isinstance(secrets, list) or not all(isinstance(x, str) for x in secrets):
+        raise TypeError("secrets is not a list of names")
+    if not isinstance(message, str) or not isinstance(author, str):
+        raise TypeError("message or author is not a string")
+    return Version(version, source, language, tuple(secrets), failure, message, author, at)
+
+
+LANGUAGES = ("python", "javascript")
 
 
 def _size(source: str) -> int:
     return len(source.encode("utf-8", "surrogatepass"))
 
 
-class NothingToRollBack(Exception):
-    """The action has one deployed version (or none): there is nothing before it."""
-
-
-class StoreUnavailable(Exception):
-    """The store (Redis) did not answer; the write was not done, or a retry of it is safe (idempotent)."""
-
-
-class StoreFull(Exception):
-    """The tenant's live and shadow sources alone would exceed ``sources_max_bytes``."""
+__all__ = ["Version", "version_of", "Store", "MemoryStore", "RedisStore", "open_store", "store_for", "TenantRecord",
+           "FlowRecord", "CatalogBounds", "NothingToRollBack", "UnknownVersion", "UnknownTenant", "StoreUnavailable",
+           "StoreFull",           "SecretsUnavailable", "SecretsKeyMissing", "persistence_problem"]
 
 
 def _truncated_stub(tenant: str, flow_id: str, record: dict[str, Any], size: int, budget: int) -> bytes:
@@ -137,18 +207,25 @@ class _Health:
         return 0.0 if self.down_since is None else self._clock() - self.down_since
 
 
-class Store:
-    """The shared interface; ``current``/``shadow`` are local reads, everything else may do I/O."""
+class Store(Catalog):
+    """The shared interface; ``current``/``shadow`` and the catalog reads are local, everything else may do I/O.
+
+    ``keyring`` encrypts tenant secrets on Redis (None: read ``ACTIONPOOL_SECRETS_KEY`` from the environment;
+    memory:// never needs one). The catalog bounds (sidecar/_catalog.py) are keyword arguments too.
+    """
 
     def __init__(self, history_size: int, *, history_max_bytes: int = HISTORY_MAX_BYTES,
-                 sources_max_bytes: int = SOURCES_MAX_BYTES, versions_kept: int = VERSIONS_KEPT) -> None:
+                 sources_max_bytes: int = SOURCES_MAX_BYTES, versions_kept: int = VERSIONS_KEPT,
+                 keyring: Keyring | None = None, **catalog_bounds: int) -> None:
         self.history_size = history_size
         self.history_max_bytes = history_max_bytes
         self.sources_max_bytes = sources_max_bytes
         self.versions_kept = max(1, versions_kept)
+        self._catalog_init(CatalogBounds(**catalog_bounds))
+        self.keyring = keyring
         self._current: dict[tuple[str, str], Version] = {}
         self._shadow: dict[tuple[str, str], Version] = {}
-        self.on_change: Callable[[str, str], None] | None = None
+        self.on_change: Callable[[str, str, str], None] | None = None  # (kind, tenant, key) after a local change
         self.health = _Health()
         self.bad_records = 0
         self.history_dropped = 0
@@ -162,6 +239,14 @@ class Store:
     def shadow(self, tenant: str, slug: str) -> Version | None:
         return self._shadow.get((tenant, slug))
 
+    def slugs(self, tenant: str) -> list[str]:
+        """The tenant's slugs with a live version (local; the drift report, not the flow path)."""
+        return sorted(slug for t, slug in self._current if t == tenant)
+
+    def deployed_count(self) -> int:
+        """Actions with a live version, all tenants (local; the ready line of ``serve``)."""
+        return len(self._current)
+
     def _set_local(self, key: tuple[str, str], cur: Version | None, shadow: Version | None) -> None:
         for table, v in ((self._current, cur), (self._shadow, shadow)):
             if v is None:
@@ -169,14 +254,20 @@ class Store:
             else:
                 table[key] = v
         if self.on_change is not None:
-            self.on_change(*key)
+            self.on_change("action", *key)
+
+    def _drop_actions_local(self, tenant: str) -> None:
+        for key in [k for k in set(self._current) | set(self._shadow) if k[0] == tenant]:
+            self._set_local(key, None, None)
 
     def digest(self) -> str:
-        """A short digest of the loaded versions: equal on replicas that serve the same thing."""
+        """A short digest of the loaded versions and catalog: equal on replicas that serve the same thing."""
         h = hashlib.sha256()
         for key in sorted(set(self._current) | set(self._shadow)):
             cur, sh = self._current.get(key), self._shadow.get(key)
             h.update(f"{key[0]}:{key[1]}={cur.version if cur else '-'}/{sh.version if sh else '-'}\n".encode())
+        for line in self.catalog_digest_lines():
+            h.update(line.encode() + b"\n")
         return h.hexdigest()[:16]
 
     def stats(self) -> dict[str, Any]:
@@ -206,24 +297,84 @@ class Store:
     async def close(self) -> None: ...
     async def ping(self) -> bool: return True
 
-    async def deploy(self, tenant: str, slug: str, source: str, *, shadow: bool = False) -> Version: raise NotImplementedError
-    async def rollback(self, tenant: str, slug: str) -> Version: raise NotImplementedError
+    async def deploy(self, tenant: str, slug: str, source: str, *, shadow: bool = False, language: str = "python",
+                     secrets: tuple[str, ...] | list[str] = (), failure: str | None = None, message: str = "",
+                     author: str = "") -> Version:
+        """Push a version (or set the shadow); StoreFull over a bound. Re-deploying the live version is a no-op."""
+        raise NotImplementedError
+
+    async def rollback(self, tenant: str, slug: str, *, to: str | None = None, author: str = "") -> Version:
+        """Pop one version, or push ``to`` (a kept version) again; NothingToRollBack / UnknownVersion."""
+        raise NotImplementedError
+
+    async def get_version(self, tenant: str, slug: str, version: str) -> Version | None:
+        """Any kept version (on the stack or the shadow), for diffs."""
+        raise NotImplementedError
+
     async def describe(self, tenant: str, slug: str) -> dict[str, Any]: raise NotImplementedError
     async def seed(self, tenant: str, slug: str, source: str) -> None: raise NotImplementedError
+    # the catalog (sidecar/_catalog.py has the contract of each)
+    async def put_tenant(self, name: str, settings: dict[str, Any], *, author: str) -> tuple[bool, TenantRecord]:
+        raise NotImplementedError
+    async def delete_tenant(self, name: str, *, author: str) -> bool: raise NotImplementedError
+    async def put_flow(self, tenant: str, trigger: str, entries: list[Any], *, author: str,
+                       message: str = "") -> FlowRecord: raise NotImplementedError
+    async def rollback_flow(self, tenant: str, trigger: str, *, to: str | None = None,
+                            author: str = "") -> FlowRecord: raise NotImplementedError
+    async def flow_versions(self, tenant: str, trigger: str) -> list[dict[str, Any]]: raise NotImplementedError
+    async def put_secret(self, tenant: str, name: str, value: str, *, author: str) -> None: raise NotImplementedError
+    async def delete_secret(self, tenant: str, name: str, *, author: str) -> bool: raise NotImplementedError
+    async def audit(self, tenant: str, limit: int = 100) -> list[dict[str, Any]]: raise NotImplementedError
+    async def rekey_secrets(self) -> int:
+        """Re-encrypt every secret under a previous key with the current one; the number re-encrypted."""
+        raise NotImplementedError
     async def record_run(self, tenant: str, flow_id: str, record: dict[str, Any]) -> None: raise NotImplementedError
     async def get_run(self, flow_id: str) -> dict[str, Any] | None: raise NotImplementedError
     async def usage(self, tenant: str) -> dict[str, int]: raise NotImplementedError
 
 
-def _describe(cur: Version | None, shadow: Version | None, events: list[dict[str, Any]]) -> dict[str, Any]:
+def _event(op: str, version: str, at: float, v: Version | None = None) -> dict[str, Any]:
+    """A deploy/rollback log entry; a deploy carries the version's author, message and language."""
+    e: dict[str, Any] = {"op": op, "version": version, "at": at}
+    if v is not None:
+        e.update({k: x for k, x in (("author", v.author), ("message", v.message), ("language", v.language)) if x})
+    return e
+
+
+def _new_version(tenant: str, slug: str, source: str, language: str, secrets: tuple[str, ...] | list[str],
+                 failure: str | None, message: str, author: str) -> Version:
+    if language not in LANGUAGES:
+        raise ValueError(f"language must be one of {', '.join(LANGUAGES)}, got {language!r}")
+    if failure not in (None, "open", "closed"):
+        raise ValueError(f"failure must be \"open\", \"closed\" or absent, got {failure!r}")
+    names = tuple(sorted(set(secrets)))
+    return Version(version_of(source, language, names, failure), source, language, names, failure,
+                   (message or "")[:AUDIT_MESSAGE_CHARS], (author or "")[:AUTHOR_CHARS], time.time())
+
+
+def _describe(cur: Version | None, shadow: Version | None, events: list[dict[str, Any]],
+              kept: list[Version]) -> dict[str, Any]:
+    """The action's current and shadow versions, every version the log names (with its metadata) and the log."""
+    meta = {v.version: v for v in (*kept, *([shadow] if shadow else []))}
     versions: dict[str, dict[str, Any]] = {}
     for e in events:
-        if e["op"] in ("deploy", "shadow"):
-            v = versions.setdefault(e["version"], {"version": e["version"], "deployed_at": []})
+        if e["op"] in ("deploy", "shadow", "restore"):
+            v = versions.setdefault(e["version"], {"version": e["version"], "deployed_at": [],
+                                                   "language": e.get("language", "python"),
+                                                   "author": e.get("author", ""), "message": e.get("message", "")})
             v["deployed_at"].append(_iso(e["at"]))
+    for x in kept:  # kept versions the log no longer names (it holds LOG_LIMIT events)
+        versions.setdefault(x.version, {"version": x.version, "deployed_at": [_iso(x.at)]})
+    for version, v in versions.items():
+        m = meta.get(version)
+        v["kept"] = m is not None
+        if m is not None:
+            v.update(language=m.language, secrets=list(m.secrets), failure=m.failure, author=m.author,
+                     message=m.message)
     return {"current": cur.version if cur else None, "shadow": shadow.version if shadow else None,
             "versions": list(versions.values()),
-            "history": [{"op": e["op"], "version": e["version"], "at": _iso(e["at"])} for e in events]}
+            "history": [{"op": e["op"], "version": e["version"], "at": _iso(e["at"]),
+                         **({"author": e["author"]} if e.get("author") else {})} for e in events]}
 
 
 def _iso(t: float) -> str:
@@ -233,11 +384,12 @@ def _iso(t: float) -> str:
 # ------------------------------------------------------------------ memory
 
 
-class MemoryStore(Store):
+class MemoryStore(MemoryCatalog, Store):
     """One replica: everything in this process (gone on restart, apart from what the config seeds)."""
 
-    def __init__(self, history_size: int, **bounds: int) -> None:
+    def __init__(self, history_size: int, **bounds: Any) -> None:
         super().__init__(history_size, **bounds)
+        self._memory_catalog_init()
         self._stacks: dict[tuple[str, str], list[Version]] = {}
         self._logs: dict[tuple[str, str], list[dict[str, Any]]] = {}
         self._seeded: dict[tuple[str, str], str] = {}
@@ -245,9 +397,9 @@ class MemoryStore(Store):
         self._run_bytes: dict[str, int] = {}
         self._run_tenant: dict[str, str] = {}
 
-    def _log(self, key: tuple[str, str], op: str, version: str, at: float) -> None:
+    def _log(self, key: tuple[str, str], op: str, version: str, at: float, v: Version | None = None) -> None:
         events = self._logs.setdefault(key, [])
-        events.append({"op": op, "version": version, "at": at})
+        events.append(_event(op, version, at, v))
         del events[:-LOG_LIMIT]
 
     def _tenant_keys(self, tenant: str) -> list[tuple[str, str]]:
@@ -273,15 +425,20 @@ class MemoryStore(Store):
             _, k = min(deep)
             self._stacks[k].pop(0)
 
-    async def deploy(self, tenant: str, slug: str, source: str, *, shadow: bool = False) -> Version:
+    async def deploy(self, tenant: str, slug: str, source: str, *, shadow: bool = False, language: str = "python",
+                     secrets: tuple[str, ...] | list[str] = (), failure: str | None = None, message: str = "",
+                     author: str = "") -> Version:
         key = (tenant, slug)
-        v = Version(version_of(source), source, time.time())
-        stack = self._stacks.setdefault(key, [])
+        v = _new_version(tenant, slug, source, language, secrets, failure, message, author)
+        stack = self._stacks.get(key, [])
         if not shadow and stack and stack[-1].version == v.version:
             return stack[-1]  # re-deploying the live version changes nothing
         sh = self._shadow.get(key)
         if shadow and sh is not None and sh.version == v.version:
             return sh
+        if key not in self._stacks and key not in self._shadow and len(self._tenant_keys(tenant)) >= \
+                self.bounds.actions_max:
+            raise self._full_count(tenant, "actions", "actions_max")
         # live and shadow sources only, with this deploy in place: must fit, or nothing changes
         pinned: dict[str, int] = {}
         for k in self._tenant_keys(tenant):
@@ -296,30 +453,65 @@ class MemoryStore(Store):
         if sum(pinned.values()) > self.sources_max_bytes:
             raise StoreFull(f"tenant {tenant}: live and shadow sources would take {sum(pinned.values())} bytes, "
                             f"more than sources_max_bytes ({self.sources_max_bytes})")
-        self._log(key, "shadow" if shadow else "deploy", v.version, v.deployed_at)
+        op = "shadow" if shadow else "deploy"
+        self._log(key, op, v.version, v.at, v)
+        old = sh if shadow else (stack[-1] if stack else None)
+        self._audit_add(tenant, audit_entry(op, "action", slug, old.version if old else None, v.version, author,
+                                            message))
         if shadow:
             self._set_local(key, self._current.get(key), v)
         else:
+            self._stacks[key] = stack
             stack.append(v)
             del stack[:-self.versions_kept]
             self._set_local(key, v, None if sh is not None and sh.version == v.version else sh)
         self._evict_sources(tenant)
         return v
 
-    async def rollback(self, tenant: str, slug: str) -> Version:
+    async def rollback(self, tenant: str, slug: str, *, to: str | None = None, author: str = "") -> Version:
         key = (tenant, slug)
         stack = self._stacks.get(key, [])
-        if len(stack) < 2:
-            raise NothingToRollBack(f"{slug} has no earlier version to roll back to")
-        stack.pop()
+        old = stack[-1].version if stack else None
+        if to is None:
+            if len(stack) < 2:
+                raise NothingToRollBack(f"{slug} has no earlier version to roll back to")
+            stack.pop()
+        else:
+            found = [x for x in stack if x.version == to]
+            if not found:
+                raise UnknownVersion(f"{slug} keeps no version {to}")
+            if stack[-1].version != to:
+                stack.append(found[-1])
+                del stack[:-self.versions_kept]
         v = stack[-1]
-        self._log(key, "rollback", v.version, time.time())
+        if v.version != old:
+            self._log(key, "rollback", v.version, time.time())
+            self._audit_add(tenant, audit_entry("rollback", "action", slug, old, v.version, author))
         self._set_local(key, v, self._shadow.get(key))
         return v
 
+    async def get_version(self, tenant: str, slug: str, version: str) -> Version | None:
+        key = (tenant, slug)
+        for v in (*reversed(self._stacks.get(key, [])), self._shadow.get(key)):
+            if v is not None and v.version == version:
+                return v
+        return None
+
     async def describe(self, tenant: str, slug: str) -> dict[str, Any]:
         key = (tenant, slug)
-        return _describe(self._current.get(key), self._shadow.get(key), self._logs.get(key, []))
+        return _describe(self._current.get(key), self._shadow.get(key), self._logs.get(key, []),
+                         self._stacks.get(key, []))
+
+    async def delete_tenant(self, name: str, *, author: str) -> bool:
+        if not await super().delete_tenant(name, author=author):
+            return False
+        for table in (self._stacks, self._logs, self._seeded):
+            for key in [k for k in table if k[0] == name]:
+                del table[key]
+        for flow_id in self._runs.pop(name, {}):
+            self._run_tenant.pop(flow_id, None)
+        self._run_bytes.pop(name, None)
+        return True
 
     async def seed(self, tenant: str, slug: str, source: str) -> None:
         key = (tenant, slug)
@@ -356,8 +548,7 @@ class MemoryStore(Store):
 
 # ------------------------------------------------------------------- redis
 
-_P = "actionpool:serve:"
-CHANNEL = _P + "changes"
+_P = P
 
 # Shared by the write scripts. Sizes of a tenant's sources live in the hash KEYS[srcs] (version -> bytes);
 # its slugs in a set, so reachability is computed inside the script, atomically.
@@ -414,6 +605,14 @@ local function done(result)
   redis.call('SET', P .. 'op:' .. ARGV[3], result, 'EX', tonumber(ARGV[4]))
   return result
 end
+-- one audit entry, newest first, the list trimmed to its bound
+local function audit(template, old, new, max)
+  local e = cjson.decode(template)
+  e['old'] = old or cjson.null
+  e['new'] = new or cjson.null
+  redis.call('LPUSH', P .. 'audit:' .. tenant, cjson.encode(e))
+  redis.call('LTRIM', P .. 'audit:' .. tenant, 0, max - 1)
+end
 local prior = redis.call('GET', P .. 'op:' .. ARGV[3])
 if prior then return prior end
 -- Every key a write touches is checked before the first write: a script that failed half way (Redis does not
@@ -421,7 +620,7 @@ if prior then return prior end
 local function check(slug)
   local want = {[P .. 'actions'] = 'set', [P .. 'slugs:' .. tenant] = 'set', [P .. 'srcs:' .. tenant] = 'hash',
                 [akey(slug, 'stack')] = 'list', [akey(slug, 'log')] = 'list', [akey(slug, 'shadow')] = 'string',
-                [P .. 'gen'] = 'string'}
+                [P .. 'gen'] = 'string', [P .. 'audit:' .. tenant] = 'list'}
   for k, t in pairs(want) do
     local got = redis.call('TYPE', k)['ok']
     if got ~= 'none' and got ~= t then error({err = 'WRONGTYPE ' .. k .. ' is a ' .. got}) end
@@ -432,7 +631,8 @@ end
 """
 
 # ARGV: prefix, tenant, request id, op ttl, slug, version, meta, event, source, shadow ('1'/'0'), kept,
-# log limit, sources budget. Returns 'pushed' | 'same' | 'full:<bytes>'.
+# log limit, sources budget, actions max, audit entry (JSON, old/new filled here), audit max.
+# Returns 'pushed' | 'same' | 'full:<bytes>' | 'many'.
 _DEPLOY_LUA = _LUA_LIB + """
 local slug, version, meta, event, source = ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9]
 check(slug)
@@ -443,6 +643,12 @@ if shadow then
 elseif ver(redis.call('LINDEX', stack, -1)) == version then
   return done('same')
 end
+if redis.call('SISMEMBER', P .. 'slugs:' .. tenant, slug) == 0
+    and redis.call('SCARD', P .. 'slugs:' .. tenant) >= tonumber(ARGV[14]) then
+  return 'many'
+end
+local old = shadow and ver(redis.call('GET', shadowk)) or ver(redis.call('LINDEX', stack, -1))
+audit(ARGV[15], old, version, tonumber(ARGV[16]))
 -- the live and shadow sources, with this deploy in place, must fit
 local pinned, total = {}, 0
 local function pin(v) if v and not pinned[v] then
@@ -476,14 +682,29 @@ collect(budget)
 return done('pushed')
 """
 
-# ARGV: prefix, tenant, request id, op ttl, slug, now, log limit, budget. Pops the top when there is one below it.
+# ARGV: prefix, tenant, request id, op ttl, slug, now, log limit, budget, to ('' = pop one), audit entry, audit max,
+# kept. Pops the top when there is one below it, or pushes the kept version ``to`` again.
+# Returns 'to:<version>' | 'none' | 'unknown'.
 _ROLLBACK_LUA = _LUA_LIB + """
 local slug, now, loglimit, budget = ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
 check(slug)
 local stack = akey(slug, 'stack')
-if redis.call('LLEN', stack) < 2 then return done('none') end
-redis.call('RPOP', stack)
+local old = ver(redis.call('LINDEX', stack, -1))
+if ARGV[9] == '' then
+  if redis.call('LLEN', stack) < 2 then return done('none') end
+  redis.call('RPOP', stack)
+else
+  local found = nil
+  for _, raw in ipairs(redis.call('LRANGE', stack, 0, -1)) do
+    if ver(raw) == ARGV[9] then found = raw end
+  end
+  if not found then return done('unknown') end
+  if old == ARGV[9] then return done('to:' .. old) end
+  redis.call('RPUSH', stack, found)
+  redis.call('LTRIM', stack, -tonumber(ARGV[12]), -1)
+end
 local v = ver(redis.call('LINDEX', stack, -1)) or '?'
+audit(ARGV[10], old, v, tonumber(ARGV[11]))
 redis.call('RPUSH', akey(slug, 'log'), cjson.encode({op='rollback', version=v, at=now}))
 redis.call('LTRIM', akey(slug, 'log'), -loglimit, -1)
 redis.call('INCR', P .. 'gen')
@@ -530,6 +751,23 @@ local top, sh = redis.call('LINDEX', base .. 'stack', -1), redis.call('GET', bas
 return {top or '', src(top), sh or '', src(sh)}
 """
 
+# ARGV: prefix, tenant, slug, version. A kept version's record (stack or shadow) and its source, or {'', ''}.
+_GETV_LUA = """
+local P, tenant, slug, want = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local base = P .. 'action:' .. tenant .. ':' .. slug .. ':'
+local recs = redis.call('LRANGE', base .. 'stack', 0, -1)
+table.insert(recs, redis.call('GET', base .. 'shadow'))
+for _, raw in ipairs(recs) do
+  if raw then
+    local ok, m = pcall(cjson.decode, raw)
+    if ok and type(m) == 'table' and m['version'] == want then
+      return {raw, redis.call('GET', P .. 'src:' .. tenant .. ':' .. want) or ''}
+    end
+  end
+end
+return {'', ''}
+"""
+
 # KEYS[1] the tenant's run list ("size:flow_id", newest first), KEYS[2] its byte total.
 # ARGV: flow id, record, keep (count), ttl, run prefix, budget (bytes).
 _RUN_LUA = """
@@ -556,6 +794,15 @@ redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
 redis.call('EXPIRE', KEYS[2], tonumber(ARGV[4]))
 return total
 """
+
+
+def _stored(record: str) -> str:
+    """The ciphertext of a secret record, '' when malformed (counted when loaded)."""
+    try:
+        value = orjson.loads(record)["value"]
+        return value if isinstance(value, str) else ""
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return ""
 
 
 def _reset(seen: str | None, now: str | None) -> bool:
@@ -588,10 +835,10 @@ def _is_bad_data(exc: BaseException) -> bool:
                                                or "not a valid float" in text)
 
 
-class RedisStore(Store):
+class RedisStore(RedisCatalog, Store):
     """N replicas on one Redis; see the module docstring for how changes reach every replica."""
 
-    def __init__(self, url: str, history_size: int, **bounds: int) -> None:
+    def __init__(self, url: str, history_size: int, **bounds: Any) -> None:
         super().__init__(history_size, **bounds)
         import redis.asyncio as aioredis
         from redis.backoff import ExponentialBackoff
@@ -610,6 +857,8 @@ class RedisStore(Store):
         self._restore = self._redis.register_script(_RESTORE_LUA)
         self._run = self._redis.register_script(_RUN_LUA)
         self._read = self._redis.register_script(_READ_LUA)
+        self._getv = self._redis.register_script(_GETV_LUA)
+        self._catalog_redis_init()
         self._gen: str | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._subscribed = asyncio.Event()
@@ -655,7 +904,10 @@ class RedisStore(Store):
         something was replaced (the caller retries its write once).
         """
         want: dict[str, str] = {_P + "gen": "counter", _P + "actions": "set", _P + "replicas": "zset",
-                                f"{_P}slugs:{tenant}": "set", f"{_P}srcs:{tenant}": "hash"}
+                                f"{_P}slugs:{tenant}": "set", f"{_P}srcs:{tenant}": "hash",
+                                _P + "tenants": "hash", _P + "tgen": "hash", f"{_P}flows:{tenant}": "hash",
+                                f"{_P}secrets:{tenant}": "hash", f"{_P}audit:{tenant}": "list",
+                                f"{_P}runs:{tenant}": "list"}
         if slug is not None:
             stack_k, log_k, shadow_k = self._keys(tenant, slug)
             want.update({stack_k: "list", log_k: "list", shadow_k: "string", f"{_P}seeded:{tenant}:{slug}": "string"})
@@ -676,10 +928,10 @@ class RedisStore(Store):
                     parts = str(k)[len(_P) + 7:].rsplit(":", 1)[0].partition(":")
                     if parts[0] and parts[2]:
                         await self._redis.sadd(key, f"{parts[0]}:{parts[2]}")
-            elif kind == "set":
+            elif kind == "set" and key == f"{_P}slugs:{tenant}":
                 async for k in self._redis.scan_iter(match=f"{_P}action:{tenant}:*", count=1000):
                     await self._redis.sadd(key, str(k)[len(f"{_P}action:{tenant}:"):].rsplit(":", 1)[0])
-            elif kind == "hash":
+            elif key == f"{_P}srcs:{tenant}":  # the catalog's hashes hold records: nothing to rebuild them from
                 async for k in self._redis.scan_iter(match=f"{_P}src:{tenant}:*", count=1000):
                     if await self._redis.type(k) == "string":
                         await self._redis.hset(key, str(k).rsplit(":", 1)[1], await self._redis.strlen(k))
@@ -708,6 +960,11 @@ class RedisStore(Store):
 
     async def start(self) -> None:
         await self._reload_all()
+        self._check_secrets_keys()
+        if self.keyring is not None and self.keyring.can_encrypt and any(
+                Keyring.key_of(_stored(r)) != self.keyring.current_id for t in self._secret_raw.values()
+                for r in t.values()):
+            await self.rekey_secrets()  # the start-up rekey pass: values under a previous key get the current one
         await self._warn_without_persistence()
         self._tasks = [asyncio.create_task(self._listen(), name="actionpool-store-listen"),
                        asyncio.create_task(self._poll(), name="actionpool-store-poll")]
@@ -724,6 +981,11 @@ class RedisStore(Store):
     async def close(self) -> None:
         # A stop flag as well as cancel(): redis-py can swallow a CancelledError that lands inside a command.
         self._stop.set()
+        # The version check ends by itself at its next wait; cancelled inside a Redis call it would drop its
+        # pooled connection without closing the socket. The listener blocks in listen() and is cancelled.
+        poll = [t for t in self._tasks if t.get_name() == "actionpool-store-poll"]
+        if poll:
+            await asyncio.wait(poll, timeout=2.0)
         for t in self._tasks:
             t.cancel()
         if self._tasks:
@@ -761,15 +1023,12 @@ class RedisStore(Store):
                     out.append(None)
                     continue
                 try:
-                    meta = orjson.loads(raw)
-                    version, at = meta["version"], float(meta["at"])
-                    if type(version) is not str:
-                        raise TypeError("version is not a string")
-                except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+                    v = version_from_meta(orjson.loads(raw), source)
+                except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
                     raise _BadRecord(f"{k}: {type(exc).__name__}: {exc}") from None
                 if not source:
-                    raise _BadRecord(f"{k}: the source of version {version} is missing")
-                out.append(Version(version, source, at))
+                    raise _BadRecord(f"{k}: the source of version {v.version} is missing")
+                out.append(v)
         except _BadRecord as exc:
             self._bad(f"{tenant}:{slug}", str(exc))
             return
@@ -797,6 +1056,7 @@ class RedisStore(Store):
                 self._bad(str(member), "not tenant:slug")
                 continue
             await self._load(tenant, slug)
+        await self._reload_catalog()
         self._gen = gen
 
     async def _listen(self) -> None:
@@ -809,7 +1069,9 @@ class RedisStore(Store):
                 async for msg in pubsub.listen():
                     if msg.get("type") == "message":
                         tenant, _, slug = str(msg["data"]).partition(":")
-                        if tenant == "*":  # a refill (see _restore_all): everything may have changed
+                        if tenant.startswith("#"):  # a catalog change of one tenant
+                            await self._load_tenant(tenant[1:])
+                        elif tenant == "*":  # a refill (see _restore_all): everything may have changed
                             await self._reload_all()
                         else:
                             await self._load(tenant, slug)
@@ -841,7 +1103,8 @@ class RedisStore(Store):
             try:
                 gen = await self._redis.get(_P + "gen")
                 self.health.ok()
-                if _reset(self._gen, gen) and (self._current or self._shadow):
+                # gen gone while this replica holds what Redis gave it (even before its first check saw a gen)
+                if (gen is None or _reset(self._gen, gen)) and (self._current or self._shadow or self._tenants):
                     await self._restore_all()
                 elif gen != self._gen:
                     await self._reload_all()
@@ -865,12 +1128,14 @@ class RedisStore(Store):
         """Redis came back empty (no persistence): write back what this replica serves, so the fleet converges."""
         keys = sorted(set(self._current) | set(self._shadow))
         log.error("store: Redis came back EMPTY (restarted without persistence?): re-writing the %d action "
-                  "version(s) this replica serves; rollback depth and run history were lost", len(keys))
+                  "version(s), %d tenant(s) with their flows and (encrypted) secrets this replica serves; rollback "
+                  "depth, audit trails and run history were lost", len(keys), len(self._tenants))
         self.restores += 1
+        await self._restore_catalog()
         for tenant, slug in keys:
             cur, sh = self._current.get((tenant, slug)), self._shadow.get((tenant, slug))
-            meta = "" if cur is None else orjson.dumps({"version": cur.version, "at": cur.deployed_at}).decode()
-            smeta = "" if sh is None else orjson.dumps({"version": sh.version, "at": sh.deployed_at}).decode()
+            meta = "" if cur is None else orjson.dumps(cur.meta()).decode()
+            smeta = "" if sh is None else orjson.dumps(sh.meta()).decode()
             await self._restore(args=[_P, tenant, os.urandom(8).hex(), OP_TTL_S, slug,
                                       cur.version if cur else "", meta, cur.source if cur else "",
                                       smeta, sh.version if sh else "", sh.source if sh else "",
@@ -916,18 +1181,24 @@ class RedisStore(Store):
             self._failed(exc, None, f"{tenant}:{slug}")
 
     # -- writes ----------------------------------------------------------------------------------
-    async def deploy(self, tenant: str, slug: str, source: str, *, shadow: bool = False) -> Version:
-        v = Version(version_of(source), source, time.time())
-        meta = orjson.dumps({"version": v.version, "at": v.deployed_at}).decode()
-        event = orjson.dumps({"op": "shadow" if shadow else "deploy", "version": v.version,
-                              "at": v.deployed_at}).decode()
+    async def deploy(self, tenant: str, slug: str, source: str, *, shadow: bool = False, language: str = "python",
+                     secrets: tuple[str, ...] | list[str] = (), failure: str | None = None, message: str = "",
+                     author: str = "") -> Version:
+        v = _new_version(tenant, slug, source, language, secrets, failure, message, author)
+        meta = orjson.dumps(v.meta()).decode()
+        op = "shadow" if shadow else "deploy"
+        event = orjson.dumps(_event(op, v.version, v.at, v)).decode()
+        entry = orjson.dumps(audit_entry(op, "action", slug, None, None, author, message)).decode()
         # One request id for every retry redis-py makes: a deploy whose reply was lost answers the first outcome.
         args = [_P, tenant, os.urandom(12).hex(), OP_TTL_S, slug, v.version, meta, event, source,
-                "1" if shadow else "0", self.versions_kept, LOG_LIMIT, self.sources_max_bytes]
+                "1" if shadow else "0", self.versions_kept, LOG_LIMIT, self.sources_max_bytes,
+                self.bounds.actions_max, entry, self.bounds.audit_max]
         res = await self._write(lambda: self._deploy(args=args), tenant, slug)
         if str(res).startswith("full:"):
             raise StoreFull(f"tenant {tenant}: live and shadow sources would take {str(res)[5:]} bytes, more than "
                             f"sources_max_bytes ({self.sources_max_bytes})")
+        if res == "many":
+            raise self._full_count(tenant, "actions", "actions_max")
         key = (tenant, slug)
         if res == "pushed":  # the local view now, whatever the reload below finds
             if shadow:
@@ -939,28 +1210,51 @@ class RedisStore(Store):
         got = self.shadow(tenant, slug) if shadow else self.current(tenant, slug)
         return got if got is not None and got.version == v.version else v
 
-    async def rollback(self, tenant: str, slug: str) -> Version:
-        args = [_P, tenant, os.urandom(12).hex(), OP_TTL_S, slug, time.time(), LOG_LIMIT, self.sources_max_bytes]
+    async def rollback(self, tenant: str, slug: str, *, to: str | None = None, author: str = "") -> Version:
+        entry = orjson.dumps(audit_entry("rollback", "action", slug, None, None, author)).decode()
+        args = [_P, tenant, os.urandom(12).hex(), OP_TTL_S, slug, time.time(), LOG_LIMIT, self.sources_max_bytes,
+                to or "", entry, self.bounds.audit_max, self.versions_kept]
         res = await self._write(lambda: self._rollback(args=args), tenant, slug)
         if res == "none":
             raise NothingToRollBack(f"{slug} has no earlier version to roll back to")
+        if res == "unknown":
+            raise UnknownVersion(f"{slug} keeps no version {to}")
         await self._changed(tenant, slug)
         v = self.current(tenant, slug)
         if v is None or v.version != str(res)[3:]:  # committed; this replica loads it with the next check
-            return Version(str(res)[3:], v.source if v is not None and v.version == str(res)[3:] else "", time.time())
+            got = await self.get_version(tenant, slug, str(res)[3:])
+            return got if got is not None else Version(str(res)[3:], "", at=time.time())
         return v
 
+    async def get_version(self, tenant: str, slug: str, version: str) -> Version | None:
+        raw = await self._io(self._getv(args=[_P, tenant, slug, version]), f"{tenant}:{slug}")
+        if not raw or not raw[0]:
+            return None
+        try:
+            return version_from_meta(orjson.loads(raw[0]), raw[1] or "")
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+            self._bad(f"{tenant}:{slug}", f"version {version}: {type(exc).__name__}: {exc}")
+            return None
+
     async def describe(self, tenant: str, slug: str) -> dict[str, Any]:
-        _, log_k, _ = self._keys(tenant, slug)
+        stack_k, log_k, _ = self._keys(tenant, slug)
         await self._io(self._load(tenant, slug))
         events = []
         for raw in await self._io(self._redis.lrange(log_k, 0, -1), log_k):
             try:
                 e = orjson.loads(raw)
-                events.append({"op": str(e["op"]), "version": str(e["version"]), "at": float(e["at"])})
-            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                ev = {"op": str(e["op"]), "version": str(e["version"]), "at": float(e["at"])}
+                ev.update({k: str(e[k]) for k in ("author", "message", "language") if isinstance(e.get(k), str)})
+                events.append(ev)
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
                 self._bad(log_k, "a log entry is not {op, version, at}")
-        return _describe(self.current(tenant, slug), self.shadow(tenant, slug), events)
+        kept = []
+        for raw in await self._io(self._redis.lrange(stack_k, 0, -1), stack_k):
+            try:
+                kept.append(version_from_meta(orjson.loads(raw), ""))
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+                self._bad(stack_k, "a stack entry is not a version record")
+        return _describe(self.current(tenant, slug), self.shadow(tenant, slug), events, kept)
 
     async def seed(self, tenant: str, slug: str, source: str) -> None:
         """Deploy a config file's content unless this exact content was seeded before (API deploys win)."""
@@ -1032,5 +1326,14 @@ async def persistence_problem(client: Any) -> str | None:
     return None
 
 
-def open_store(url: str | None, history_size: int, **bounds: int) -> Store:
+def open_store(url: str | None, history_size: int, **bounds: Any) -> Store:
     return RedisStore(url, history_size, **bounds) if url else MemoryStore(history_size, **bounds)
+
+
+def store_for(config: Any) -> Store:
+    """The store a ServeConfig names, with every bound and the secrets keyring of its ``[server]`` table."""
+    srv = config.server
+    keyring = Keyring.from_env(os.environ, srv.secrets_key_env) if config.store_url else None
+    return open_store(config.store_url, srv.history_size, history_max_bytes=srv.history_max_bytes,
+                      sources_max_bytes=srv.sources_max_bytes, versions_kept=srv.versions_kept, keyring=keyring,
+                      **{name: getattr(srv, name) for name in BOUND_NAMES})

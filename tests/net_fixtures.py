@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import parse_qs, urlsplit
 
-import httpcore
 import ipaddress
 import pytest
 
@@ -53,20 +52,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class LoopbackOnlyBackend(httpcore.AsyncNetworkBackend):
-    """The socket layer for Fetchers in tests: connects to 127.0.0.0/8 and ::1 only.
+class LoopbackOnlyBackend:
+    """The connect check of Fetchers in tests (``Fetcher(connect_check=...)``): 127.0.0.0/8 and ::1 only.
 
-    Any other address means the SSRF guard let something through; the test
-    fails right there (``pytest.fail`` raises a BaseException no fetch code
-    catches) and no packet leaves the machine. ``refused`` keeps the attempts.
+    Called with every address right before the socket connects. Any other
+    address means the SSRF guard let something through; the test fails right
+    there (``pytest.fail`` raises a BaseException no fetch code catches) and
+    no packet leaves the machine. ``refused`` keeps the attempts,
+    ``connected`` the addresses let through.
     """
 
     def __init__(self) -> None:
-        self._inner = httpcore.AnyIOBackend()
         self.refused: list[str] = []
+        self.connected: list[str] = []
 
-    async def connect_tcp(self, host: str, port: int, timeout: float | None = None,
-                          local_address: str | None = None, socket_options: object = None) -> httpcore.AsyncNetworkStream:
+    def __call__(self, host: str, port: int) -> None:
         try:
             loopback = ipaddress.ip_address(host).is_loopback
         except ValueError:
@@ -74,15 +74,7 @@ class LoopbackOnlyBackend(httpcore.AsyncNetworkBackend):
         if not loopback:
             self.refused.append(f"{host}:{port}")
             pytest.fail(f"a fetch tried to connect to {host}:{port}, which is not loopback: the guard let it through")
-        return await self._inner.connect_tcp(host, port, timeout=timeout, local_address=local_address,
-                                             socket_options=socket_options)  # type: ignore[arg-type]
-
-    async def connect_unix_socket(self, path: str, timeout: float | None = None,
-                                  socket_options: object = None) -> httpcore.AsyncNetworkStream:
-        pytest.fail(f"a fetch tried to connect to the unix socket {path}")
-
-    async def sleep(self, seconds: float) -> None:
-        await self._inner.sleep(seconds)
+        self.connected.append(f"{host}:{port}")
 
 
 @functools.lru_cache(maxsize=8)
@@ -185,9 +177,11 @@ class _Handler(BaseHTTPRequestHandler):
     def _send(self, code: int, body: bytes, ctype: str) -> None:
         self.send_response(code)
         self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
+        no_content = code in (204, 304)  # RFC 9110: such a response has no content at all
+        if not no_content:
+            self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        if self.command != "HEAD":
+        if self.command != "HEAD" and not no_content:
             self.wfile.write(body)
 
     def _big(self, n: int, chunked: bool, gz: bool) -> None:

@@ -23,6 +23,10 @@ from net_fixtures import free_port
 
 TOKEN = "test-token-7f3a"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+ADMIN_TOKEN = "test-admin-token-91c2"   # in the env as AP_ADMIN; a config names it with admin_token_env
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+# The secrets key a Redis-backed sidecar encrypts tenant secrets with (32 bytes, base64): a fixed test key.
+SECRETS_KEY = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="
 
 
 @dataclass
@@ -58,15 +62,17 @@ def write_config(tmp: Path, body: str, actions: dict[str, str] | None = None, na
     return path
 
 
-def start_serve(config: Path, env: dict[str, str] | None = None, timeout: float = 60) -> Serve:
-    full_env = {**os.environ, "AP_TOKEN": TOKEN, **(env or {})}
+def start_serve(config: Path, env: dict[str, str] | None = None, timeout: float = 60,
+                args: tuple[str, ...] = ()) -> Serve:
+    full_env = {**os.environ, "AP_TOKEN": TOKEN, "AP_ADMIN": ADMIN_TOKEN, "ACTIONPOOL_SECRETS_KEY": SECRETS_KEY,
+                **(env or {})}
     last = ""
     for attempt in range(3):
         port = free_port()
         log = config.parent / f"serve-{port}.log"
         with open(log, "wb") as out:
             proc = subprocess.Popen([sys.executable, "-m", "actionpool.runner.cli", "serve", "--config", str(config),
-                                     "--port", str(port)], stdout=out, stderr=subprocess.STDOUT, env=full_env)
+                                     "--port", str(port), *args], stdout=out, stderr=subprocess.STDOUT, env=full_env)
         s = Serve(proc, f"http://127.0.0.1:{port}", log)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and proc.poll() is None:

@@ -4,7 +4,7 @@ Names like ``api.test`` are mapped to 127.0.0.1 by an injected resolver; since
 the connection is pinned to the vetted address, the request really reaches
 the local server with ``Host: api.test:PORT``.
 
-Every Fetcher here connects through :class:`LoopbackOnlyBackend`: tests that
+Every Fetcher here connects under :class:`LoopbackOnlyBackend`: tests that
 feed the SSRF guard private or public addresses never send a packet off the
 machine even if the guard regresses; the test fails instead.
 """
@@ -15,7 +15,6 @@ import functools
 import json
 from typing import Any, Awaitable, Callable
 
-import httpcore
 import httpx
 import pytest
 
@@ -53,7 +52,7 @@ ALLOW = ("api.test", "127.0.0.1")
 
 def make(resolver: Resolver | None = None, backend: LoopbackOnlyBackend | None = None, **cfg: Any) -> Fetcher:
     return Fetcher(FetchConfig(**cfg), resolver=resolver or Resolver(LOCAL),
-                   network_backend=backend or LoopbackOnlyBackend())
+                   connect_check=backend or LoopbackOnlyBackend())
 
 
 async def fetch(url: str, init: dict | None = None, *, allow: tuple[str, ...] = ALLOW, timeout_s: float = 5.0,
@@ -122,10 +121,10 @@ async def test_named_host_is_pinned_to_the_vetted_address(http_server: LocalHTTP
 
 @async_test
 async def test_backend_refuses_to_connect_without_a_pin(http_server: LocalHTTPServer) -> None:
-    from actionpool.runner._fetch import _PinnedBackend
+    from actionpool.runner._fetch_client import PinnedResolver
 
-    with pytest.raises(httpcore.ConnectError, match="no vetted address"):
-        await _PinnedBackend().connect_tcp("127.0.0.1", http_server.port)
+    with pytest.raises(OSError, match="no vetted address"):
+        await PinnedResolver().resolve("127.0.0.1", http_server.port)
     assert http_server.requests == []
 
 
@@ -250,7 +249,7 @@ async def test_metadata_address_is_refused_even_when_listed(ip: str) -> None:
 async def test_the_trap_fails_the_test_instead_of_connecting_off_the_machine() -> None:
     trap = LoopbackOnlyBackend()
     with pytest.raises(pytest.fail.Exception, match="not loopback"):
-        await trap.connect_tcp("10.0.0.1", 80)
+        trap("10.0.0.1", 80)
     assert trap.refused == ["10.0.0.1:80"]
 
 
@@ -314,7 +313,8 @@ async def test_post_echo_with_headers_and_body(http_server: LocalHTTPServer) -> 
     assert echo["body"] == body
     h = echo["headers"]
     assert h["content-type"] == "application/json" and h["x-trace"] == "abc"
-    assert h["x-latin"].encode("latin-1") == "café".encode("latin-1")  # sent as Latin-1 bytes
+    # aiohttp writes header values as UTF-8 (docs/design.md, "The fetch client"); the server decodes Latin-1.
+    assert h["x-latin"].encode("latin-1") == "café".encode("utf-8")
     assert h["host"] == f"api.test:{http_server.port}"
     assert h["content-length"] == str(len(body.encode()))
     assert "transfer-encoding" not in h and h.get("connection") != "upgrade"

@@ -34,7 +34,7 @@ def make(**cfg: Any) -> Fetcher:
     blocking = cfg.pop("blocking_resolver", None)
     resolver = cfg.pop("resolver", None)
     return Fetcher(FetchConfig(**cfg), resolver=resolver, blocking_resolver=blocking,
-                   network_backend=LoopbackOnlyBackend())
+                   connect_check=LoopbackOnlyBackend())
 
 
 async def victim(f: Fetcher, url: str, n: int = 10, tenant: str = "victim") -> list[float]:
@@ -69,7 +69,7 @@ async def test_no_cookie_survives_a_fetch_or_crosses_tenants(http_server: LocalH
 
 
 async def test_thousands_of_set_cookie_headers_cost_nothing_lasting(http_server: LocalHTTPServer) -> None:
-    """Each header line costs parse time on the loop: a head over 256 lines is refused before h11 parses it."""
+    """Each header line costs parse time on the loop: a head over 256 lines is refused as the parser reads it."""
     f = make()
     try:
         ok = await f.fetch(f"{http_server.url}/cookies?n=200", None, allow_hosts=ALLOW, timeout_s=5, tenant="A")
@@ -110,39 +110,6 @@ async def test_each_response_head_gets_its_own_line_budget(http_server: LocalHTT
             assert res["status"] == 200
     finally:
         await f.aclose()
-
-
-class _Chunks:
-    """A network stream that returns a canned byte string in reads of ``size`` bytes."""
-
-    def __init__(self, data: bytes, size: int) -> None:
-        self.data, self.size = data, size
-
-    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        pass
-
-    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        out, self.data = self.data[:self.size], self.data[self.size:]
-        return out
-
-
-@pytest.mark.parametrize("size", [1, 2, 3, 5, 4096])
-async def test_the_head_guard_counts_a_head_split_across_reads_once(size: int) -> None:
-    from actionpool.runner._fetch import _HeadGuard
-
-    head = b"HTTP/1.1 200 OK\r\n" + b"a: b\r\n" * 8 + b"\r\n"
-    body = b"\r\n" * 100  # blank lines in the body are not header lines
-    guard = _HeadGuard(_Chunks(head + body, size), max_lines=10, max_bytes=1000)  # type: ignore[arg-type]
-    await guard.write(b"GET / HTTP/1.1\r\n\r\n")
-    got = b""
-    while len(got) < len(head + body):
-        got += await guard.read(65536)
-    assert got == head + body and guard._lines == 10
-    tight = _HeadGuard(_Chunks(head, size), max_lines=9, max_bytes=1000)  # type: ignore[arg-type]
-    await tight.write(b"GET / HTTP/1.1\r\n\r\n")
-    with pytest.raises(FetchError, match="exceeds 9 header lines"):
-        while True:
-            await tight.read(65536)
 
 
 # ------------------------------------------------------------- capacity per tenant
@@ -387,7 +354,6 @@ async def test_query_strings_never_reach_the_logs(http_server: LocalHTTPServer,
         logging.getLogger("httpx").info("HTTP Request: GET %s \"HTTP/1.1 200 OK\"", "http://h/?api_key=SECRET")
     finally:
         await services.aclose()
-    assert any(r.name.startswith("httpcore") for r in caplog.records)  # httpcore's DEBUG trace was captured
     assert any(r.name == "actionpool.fetch" for r in caplog.records)
     assert caplog.records and all("SECRET" not in r.getMessage() for r in caplog.records)
     assert "SECRET" not in caplog.text

@@ -92,7 +92,7 @@ def test_importing_the_worker_side_loads_no_supervisor_code() -> None:
         "import sys\n"
         "import actionpool.worker, actionpool.worker._runtime, actionpool.worker._proxy, actionpool.worker._channel\n"
         "import actionpool.worker._event, actionpool.worker._sandbox, actionpool.worker._template\n"
-        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('httpx', 'redis', 'psutil')\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('httpx', 'aiohttp', 'redis', 'psutil')\n"
         "             or m.startswith(('actionpool.runner', 'actionpool.benchmarks')))\n"
         "print(bad)\n"
     )

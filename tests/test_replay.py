@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from net_fixtures import LocalHTTPServer
-from serve_fixtures import start_serve, write_config
+from serve_fixtures import SECRETS_KEY, start_serve, write_config
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.redis]
 
@@ -61,6 +61,7 @@ CONFIG = """
     [tenants.acme.secrets]
     API_KEY = {{ env = "RP_API_KEY" }}
     [tenants.acme.actions.score]
+    secrets = ["API_KEY"]
     file = "actions/score.py"
     [tenants.acme.flows]
     post-login = ["score"]
@@ -93,7 +94,7 @@ def record_one_flow(tmp_path: Path, redis_url: str, server: LocalHTTPServer) -> 
 
 
 def replay(cfg: Path, flow_id: str, *extra: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, **ENV, "AP_TOKEN": "x"}
+    env = {**os.environ, **ENV, "AP_TOKEN": "x", "ACTIONPOOL_SECRETS_KEY": SECRETS_KEY}  # the key serve wrote with
     cli = [sys.executable, "-m", "actionpool.runner.cli", "replay", flow_id, "--config", str(cfg), *extra]
     return subprocess.run(cli, capture_output=True, text=True, env=env, timeout=120)
 
@@ -268,7 +269,7 @@ def test_encoded_secrets_and_values_in_fetch_urls_are_redacted_and_still_replay(
     assert run.json()["result"]["state"]["score"]["paths"] == ["/echo?k=[redacted]", "/echo?raw=[redacted]",
                                                                "/echo?mail=[redacted]"]
     sent = len(http_server.requests)
-    env = {**os.environ, "RP_API_KEY": ODD_SECRET, "AP_TOKEN": "x"}
+    env = {**os.environ, "RP_API_KEY": ODD_SECRET, "AP_TOKEN": "x", "ACTIONPOOL_SECRETS_KEY": SECRETS_KEY}
     p = subprocess.run([sys.executable, "-m", "actionpool.runner.cli", "replay", answer["flow_id"], "--config",
                         str(cfg)], capture_output=True, text=True, env=env, timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr

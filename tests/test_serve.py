@@ -65,16 +65,21 @@ CONFIG = """
     [tenants.acme.secrets]
     API_KEY = {{ env = "ACME_API_KEY" }}
     [tenants.acme.actions.check-country]
+    secrets = ["API_KEY"]
     file = "actions/check_country.py"
     [tenants.acme.actions.tag-tier]
+    secrets = ["API_KEY"]
     file = "actions/tag_tier.py"
     [tenants.acme.actions.slow]
+    secrets = ["API_KEY"]
     file = "actions/slow.py"
     [tenants.acme.actions.hang-open]
+    secrets = ["API_KEY"]
     file = "actions/hang.py"
     failure = "open"
     limits = {{ action_timeout_s = 0.5 }}
     [tenants.acme.actions.hang-closed]
+    secrets = ["API_KEY"]
     file = "actions/hang.py"
     limits = {{ action_timeout_s = 0.5 }}
     [tenants.acme.flows]
@@ -322,7 +327,8 @@ def test_deploy_rollback_versions_and_in_flight_flows(sidecar: Serve) -> None:
         assert r.status_code == 200 and r.json()["version"] == v1
         assert flow(c, "pre-login").json()["versions"]["slow"] == v1
         assert c.post("/v1/tenants/acme/actions/slow/rollback").status_code == 409
-        assert c.put("/v1/tenants/acme/actions/unknown-slug", content=NEW_SLOW).status_code == 404
+        assert c.put("/v1/tenants/acme/actions/new-slug", content=NEW_SLOW).status_code == 201  # a new slug deploys
+        assert c.put("/v1/tenants/nobody/actions/slow", content=NEW_SLOW).status_code == 404    # an unknown tenant
         assert c.put("/v1/tenants/acme/actions/slow", content=b"\xff\xfe").status_code == 400
 
 

@@ -78,8 +78,10 @@ CONFIG = """
     [tenants.red.secrets]
     API_KEY = {{ env = "RED_API_KEY" }}
     [tenants.red.actions.copy-everywhere]
+    secrets = ["API_KEY"]
     file = "actions/copy_everywhere.py"
     [tenants.red.actions.register]
+    secrets = ["API_KEY"]
     file = "actions/register.py"
     [tenants.red.flows]
     post-login = ["copy-everywhere"]
@@ -292,6 +294,7 @@ def test_a_secret_cut_before_redaction_encoded_or_copied_as_a_number_never_reach
         [tenants.odd.secrets]
         API_KEY = { env = "ODD_API_KEY" }
         [tenants.odd.actions.cut]
+        secrets = ["API_KEY"]
         file = "actions/cut.py"
         [tenants.odd.flows]
         post-login = ["cut"]

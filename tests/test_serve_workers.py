@@ -1,0 +1,219 @@
+"""``actionpool serve --workers N``: N real serve processes behind one port (SO_REUSEPORT), on a real Redis.
+
+What a gateway relies on: both processes answer on the one port, a deploy through one is served by every
+one within a second (they are replicas of the store), ``/metrics`` on any of them shows the sums over all
+of them (prometheus-client's multiprocess mode), SIGTERM drains every process's in-flight flows before the
+parent exits 0, and a process that dies is replaced. Which process answered is read from the
+``x-actionpool-process`` header (``i/N``), set only in this mode.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+import psutil
+import pytest
+
+from net_fixtures import free_port
+from serve_fixtures import AUTH, TOKEN, write_config
+
+pytestmark = pytest.mark.redis
+
+ACTIONS = {
+    "slow.py": """
+        import time
+        def on_execute_post_login(event, api):
+            time.sleep(float((event.request or {}).get("sleep") or 0))
+            api.session.setCustomClaim("v", "one")
+    """,
+}
+
+CONFIG = """
+    [runner]
+    pool_size = 1
+    max_workers = 4
+    [server]
+    token_env = "AP_TOKEN"
+    drain_grace_s = 20
+    [store]
+    url = "{url}"
+    [tenants.acme.actions.slow]
+    file = "actions/slow.py"
+    [tenants.acme.flows]
+    post-login = ["slow"]
+"""
+
+NEW_SLOW = """
+def on_execute_post_login(event, api):
+    api.session.setCustomClaim("v", "two")
+"""
+
+
+class Group:
+    """The parent process of ``serve --workers N`` and its port."""
+
+    def __init__(self, cfg: Path, n: int) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = cfg.parent / f"workers-{self.port}.log"
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "actionpool.runner.cli", "serve", "--config", str(cfg), "--port",
+                 str(self.port), "--workers", str(n)],
+                stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "AP_TOKEN": TOKEN})
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while "processes ready on" not in self.output():
+            assert self.proc.poll() is None, self.output()[-3000:]
+            assert time.monotonic() < deadline, self.output()[-3000:]
+            time.sleep(0.05)  # polling a condition with a deadline
+
+    def children(self) -> list[psutil.Process]:
+        return [p for p in psutil.Process(self.proc.pid).children() if "serve" in " ".join(p.cmdline())]
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        return self.proc.returncode
+
+
+@pytest.fixture
+def group(tmp_path: Path, redis_url: str) -> Iterator[Group]:
+    g = Group(write_config(tmp_path, CONFIG.format(url=redis_url), ACTIONS), 2)
+    try:
+        g.wait_ready()
+        yield g
+    finally:
+        g.stop()
+
+
+def fresh(url: str, method: str, path: str, **kw: Any) -> httpx.Response:
+    """One request on a new connection: the kernel picks the process per connection."""
+    with httpx.Client(base_url=url, headers=AUTH, timeout=30) as c:
+        return c.request(method, path, **kw)
+
+
+def by_process(g: Group, tries: int = 64) -> dict[str, httpx.Response]:
+    """A flow answered by each process (new connections until both have answered)."""
+    seen: dict[str, httpx.Response] = {}
+    for _ in range(tries):
+        r = fresh(g.url, "POST", "/v1/tenants/acme/flows/post-login", json={"user": {}})
+        assert r.status_code == 200, r.text
+        seen.setdefault(r.headers["x-actionpool-process"], r)
+        if len(seen) == 2:
+            break
+    return seen
+
+
+def test_workers_without_a_shared_store_is_refused(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, CONFIG.replace('[store]\n    url = "{url}"', ""), ACTIONS)
+    p = subprocess.run([sys.executable, "-m", "actionpool.runner.cli", "serve", "--config", str(cfg), "--port",
+                        str(free_port()), "--workers", "2"], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "AP_TOKEN": TOKEN})
+    assert p.returncode == 2
+    assert "--workers 2 needs a shared store" in p.stderr and "redis://" in p.stderr
+
+
+def test_both_processes_serve_one_port_and_see_every_deploy_within_a_second(group: Group) -> None:
+    seen = by_process(group)
+    assert set(seen) == {"0/2", "1/2"}, f"only {sorted(seen)} answered 64 new connections"
+    assert {r.json()["claims"]["access_token"]["v"] for r in seen.values()} == {"one"}
+    r = fresh(group.url, "PUT", "/v1/tenants/acme/actions/slow", content=NEW_SLOW,
+              headers={**AUTH, "content-type": "text/x-python"})
+    assert r.status_code == 201, r.text
+    new = r.json()["version"]
+    t0 = time.monotonic()
+    while True:
+        answers = by_process(group)
+        if set(answers) == {"0/2", "1/2"} and all(a.json()["versions"]["slow"] == new for a in answers.values()):
+            break
+        assert time.monotonic() - t0 < 1.0 + 2.0, "a process did not serve the deploy within 1 s"  # + request time
+    assert {a.json()["claims"]["access_token"]["v"] for a in answers.values()} == {"two"}
+
+
+def _sample(text: str, name: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and not line.startswith("#"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_metrics_are_summed_over_the_processes(group: Group) -> None:
+    seen = by_process(group)
+    assert len(seen) == 2
+    flows = 0
+    for _ in range(20):
+        assert fresh(group.url, "POST", "/v1/tenants/acme/flows/post-login", json={"user": {}}).status_code == 200
+    # every flow so far, through either process, counted once: by_process's flows and the 20
+    texts = [fresh(group.url, "GET", "/metrics").text for _ in range(6)]
+    counts = {_sample(t, "actionpool_flows_total{") for t in texts}
+    assert len(counts) == 1, f"different processes report different totals: {counts}"
+    flows = counts.pop()
+    assert flows >= 22
+    assert re.search(r"^actionpool_workers_live(\{[^}]*\})? [1-9]", texts[0], re.M), texts[0][:2000]
+
+
+def test_sigterm_drains_every_process_then_the_parent_exits_0(group: Group) -> None:
+    by_process(group)  # warm workers in both
+    kids = group.children()
+    assert len(kids) == 2
+    results: list[httpx.Response] = []
+    lock = threading.Lock()
+
+    def slow() -> None:
+        r = fresh(group.url, "POST", "/v1/tenants/acme/flows/post-login", json={"request": {"sleep": 2.0}})
+        with lock:
+            results.append(r)
+
+    threads = [threading.Thread(target=slow) for _ in range(6)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 10
+    while True:  # every slow flow has reached a process (it is in flight) before the signal
+        text = fresh(group.url, "GET", "/metrics").text
+        if _sample(text, "actionpool_flows_in_flight") >= 6:
+            break
+        assert time.monotonic() < deadline, text[-2000:]
+        time.sleep(0.02)
+    group.proc.send_signal(signal.SIGTERM)
+    for t in threads:
+        t.join(30)
+    assert len(results) == 6 and all(r.status_code == 200 and r.json()["outcome"] == "allow" for r in results), \
+        [(r.status_code, r.text[:200]) for r in results]
+    assert group.proc.wait(60) == 0, group.output()[-3000:]
+    assert all(not psutil.pid_exists(k.pid) or k.status() == psutil.STATUS_ZOMBIE for k in kids)
+    out = group.output()
+    assert "actionpool serve: stopped (SIGTERM; 2 processes" in out
+
+
+def test_a_process_that_dies_is_replaced(group: Group) -> None:
+    kids = group.children()
+    assert len(kids) == 2
+    kids[0].kill()
+    deadline = time.monotonic() + 60
+    while True:
+        now = group.children()
+        if len(now) == 2 and kids[0].pid not in {k.pid for k in now} and set(by_process(group)) == {"0/2", "1/2"}:
+            break
+        assert time.monotonic() < deadline, group.output()[-3000:]
+        time.sleep(0.1)
+    assert "restarting it" in group.output()
