@@ -1,6 +1,6 @@
 """Load generator for ``actionpool serve``: what the HTTP hop costs over the in-process API.
 
-    python -m actionpool.benchmarks.sidecar_load [--quick] [--json FILE] [--history]
+    python -m actionpool.benchmarks.sidecar_load [--quick] [--json FILE] [--history] [--workers N]
 
 Two measurements of the same workload, one after the other on this machine:
 
@@ -18,6 +18,12 @@ S1 is one client, sequential flows: the p50 difference is what the sidecar adds
 to a login. S2 is 64 flows in flight: throughput, sidecar against in-process.
 The client shares the machine's cores with the sidecar, so on a 2-core box the
 S2 ratio is a lower bound. Not a timed test: it prints numbers, it asserts none.
+
+``--workers N``: S2 through ``serve --workers 1`` and then ``serve --workers N`` (README "Every core"),
+both on a private redis-server started here on a free loopback port (N processes share the store), with
+the same host budget (``max_workers = 2 N``: each of the N processes gets 2, as the single one gets 2N),
+and the sidecar CPU per flow: user + system time of the serve processes (not their action workers),
+summed over the processes, over the S2 run. The load generator runs on the same cores.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -107,17 +114,17 @@ def _start_sidecar(tmp: Path, history: bool) -> tuple[subprocess.Popen[bytes], s
     return spawn_sidecar(tmp / "serve.toml", {"AP_BENCH_TOKEN": TOKEN})
 
 
-def spawn_sidecar(config: Path, env: dict[str, str], *, timeout_s: float = 60.0,
+def spawn_sidecar(config: Path, env: dict[str, str], *, timeout_s: float = 60.0, args: tuple[str, ...] = (),
                   **popen: Any) -> tuple[subprocess.Popen[bytes], str]:
     """``actionpool serve --config config`` on a free loopback port, once ``/readyz`` answers 200.
 
     ``env`` is added to this process's environment; ``popen`` goes to ``subprocess.Popen``
     (``stdout``/``stderr`` to keep the sidecar's log, ``preexec_fn``...). Also used by
-    benchmarks/sidecar_attack.py.
+    benchmarks/sidecar_attack.py. ``args``: more options of ``serve`` (``--workers N``).
     """
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "actionpool.runner.cli", "serve", "--config",
-                             str(config), "--port", str(port)],
+                             str(config), "--port", str(port), *args],
                             env={**os.environ, **env}, **popen)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s
@@ -140,6 +147,7 @@ class LeanConnection:
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
+        self.process: bytes | None = None   # serve --workers N: which process this connection reached
 
     @classmethod
     async def open(cls, url: str) -> "LeanConnection":
@@ -157,6 +165,8 @@ class LeanConnection:
         for line in head.split(b"\r\n")[1:]:
             if line[:15].lower() == b"content-length:":
                 length = int(line[15:])
+            elif self.process is None and line[:21].lower() == b"x-actionpool-process:":
+                self.process = line[21:].strip()
         return status, await self.reader.readexactly(length)
 
     async def close(self) -> None:
@@ -208,14 +218,138 @@ async def through_sidecar(url: str, n1: int, n2: int, concurrency: int) -> dict[
     return {"s1": s1, "s2": s2}
 
 
+def _private_redis(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """A redis-server of this run alone on a free loopback port, no persistence (as tests/test_serve_outage.py)."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise SystemExit("--workers needs a redis-server on PATH (apt-get install -y redis-server)")
+    port = _free_port()
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp), "--save", "",
+                             "--appendonly", "no", "--daemonize", "no"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+                sock.sendall(b"PING\r\n")
+                if sock.recv(16).startswith(b"+PONG"):
+                    return proc, f"redis://127.0.0.1:{port}/0"
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise SystemExit(f"redis-server did not start on 127.0.0.1:{port}")
+        time.sleep(0.05)
+
+
+def _serve_processes(proc: subprocess.Popen[bytes]) -> list[Any]:
+    """The supervisor processes of a sidecar: the one ``serve``, or the parent of N and its N children."""
+    import psutil
+
+    top = psutil.Process(proc.pid)
+    return [top, *(c for c in top.children() if "serve" in " ".join(c.cmdline()))]
+
+
+def _cpu_s(procs: list[Any]) -> float:
+    total = 0.0
+    for p in procs:
+        t = p.cpu_times()
+        total += t.user + t.system
+    return total
+
+
+async def _wait_every_process(url: str, count: int, timeout_s: float = 120.0) -> None:
+    """Until each of ``count`` processes has answered a flow on a new connection (all N ready)."""
+    seen: set[bytes] = set()
+    deadline = time.monotonic() + timeout_s
+    body = json.dumps(EVENT).encode()
+    request = (f"POST /v1/tenants/{TENANT}/flows/{TRIGGER} HTTP/1.1\r\nHost: bench\r\n"
+               f"Authorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    while len(seen) < count:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {len(seen)} of {count} serve processes answered within {timeout_s:.0f} s")
+        conn = await LeanConnection.open(url)
+        try:
+            status, _ = await conn.post(request)
+            if status == 200 and conn.process is not None:
+                seen.add(conn.process)
+        finally:
+            await conn.close()
+
+
+def workers_compare(n: int, n1: int, n2: int, concurrency: int) -> dict[str, Any]:
+    """S2 through ``serve --workers 1`` and ``--workers n`` on one private Redis; flows/s and CPU per flow."""
+    out: dict[str, Any] = {"cores": os.cpu_count(), "concurrency": concurrency}
+    with tempfile.TemporaryDirectory() as tmp_s:
+        tmp = Path(tmp_s)
+        redis_proc, redis_url = _private_redis(tmp)
+        try:
+            (tmp / "tag.py").write_text(SRC_TRIVIAL)
+            (tmp / "serve.toml").write_text(textwrap.dedent(f"""
+                [runner]
+                pool_size = {2 * n}
+                max_workers = {2 * n}
+                max_busy_per_tenant = {2 * n}
+                [server]
+                token_env = "AP_BENCH_TOKEN"
+                history_size = 0
+                [store]
+                url = "{redis_url}"
+                [tenants.{TENANT}.actions.tag]
+                file = "tag.py"
+                [tenants.{TENANT}.flows]
+                {TRIGGER} = ["tag"]
+            """))
+            for count in (1, n):
+                proc, url = spawn_sidecar(tmp / "serve.toml", {"AP_BENCH_TOKEN": TOKEN}, args=("--workers", str(count)),
+                                          stderr=subprocess.DEVNULL)
+                try:
+                    if count > 1:
+                        asyncio.run(_wait_every_process(url, count))
+                    procs = _serve_processes(proc)
+                    cpu0 = _cpu_s(procs)
+                    row = asyncio.run(through_sidecar_lean(url, n1, n2, concurrency))
+                    cpu = _cpu_s(procs) - cpu0
+                    flows = 50 + n1 + n2   # the warm-up, S1 and S2 of through_sidecar_lean
+                    row["cpu_us_per_flow"] = cpu / flows * 1e6
+                    row["processes"] = count
+                    out[f"workers_{count}"] = row
+                finally:
+                    proc.send_signal(signal.SIGTERM)
+                    out[f"workers_{count}_exit"] = proc.wait(60)
+        finally:
+            redis_proc.terminate()
+            redis_proc.wait(10)
+    one, many = out["workers_1"], out[f"workers_{n}"]
+    out["s2_ratio"] = many["s2"]["throughput_per_s"] / one["s2"]["throughput_per_s"]
+    for row in (one, many):
+        print(f"serve --workers {row['processes']}: S2 {row['s2']['throughput_per_s']:.0f} flows/s "
+              f"(p50 {row['s2']['p50_ms']:.2f} ms, p99 {row['s2']['p99_ms']:.2f} ms), S1 p50 "
+              f"{row['s1']['p50_ms']:.3f} ms; sidecar CPU {row['cpu_us_per_flow']:.0f} us/flow summed over "
+              f"{row['processes'] + (row['processes'] > 1)} process(es)")
+    print(f"--workers {n} / --workers 1: S2 {out['s2_ratio']:.2f}x on {out['cores']} cores shared with the load "
+          f"generator: real scaling needs more cores than the supervisor processes and the client use here")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="sidecar_load", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer flows (a smoke run, not final figures)")
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--history", action="store_true", help="keep run history on (default off: the bare hop)")
     p.add_argument("--json", metavar="FILE")
+    p.add_argument("--workers", type=int, metavar="N", help="compare S2 through serve --workers N with "
+                   "--workers 1 (a private redis-server is started for the shared store)")
     args = p.parse_args(argv)
     n1, n2 = (300, 2000) if args.quick else (2000, 20000)
+    if args.workers is not None:
+        if args.workers < 2:
+            p.error("--workers: N >= 2 (it is compared with --workers 1)")
+        result = workers_compare(args.workers, n1, n2, args.concurrency)
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2))
+        return 0
     out: dict[str, Any] = {"in_process": asyncio.run(in_process(n1, n2, args.concurrency))}
     with tempfile.TemporaryDirectory() as tmp:
         proc, url = _start_sidecar(Path(tmp), args.history)

@@ -42,7 +42,7 @@ from ._flow import SLUG_RE
 from ._triggers import TRIGGERS
 
 __all__ = ["FlowProblem", "INLINE_SOURCE_BYTES", "MAX_FLOW_ENTRIES", "SourceProblem", "flow_problem",
-           "normalise_language", "validate_flow", "validate_flow_async", "validate_source", "validate_source_async"]
+           "flow_problem_async", "normalise_language", "validate_flow", "validate_flow_async", "validate_source", "validate_source_async"]
 
 MAX_FLOW_ENTRIES = 64
 # validate_source_async: sources up to this size are checked in-process (a few ms of CPU); larger ones in a child.
@@ -253,21 +253,27 @@ def flow_problem(entries: Any, slugs: Mapping[str, tuple[str, str]] | None, trig
     return None
 
 
-async def validate_flow_async(entries: Any, slugs: Mapping[str, tuple[str, str]], trigger: str) -> str | None:
-    """``validate_flow`` whose source checks go through ``validate_source_async`` (large sources in a child)."""
+async def flow_problem_async(entries: Any, slugs: Mapping[str, tuple[str, str]], trigger: str) -> FlowProblem | None:
+    """``flow_problem`` whose source checks go through ``validate_source_async`` (large sources in a child)."""
     shape = flow_problem(entries, None, trigger)
     if shape is not None:
-        return str(shape)
+        return shape
     for i, entry in enumerate(entries):
         if type(entry) is not str:
             continue
         found = slugs.get(entry)
         if found is None:
-            return str(FlowProblem(i, None, f"unknown action {entry!r}: no deployed version in this tenant"))
+            return FlowProblem(i, None, f"unknown action {entry!r}: no deployed version in this tenant")
         problem = await validate_source_async(found[1], found[0], [trigger])
         if problem is not None:
-            return str(FlowProblem(i, None, f"action {entry!r}: {problem}"))
+            return FlowProblem(i, None, f"action {entry!r}: {problem}")
     return None
+
+
+async def validate_flow_async(entries: Any, slugs: Mapping[str, tuple[str, str]], trigger: str) -> str | None:
+    """``validate_flow`` whose source checks go through ``validate_source_async`` (large sources in a child)."""
+    problem = await flow_problem_async(entries, slugs, trigger)
+    return None if problem is None else str(problem)
 
 
 def validate_flow(entries: Any, slugs: Mapping[str, tuple[str, str]] | None, trigger: str) -> str | None:

@@ -96,6 +96,12 @@ class _Running:
     context: contextvars.Context | None = None   # the flow's: its api calls run (and log) in it
 
 
+def _close_connected(task: "asyncio.Task[Any]") -> None:
+    """Close the transport a pipe-connecting task made, if it made one."""
+    if not task.cancelled() and task.exception() is None:
+        task.result()[0].close()
+
+
 def describe_exit(returncode: int | None) -> str:
     """``-9`` -> ``SIGKILL(-9)``; ``3`` -> ``exit code 3``."""
     if returncode is None:
@@ -150,8 +156,16 @@ class WorkerHandle(asyncio.Protocol):
         self._pipes = [os.fdopen(self._spawned.rfd, "rb", buffering=0), os.fdopen(self._spawned.wfd, "wb", buffering=0)]
         # The pipe's callbacks run in a context of their own, not in that of the flow whose acquire happened
         # to start this worker: a later flow's log lines must not name that one (sidecar/_logs.py).
-        self._rtransport, _ = await loop.create_task(loop.connect_read_pipe(lambda: self, self._pipes[0]),
-                                                     context=contextvars.Context())
+        connecting = loop.create_task(loop.connect_read_pipe(lambda: self, self._pipes[0]),
+                                      context=contextvars.Context())
+        try:
+            self._rtransport, _ = await connecting
+        except BaseException:  # cancelled as the pipe connected: close the transport nobody will hold
+            if connecting.done():
+                _close_connected(connecting)
+            else:
+                connecting.add_done_callback(_close_connected)
+            raise
         self._wtransport, _ = await loop.connect_write_pipe(asyncio.Protocol, self._pipes[1])
         try:
             self._pidfd = os.pidfd_open(self.pid)

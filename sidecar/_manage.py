@@ -21,9 +21,9 @@ from ..runner.hosting import (
     MIN_SECRET_CHARS,
     SLUG_RE,
     FlowProblem,
-    flow_problem,
+    flow_problem_async,
     flow_redactor,
-    validate_source,
+    validate_source_async,
 )
 from ._config import FAILURE_POLICIES, LANGUAGES, SECRET_NAME_RE
 from ._routes import EVENT_FIELD as _FIELD
@@ -231,7 +231,7 @@ async def _deploy_request(app: Sidecar, req: Request, tenant: str, slug: str) ->
 async def action_put(app: Sidecar, req: Request) -> Reply:
     tenant, slug = app.tenant(req.params["tenant"]).name, _slug(req)
     d = await _deploy_request(app, req, tenant, slug)
-    problem = validate_source(d["source"], d["language"], _bound_triggers(app, tenant, slug))
+    problem = await validate_source_async(d["source"], d["language"], _bound_triggers(app, tenant, slug))
     if problem is not None:   # nothing changes: the live version keeps running
         return 422, {"error": problem.message, "line": problem.line, "column": problem.column}, []
     shadow = req.query.get("shadow", "0") not in ("0", "", "false")
@@ -269,7 +269,7 @@ async def action_rollback(app: Sidecar, req: Request) -> Reply:
     if to is not None:
         v = await app.store.get_version(tenant, slug, to)
         if v is not None:
-            problem = validate_source(v.source, v.language, _bound_triggers(app, tenant, slug))
+            problem = await validate_source_async(v.source, v.language, _bound_triggers(app, tenant, slug))
             if problem is not None:   # bound since to a trigger it has no handler for: nothing changes
                 raise HTTPError(409, f"version {to} cannot run in this tenant's flows now: {problem.message}",
                                 "version")
@@ -399,7 +399,7 @@ def _flow_entries(body: Any) -> tuple[list[Any], str]:
     return body, message
 
 
-def check_flow(app: Sidecar, tenant: str, trigger: str, entries: list[Any]) -> FlowProblem | None:
+async def check_flow(app: Sidecar, tenant: str, trigger: str, entries: list[Any]) -> FlowProblem | None:
     """Why ``entries`` cannot be this tenant's flow for ``trigger`` (runner's validate_flow), or None."""
     slugs: dict[str, tuple[str, str]] = {}
     for e in entries:
@@ -407,14 +407,14 @@ def check_flow(app: Sidecar, tenant: str, trigger: str, entries: list[Any]) -> F
             v = app.store.current(tenant, e)
             if v is not None:
                 slugs[e] = ("js" if v.language in ("js", "javascript") else "python", v.source)
-    return flow_problem(entries, slugs, trigger)
+    return await flow_problem_async(entries, slugs, trigger)  # large sources are checked off the loop
 
 
 @handler("flow_put")
 async def flow_put(app: Sidecar, req: Request) -> Reply:
     tenant, trigger = app.tenant(req.params["tenant"]).name, _trigger(req)
     entries, message = _flow_entries(await _json(req))
-    problem = check_flow(app, tenant, trigger, entries)
+    problem = await check_flow(app, tenant, trigger, entries)
     if problem is not None:
         raise HTTPError(422, str(problem), problem.where)
     try:

@@ -78,8 +78,13 @@ class TopTenants:
         return OTHER
 
     def tenant(self, tenant: str) -> str:
-        """The label of ``tenant`` (not counted)."""
-        return tenant if tenant in self.labelled else OTHER
+        """The label of ``tenant`` (not counted); one of its own while there is room, as for a first flow."""
+        if tenant in self.labelled:
+            return tenant
+        if len(self.labelled) < self.size:
+            self.labelled[tenant] = set()
+            return tenant
+        return OTHER
 
     def slug(self, tenant_label: str, slug: str) -> str:
         """The label of an action of a tenant whose label is ``tenant_label``."""

@@ -83,8 +83,8 @@ def ready_line(app: Sidecar, address: str, log_format: str) -> None:
     """The one line that says the sidecar serves: where, what, from which store, how sandboxed."""
     tenants, actions = _inventory(app)
     store, sandbox = _store_url(app.config.store_url), _sandbox(app)
-    say(log_format, f"actionpool serve: ready on {address}{_process_tag()} · {tenants} tenant{'s' * (tenants != 1)}, {actions} "
-                    f"action{'s' * (actions != 1)} · store {store} · sandbox {sandbox}",
+    say(log_format, f"actionpool serve: ready on {address}{_process_tag()} · {tenants} tenant{'s' * (tenants != 1)}, "
+                    f"{actions} action{'s' * (actions != 1)} · store {store} · sandbox {sandbox}",
         event="ready", address=address, tenants=tenants, actions=actions, store=store, sandbox=sandbox)
 
 
@@ -203,19 +203,22 @@ def share_fds(cfg: ServeConfig, fd_limit: int | None) -> ServeConfig:
 
 
 def share_budget(cfg: ServeConfig, slot: WorkerSlot | None) -> ServeConfig:
-    """One of ``serve --workers N``'s processes: a 1/N share of the worker memory budget and of max_workers.
+    """One of ``serve --workers N``'s processes: a 1/N share of the host's worker budget (at least 1 of each).
 
-    The budget is the host's (``worker_memory_budget_mb``, else the runner's default from physical memory), so N
-    processes together keep to what one would; the pool_size is kept within the share of max_workers.
+    The memory budget (``worker_memory_budget_mb``, else the runner's default from physical memory),
+    ``max_workers`` and the queue and per-tenant caps where configured: N processes together keep to what
+    one would, and a tenant's share of each process stays what it was (derived caps follow the capacity).
     """
     if slot is None or slot.count <= 1:
         return cfg
     r = cfg.runner
     budget = r.worker_memory_budget_mb or policy.default_memory_budget_mb(policy.physical_memory_bytes())
     max_workers = share_of(r.max_workers, slot)
-    pool_size = min(r.pool_size, max_workers) if max_workers is not None else r.pool_size
     return dataclasses.replace(cfg, runner=dataclasses.replace(
-        r, worker_memory_budget_mb=share_of(int(budget), slot), max_workers=max_workers, pool_size=pool_size))
+        r, worker_memory_budget_mb=share_of(int(budget), slot), max_workers=max_workers,
+        pool_size=min(r.pool_size, max_workers) if max_workers is not None else r.pool_size,
+        max_queue=share_of(r.max_queue, slot), max_busy_per_tenant=share_of(r.max_busy_per_tenant, slot),
+        max_queue_per_tenant=share_of(r.max_queue_per_tenant, slot)))
 
 
 def _guarded_protocol(spec: ServerSpec, app: Sidecar, fd_limit: int | None) -> Any:

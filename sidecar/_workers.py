@@ -134,7 +134,10 @@ class Supervisor:
         env[ENV_INDEX] = f"{child.index}/{self.count}"
         env[ENV_READY_FD] = str(w)
         env[MULTIPROC_ENV] = self.metrics_dir
-        argv = self.argv if child.index == 0 else [a for a in self.argv if a != "--sync-config"]
+        # --sync-config once: the first process's first start. A restart must not undo the management writes
+        # made since (the store wins, as it does for a replica that restarts).
+        first = child.index == 0 and not child.restarts
+        argv = self.argv if first else [a for a in self.argv if a != "--sync-config"]
         child.proc = subprocess.Popen([sys.executable, "-m", "actionpool.runner.cli", *argv], env=env,
                                       pass_fds=(w,), stdin=subprocess.DEVNULL)
         os.close(w)

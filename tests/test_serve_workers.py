@@ -9,6 +9,7 @@ parent exits 0, and a process that dies is replaced. Which process answered is r
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import signal
@@ -82,7 +83,15 @@ class Group:
             time.sleep(0.05)  # polling a condition with a deadline
 
     def children(self) -> list[psutil.Process]:
-        return [p for p in psutil.Process(self.proc.pid).children() if "serve" in " ".join(p.cmdline())]
+        """The live serve processes (a killed one is a zombie until the parent reaps it: not counted)."""
+        out = []
+        for p in psutil.Process(self.proc.pid).children():
+            try:
+                if p.status() != psutil.STATUS_ZOMBIE and "serve" in " ".join(p.cmdline()):
+                    out.append(p)
+            except (psutil.ZombieProcess, psutil.NoSuchProcess):
+                pass
+        return out
 
     def stop(self, timeout: float = 60) -> int:
         if self.proc.poll() is None:
@@ -170,6 +179,19 @@ def test_metrics_are_summed_over_the_processes(group: Group) -> None:
     flows = counts.pop()
     assert flows >= 22
     assert re.search(r"^actionpool_workers_live(\{[^}]*\})? [1-9]", texts[0], re.M), texts[0][:2000]
+    # The per-tenant latency histogram (kept as lists, written to the shared files every ~1 s and at each
+    # scrape): every flow once, whichever process ran it, the same sum on any process's /metrics.
+    want = _sample(texts[0], 'actionpool_flows_total{outcome="allow",tenant="acme"')
+    assert want == flows
+    deadline = time.monotonic() + 10
+    while True:
+        texts = [fresh(group.url, "GET", "/metrics").text for _ in range(6)]
+        got = {_sample(t, 'actionpool_tenant_flow_duration_seconds_count{tenant="acme"}') for t in texts}
+        inf = {_sample(t, 'actionpool_tenant_flow_duration_seconds_bucket{le="+Inf",tenant="acme"}') for t in texts}
+        if got == inf == {want}:
+            break
+        assert time.monotonic() < deadline, f"histogram counts {got}, +Inf {inf}; {want} flows"
+        time.sleep(0.1)
 
 
 def test_sigterm_drains_every_process_then_the_parent_exits_0(group: Group) -> None:
@@ -217,3 +239,47 @@ def test_a_process_that_dies_is_replaced(group: Group) -> None:
         assert time.monotonic() < deadline, group.output()[-3000:]
         time.sleep(0.1)
     assert "restarting it" in group.output()
+
+
+def test_one_ready_line_for_the_group_and_a_share_of_the_workers_each(group: Group) -> None:
+    out = group.output()
+    assert out.count("processes ready on") == 1, out
+    assert f"actionpool serve: 2 processes ready on http://127.0.0.1:{group.port}" in out
+    for i in (0, 1):   # each process's own ready line names it
+        assert re.search(rf"^actionpool serve: ready on http://127\.0\.0\.1:{group.port} \(process {i}/2\)",
+                         out, re.M), out
+    # runner.max_workers = 4 is the host's: each process gets 2 (summed over both: 4, not 8)
+    deadline = time.monotonic() + 10
+    while True:
+        text = fresh(group.url, "GET", "/metrics").text
+        if _sample(text, "actionpool_workers_max") == 4:
+            break
+        assert time.monotonic() < deadline, [ln for ln in text.splitlines() if "workers_max" in ln]
+        time.sleep(0.1)
+    group.stop()
+    out = group.output()
+    assert out.count("actionpool serve: stopped (") == 1, out   # the group's one stop line
+    for i in (0, 1):   # and each process's own stop line names it
+        assert re.search(rf"^actionpool serve: stopped on SIGTERM \(process {i}/2\)", out, re.M), out
+
+
+def test_a_process_gets_a_share_of_the_derived_memory_budget() -> None:
+    """No budget configured: each of N processes gets 1/N of the runner's default (from physical memory)."""
+    from actionpool.runner import hosting
+    from actionpool.runner import RunnerConfig
+    from actionpool.sidecar._config import ServeConfig, ServerSpec
+    from actionpool.sidecar._serve import share_budget
+    from actionpool.sidecar._workers import WorkerSlot
+
+    cfg = ServeConfig(Path("serve.toml"), RunnerConfig(), ServerSpec(), "redis://127.0.0.1:1/0", {})
+    assert cfg.runner.worker_memory_budget_mb is None and cfg.runner.max_workers is None
+    host = hosting.default_memory_budget_mb(hosting.physical_memory_bytes())
+    shared = share_budget(cfg, WorkerSlot(1, 4)).runner
+    assert shared.worker_memory_budget_mb == max(1, host // 4) and shared.max_workers is None
+    assert share_budget(cfg, None) is cfg and share_budget(cfg, WorkerSlot(0, 1)) is cfg
+    # a configured max_workers is shared too, and the pool kept within it
+    fixed = dataclasses.replace(cfg, runner=RunnerConfig(max_workers=3, pool_size=3, worker_memory_budget_mb=100,
+                                                         max_busy_per_tenant=2, max_queue=10))
+    shared = share_budget(fixed, WorkerSlot(0, 2)).runner
+    assert (shared.max_workers, shared.pool_size, shared.worker_memory_budget_mb) == (1, 1, 50)
+    assert (shared.max_busy_per_tenant, shared.max_queue, shared.max_queue_per_tenant) == (1, 5, None)

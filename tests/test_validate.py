@@ -248,3 +248,48 @@ def test_validation_work_is_linear_in_the_flow() -> None:
         v.python_problem = real  # type: ignore[assignment]
     assert len(calls) == MAX_FLOW_ENTRIES
 
+
+
+# ------------------------------------------------------------------ off the event loop
+
+
+async def test_large_sources_are_checked_in_a_child_not_on_the_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    import actionpool.runner._validate as v
+    from actionpool.runner.hosting import INLINE_SOURCE_BYTES, validate_flow_async, validate_source_async
+
+    def not_here(source: str, lang: str, wanted: Any) -> Any:
+        assert len(source) <= INLINE_SOURCE_BYTES, "a large source was compiled on the event loop"
+        return real(source, lang, wanted)
+
+    real = v._check_here
+    monkeypatch.setattr(v, "_check_here", not_here)
+    filler = "x = y + 1\n" * (INLINE_SOURCE_BYTES // 10 + 1)
+    bad = PY_OK + filler + "def broken(:\n"
+    lines = bad.count("\n")
+    assert await validate_source_async(bad, "python", ["post-login"]) == SourceProblem(
+        "SyntaxError: invalid syntax", lines, 12)
+    assert await validate_source_async(PY_OK + filler, "python", ["post-login"]) is None
+    missing = await validate_source_async(PY_OK + filler, "python", ["pre-user-registration"])
+    assert missing is not None and missing.message.startswith("no handler for pre-user-registration")
+    # JavaScript in the child too, and still never run
+    js = "while (true) {}\n" + "// padding\n" * (INLINE_SOURCE_BYTES // 11 + 1)
+    assert await validate_source_async(js, "javascript", ["post-login"]) is None
+    # a flow naming that action is answered from what the child said (remembered by digest)
+    monkeypatch.setattr(v, "_check_in_child", None)  # a second child would fail the test
+    assert await validate_flow_async(["big"], {"big": ("python", PY_OK + filler)}, "post-login") is None
+    problem = await validate_flow_async(["big"], {"big": ("python", bad)}, "post-login")
+    assert problem == f"flow[0]: action 'big': {lines}:12: SyntaxError: invalid syntax"
+    # small sources and cheap refusals never start a child
+    assert await validate_source_async(PY_OK, "python", ["post-login"]) is None
+    assert (await validate_source_async(PY_OK + filler, "ruby", [])) is not None
+
+
+async def test_a_child_that_fails_is_a_problem_never_an_allow(monkeypatch: pytest.MonkeyPatch) -> None:
+    import actionpool.runner._validate as v
+
+    monkeypatch.setattr(v, "CHILD_TIMEOUT_S", 0.0)
+    source = PY_OK + "z = 0\n" * (v.INLINE_SOURCE_BYTES // 6 + 1)
+    problem = await v.validate_source_async(source, "python", ["post-login"])
+    assert problem is not None and problem.message.startswith("could not be validated within")
+    monkeypatch.setattr(v, "CHILD_TIMEOUT_S", 60.0)
+    assert await v.validate_source_async(source, "python", ["post-login"]) is None  # the failure was not remembered
