@@ -1,6 +1,6 @@
 """Load generator for ``actionpool serve``: what the HTTP hop costs over the in-process API.
 
-    python -m actionpool.benchmarks.sidecar_load [--quick] [--json FILE] [--history] [--workers N]
+    python -m actionpool.benchmarks.sidecar_load [--quick] [--json FILE] [--history] [--workers N [--repeat R]]
 
 Two measurements of the same workload, one after the other on this machine:
 
@@ -23,7 +23,8 @@ S2 ratio is a lower bound. Not a timed test: it prints numbers, it asserts none.
 both on a private redis-server started here on a free loopback port (N processes share the store), with
 the same host budget (``max_workers = 2 N``: each of the N processes gets 2, as the single one gets 2N),
 and the sidecar CPU per flow: user + system time of the serve processes (not their action workers),
-summed over the processes, over the S2 run. The load generator runs on the same cores.
+summed over the processes, over the S2 run. The two are alternated ``--repeat`` times (medians reported):
+the load generator, and anything else on the host, runs on the same cores.
 """
 
 from __future__ import annotations
@@ -174,7 +175,8 @@ class LeanConnection:
         await self.writer.wait_closed()
 
 
-async def through_sidecar_lean(url: str, n1: int, n2: int, concurrency: int) -> dict[str, Any]:
+async def through_sidecar_lean(url: str, n1: int, n2: int, concurrency: int,
+                               before_s2: Callable[[], None] | None = None) -> dict[str, Any]:
     body = json.dumps(EVENT).encode()
     request = (f"POST /v1/tenants/{TENANT}/flows/{TRIGGER} HTTP/1.1\r\nHost: bench\r\n"
                f"Authorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\n"
@@ -193,6 +195,8 @@ async def through_sidecar_lean(url: str, n1: int, n2: int, concurrency: int) -> 
     try:
         await _closed_loop(one, 50, 2)
         s1 = _summary(*await _closed_loop(one, n1, 1))
+        if before_s2 is not None:
+            before_s2()
         s2 = _summary(*await _closed_loop(one, n2, concurrency))
     finally:
         for c in conns:
@@ -278,9 +282,33 @@ async def _wait_every_process(url: str, count: int, timeout_s: float = 120.0) ->
             await conn.close()
 
 
-def workers_compare(n: int, n1: int, n2: int, concurrency: int) -> dict[str, Any]:
-    """S2 through ``serve --workers 1`` and ``--workers n`` on one private Redis; flows/s and CPU per flow."""
-    out: dict[str, Any] = {"cores": os.cpu_count(), "concurrency": concurrency}
+def _measure_workers(tmp: Path, count: int, n1: int, n2: int, concurrency: int) -> dict[str, Any]:
+    """One S1 + S2 run through ``serve --workers count``; the sidecar's and this client's CPU over S2."""
+    import psutil
+
+    with open(tmp / "serve.log", "ab") as log:
+        proc, url = spawn_sidecar(tmp / "serve.toml", {"AP_BENCH_TOKEN": TOKEN}, args=("--workers", str(count)),
+                                  stderr=log)
+    try:
+        if count > 1:
+            asyncio.run(_wait_every_process(url, count))
+        procs, me = _serve_processes(proc), psutil.Process()
+        mark: list[float] = []
+        row = asyncio.run(through_sidecar_lean(url, n1, n2, concurrency,
+                                               before_s2=lambda: mark.extend((_cpu_s(procs), _cpu_s([me])))))
+        row["cpu_us_per_flow"] = (_cpu_s(procs) - mark[0]) / n2 * 1e6   # over S2 alone
+        row["client_cpu_us_per_flow"] = (_cpu_s([me]) - mark[1]) / n2 * 1e6
+        row["processes"] = count
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        row_exit = proc.wait(60)
+    row["exit"] = row_exit
+    return row
+
+
+def workers_compare(n: int, n1: int, n2: int, concurrency: int, repeat: int) -> dict[str, Any]:
+    """S2 through ``serve --workers 1`` and ``--workers n``, alternated ``repeat`` times on one private Redis."""
+    out: dict[str, Any] = {"cores": os.cpu_count(), "concurrency": concurrency, "runs": {1: [], n: []}}
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
         redis_proc, redis_url = _private_redis(tmp)
@@ -301,35 +329,34 @@ def workers_compare(n: int, n1: int, n2: int, concurrency: int) -> dict[str, Any
                 [tenants.{TENANT}.flows]
                 {TRIGGER} = ["tag"]
             """))
-            for count in (1, n):
-                proc, url = spawn_sidecar(tmp / "serve.toml", {"AP_BENCH_TOKEN": TOKEN}, args=("--workers", str(count)),
-                                          stderr=subprocess.DEVNULL)
-                try:
-                    if count > 1:
-                        asyncio.run(_wait_every_process(url, count))
-                    procs = _serve_processes(proc)
-                    cpu0 = _cpu_s(procs)
-                    row = asyncio.run(through_sidecar_lean(url, n1, n2, concurrency))
-                    cpu = _cpu_s(procs) - cpu0
-                    flows = 50 + n1 + n2   # the warm-up, S1 and S2 of through_sidecar_lean
-                    row["cpu_us_per_flow"] = cpu / flows * 1e6
-                    row["processes"] = count
-                    out[f"workers_{count}"] = row
-                finally:
-                    proc.send_signal(signal.SIGTERM)
-                    out[f"workers_{count}_exit"] = proc.wait(60)
+            for _ in range(repeat):   # alternated: a neighbour's load falls on both alike
+                for count in (1, n):
+                    out["runs"][count].append(_measure_workers(tmp, count, n1, n2, concurrency))
+        except BaseException:
+            print((tmp / "serve.log").read_text()[-4000:], file=sys.stderr)   # the sidecars' own lines
+            raise
         finally:
             redis_proc.terminate()
             redis_proc.wait(10)
-    one, many = out["workers_1"], out[f"workers_{n}"]
-    out["s2_ratio"] = many["s2"]["throughput_per_s"] / one["s2"]["throughput_per_s"]
-    for row in (one, many):
-        print(f"serve --workers {row['processes']}: S2 {row['s2']['throughput_per_s']:.0f} flows/s "
-              f"(p50 {row['s2']['p50_ms']:.2f} ms, p99 {row['s2']['p99_ms']:.2f} ms), S1 p50 "
-              f"{row['s1']['p50_ms']:.3f} ms; sidecar CPU {row['cpu_us_per_flow']:.0f} us/flow summed over "
-              f"{row['processes'] + (row['processes'] > 1)} process(es)")
-    print(f"--workers {n} / --workers 1: S2 {out['s2_ratio']:.2f}x on {out['cores']} cores shared with the load "
-          f"generator: real scaling needs more cores than the supervisor processes and the client use here")
+    for count in (1, n):
+        runs = out["runs"][count]
+        out[f"workers_{count}"] = row = {
+            "s2_flows_per_s": statistics.median(r["s2"]["throughput_per_s"] for r in runs),
+            "s2_p50_ms": statistics.median(r["s2"]["p50_ms"] for r in runs),
+            "s2_p99_ms": statistics.median(r["s2"]["p99_ms"] for r in runs),
+            "s1_p50_ms": statistics.median(r["s1"]["p50_ms"] for r in runs),
+            "cpu_us_per_flow": statistics.median(r["cpu_us_per_flow"] for r in runs),
+            "client_cpu_us_per_flow": statistics.median(r["client_cpu_us_per_flow"] for r in runs),
+            "each_s2_flows_per_s": [round(r["s2"]["throughput_per_s"]) for r in runs],
+        }
+        print(f"serve --workers {count}: S2 {row['s2_flows_per_s']:.0f} flows/s (median of {len(runs)}: "
+              f"{row['each_s2_flows_per_s']}; p50 {row['s2_p50_ms']:.2f} ms, p99 {row['s2_p99_ms']:.2f} ms), S1 p50 "
+              f"{row['s1_p50_ms']:.3f} ms; sidecar CPU {row['cpu_us_per_flow']:.0f} us/flow summed over its "
+              f"{count + (count > 1)} process(es); the load generator {row['client_cpu_us_per_flow']:.0f} us/flow")
+    out["runs"] = {str(k): v for k, v in out["runs"].items()}
+    out["s2_ratio"] = out[f"workers_{n}"]["s2_flows_per_s"] / out["workers_1"]["s2_flows_per_s"]
+    print(f"--workers {n} / --workers 1: S2 {out['s2_ratio']:.2f}x. This machine has {out['cores']} cores, shared "
+          f"by the load generator and the sidecar processes: real scaling needs more cores than this one has")
     return out
 
 
@@ -341,12 +368,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", metavar="FILE")
     p.add_argument("--workers", type=int, metavar="N", help="compare S2 through serve --workers N with "
                    "--workers 1 (a private redis-server is started for the shared store)")
+    p.add_argument("--repeat", type=int, default=3, metavar="R", help="with --workers: alternate the two R times "
+                   "and report the medians (default 3)")
     args = p.parse_args(argv)
     n1, n2 = (300, 2000) if args.quick else (2000, 20000)
     if args.workers is not None:
         if args.workers < 2:
             p.error("--workers: N >= 2 (it is compared with --workers 1)")
-        result = workers_compare(args.workers, n1, n2, args.concurrency)
+        result = workers_compare(args.workers, n1, n2, args.concurrency, args.repeat)
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=2))
         return 0

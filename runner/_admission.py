@@ -26,13 +26,18 @@ class Token:
 
     def __init__(self, gate: "Admission") -> None:
         self._gate: Admission | None = gate
-        self._timer = asyncio.get_running_loop().call_later(gate.hold_s, self.leave)
+        self._timer = asyncio.get_running_loop().call_later(gate.hold_s, self._expire)
 
     def leave(self) -> None:
         gate, self._gate = self._gate, None
         if gate is not None:
             self._timer.cancel()
             gate._next()
+
+    def _expire(self) -> None:
+        if self._gate is not None:
+            self._gate.expired += 1
+        self.leave()
 
 
 class Admission:
@@ -42,6 +47,7 @@ class Admission:
         self.active = 0        # tokens alive
         self.admitted = 0      # ever, for stats
         self.queued = 0        # admissions that had to wait, for stats
+        self.expired = 0       # tokens that outlived hold_s (executions long on the CPU, or stuck), for stats
         self._waiters: deque[asyncio.Future[None]] = deque()
 
     @property
@@ -81,4 +87,4 @@ class Admission:
 
     def stats(self) -> dict[str, int]:
         return {"admission_active": self.active, "admission_waiting": len(self._waiters),
-                "admission_queued": self.queued}
+                "admission_queued": self.queued, "admission_expired": self.expired}

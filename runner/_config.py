@@ -16,6 +16,10 @@ from typing import Any, Literal
 
 from ._errors import ConfigError
 
+# Executions admitted to the CPU per usable CPU with max_running=None: 16 on 2 cores is what was measured
+# (docs/design.md, "Admission to the CPU"); off by default until measured on a quiet machine.
+RUNNING_PER_CPU = 8
+
 SandboxMode = Literal["strict", "degraded", "off"]
 WorkerBinding = Literal["action", "tenant"]
 
@@ -152,9 +156,16 @@ class RunnerConfig:
     # which every flow waits on, so it preempts them; they also yield to every other process (docs/design.md).
     worker_nice: int = 0
     # Executions admitted to the CPU at once, the rest first-come-first-served (runner/_admission.py); a token
-    # lasts at most running_hold_ms, so I/O-bound and long executions never block admission. 0: no limit.
-    max_running: int = 0
+    # ends at the execution's first request (a fetch) or after running_hold_ms, so I/O-bound and long
+    # executions never block admission. 0 (default): no limit; None: 8 per usable CPU (RUNNING_PER_CPU).
+    max_running: int | None = 0
     running_hold_ms: float = 5.0
+
+    def running_limit(self) -> int:
+        """``max_running`` resolved: executions admitted at once (0: no limit)."""
+        if self.max_running is not None:
+            return self.max_running
+        return RUNNING_PER_CPU * (len(os.sched_getaffinity(0)) or 2)
 
     def validate(self) -> "RunnerConfig":
         self.limits.validate()
@@ -165,8 +176,9 @@ class RunnerConfig:
         nice = self.worker_nice
         if isinstance(nice, bool) or not isinstance(nice, int) or not 0 <= nice <= 18:
             raise ConfigError(f"worker_nice must be an integer from 0 to 18, got {self.worker_nice!r}")
-        if isinstance(self.max_running, bool) or not isinstance(self.max_running, int) or self.max_running < 0:
-            raise ConfigError(f"max_running must be a non-negative integer, got {self.max_running!r}")
+        m = self.max_running
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 0):
+            raise ConfigError(f"max_running must be a non-negative integer or None, got {m!r}")
         h = self.running_hold_ms
         if isinstance(h, bool) or not isinstance(h, (int, float)) or not math.isfinite(h) or not 0 < h <= 1000:
             raise ConfigError(f"running_hold_ms must be a number of milliseconds in (0, 1000], got {h!r}")

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from typing import Any, Awaitable
 
 import orjson
 
 from ..protocol import check_json, pack
 
-from ._admission import Admission
+from ._admission import Admission, Token
 from ._config import RunnerConfig
 from ._cpu import CpuGovernor
 from ._decisions import ALLOW
@@ -78,6 +78,22 @@ def carry_problem(flow: FlowState, nxt: Action, max_frame_bytes: int) -> str | N
     return None
 
 
+class _AdmittedContext(ExecutionContext):
+    """An execution admitted to the CPU (runner/_admission.py): its first request ends its admission.
+
+    A request (fetch, cache read) makes the worker wait for the supervisor's answer: from then on the
+    execution is waiting, not computing, and holds no share of the CPU, so it gives its token back.
+    """
+
+    token: Token | None = None
+
+    def request(self, method: str, params: list[Any]) -> Awaitable[Any]:
+        tok, self.token = self.token, None
+        if tok is not None:
+            tok.leave()
+        return super().request(method, params)
+
+
 class FlowEngine:
     """Runs flows against one pool and one set of services."""
 
@@ -90,7 +106,8 @@ class FlowEngine:
         # because the runner killed it, and says so (``shutdown``), not ``worker_crash SIGKILL``.
         self.closing = False
         self.cpu = CpuGovernor(config.cpu_budget_ms, config.worker_nice) if config.cpu_budget_ms else None
-        self.admission = Admission(config.max_running, config.running_hold_ms / 1000) if config.max_running else None
+        running = config.running_limit()
+        self.admission = Admission(running, config.running_hold_ms / 1000) if running else None
 
     def owner_of(self, tenant: str, action: Action) -> str:
         """Whose workers may run ``action`` for ``tenant`` (see ``_acquire_live``)."""
@@ -185,7 +202,11 @@ class FlowEngine:
                 timeout, kind = max(remaining, 0.001), "flow_timeout"
             began = time.monotonic()
             rec.started_ms = (began - flow.started) * 1000.0   # when the span of this action starts (tracing)
-            ctx = ExecutionContext(flow, action.slug, prof, self._services, began + timeout)
+            if tok is None:
+                ctx = ExecutionContext(flow, action.slug, prof, self._services, began + timeout)
+            else:
+                ctx = _AdmittedContext(flow, action.slug, prof, self._services, began + timeout)
+                ctx.token = tok
             params = {
                 "trigger": prof.name,
                 "filename": action.filename,

@@ -10,7 +10,6 @@ no answer, log line or error message here ever holds one.
 from __future__ import annotations
 
 import asyncio
-import difflib
 import hashlib
 import os
 import time
@@ -26,6 +25,7 @@ from ..runner.hosting import (
     validate_source_async,
 )
 from ._config import FAILURE_POLICIES, LANGUAGES, SECRET_NAME_RE
+from ._diff import unified
 from ._routes import EVENT_FIELD as _FIELD
 from ._routes import HTTPError, Request, handler
 from ._store import (
@@ -235,6 +235,7 @@ async def action_put(app: Sidecar, req: Request) -> Reply:
     if problem is not None:   # nothing changes: the live version keeps running
         return 422, {"error": problem.message, "line": problem.line, "column": problem.column}, []
     shadow = req.query.get("shadow", "0") not in ("0", "", "false")
+    app.tenant(tenant)   # again: deleted while the body was read or validated -> 404, never versions of no tenant
     try:
         v = await app.store.deploy(tenant, slug, d["source"], shadow=shadow, language=d["language"],
                                    secrets=d["secrets"], failure=d["failure"], message=d["message"],
@@ -307,9 +308,23 @@ async def action_diff(app: Sidecar, req: Request) -> Reply:
         if v is None:
             raise HTTPError(404, f"{slug} keeps no version {vid[:64]!r}", field)
     assert va is not None and vb is not None
-    diff = "".join(difflib.unified_diff(va.source.splitlines(keepends=True), vb.source.splitlines(keepends=True),
-                                        fromfile=f"{slug}@{a}", tofile=f"{slug}@{b}"))
-    return 200, {"slug": slug, "a": a, "b": b, "diff": diff}, []
+    # Bounded (sidecar/_diff.py: difflib matches a middle of at most MAX_LINE_PAIRS line pairs) and on a
+    # thread, one diff at a time: the loop gets the GIL back every switch interval while it runs.
+    async with _diff_slot():
+        diff, exact = await asyncio.to_thread(unified, va.source, vb.source, f"{slug}@{a}", f"{slug}@{b}")
+    return 200, {"slug": slug, "a": a, "b": b, "diff": diff, "exact": exact}, []
+
+
+_diffs: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None
+
+
+def _diff_slot() -> asyncio.Semaphore:
+    """One diff at a time per event loop (a second waits): a burst of diffs cannot take every thread."""
+    global _diffs
+    loop = asyncio.get_running_loop()
+    if _diffs is None or _diffs[0] is not loop:
+        _diffs = (loop, asyncio.Semaphore(1))
+    return _diffs[1]
 
 
 @handler("action_test")
@@ -357,6 +372,7 @@ async def action_test(app: Sidecar, req: Request) -> Reply:
         action = app._action(tenant, slug, v)
     except ActionError as exc:
         raise HTTPError(400, str(exc), "source") from None
+    before = tuple(app.secrets_of(tenant.name).values())   # redacted even if deleted while the draft runs
     app._take_slot(tenant.name)
     try:
         result = await app.runner.run_flow(trigger=trigger, actions=[action], event=event, tenant=tenant.name,
@@ -367,7 +383,8 @@ async def action_test(app: Sidecar, req: Request) -> Reply:
     out["versions"] = {slug: v.version}
     out["draft"] = source is not None
     # Not a login: a debugging answer, redacted like run history (the tenant's secrets, the redact paths).
-    return 200, flow_redactor(tuple(app.secrets_of(tenant.name).values()), tenant.redact, event)(out), []
+    secrets = tuple(dict.fromkeys((*before, *app.secrets_of(tenant.name).values())))
+    return 200, flow_redactor(secrets, tenant.redact, event)(out), []
 
 
 @handler("run_get")
@@ -414,6 +431,7 @@ async def check_flow(app: Sidecar, tenant: str, trigger: str, entries: list[Any]
 async def flow_put(app: Sidecar, req: Request) -> Reply:
     tenant, trigger = app.tenant(req.params["tenant"]).name, _trigger(req)
     entries, message = _flow_entries(await _json(req))
+    app.tenant(tenant)   # again: deleted while the body arrived -> 404, not "unknown action"
     problem = await check_flow(app, tenant, trigger, entries)
     if problem is not None:
         raise HTTPError(422, str(problem), problem.where)

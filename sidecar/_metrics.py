@@ -12,6 +12,11 @@ scrape). Only the busiest ``server.metrics_top_tenants`` tenants get a label
 of their own (:class:`TopTenants`), and within them at most
 ACTIONS_PER_TENANT action slugs; everything else is counted under
 ``tenant="_other"`` / ``slug="_other"`` (a name no tenant or slug can have).
+
+Under ``serve --workers N`` (sidecar/_workers.py) prometheus-client runs in its multiprocess mode:
+counters and histograms live in memory-mapped files that ``/metrics`` of any process sums, and the
+scrape-time values (pool, store, connections, the list-based latency histograms) are written there by
+:class:`_ProcessMirror` every ~1 s and at each scrape.
 """
 
 from __future__ import annotations
@@ -327,6 +332,9 @@ class Metrics:
 
     def forget(self, tenant: str) -> None:
         """Remove every series of ``tenant`` (it lost its label, or was deleted)."""
+        if self._mirror is not None:   # N processes: its latest counts reach the shared files before it goes
+            for h in self._mirror.histograms:
+                h.update()
         for metric in self._by_tenant:
             # prometheus-client cannot remove a series from the shared files: with N processes a tenant's totals
             # stay (frozen) until the processes restart, and go on from there if it gets its label back.

@@ -122,8 +122,11 @@ ACTION = {"type": "object", "required": ["slug", "current", "versions", "history
                          "shadow_disagreements": {"type": "array", "items": {"type": "object"}}}}
 ROLLBACK = {"type": "object", "additionalProperties": False,
             "properties": {"version": {**_VERSION, "description": "a kept version; absent: the previous one"}}}
-DIFF = {"type": "object", "required": ["diff"], "properties": {"diff": {"type": "string",
-                                                                        "description": "unified diff of a -> b"}}}
+DIFF = {"type": "object", "required": ["diff", "exact"],
+        "properties": {"diff": {"type": "string", "description": "unified diff of a -> b"},
+                       "exact": {"type": "boolean", "description": "false: the changed middle was too large to "
+                                                                    "match line by line and is shown whole"},
+                       "slug": _SLUG, "a": _VERSION, "b": _VERSION}}
 DRAFT_TEST = {"type": "object", "required": ["trigger"], "additionalProperties": False,
               "properties": {"trigger": {"type": "string", "enum": list(TRIGGERS)}, "event": {"type": "object"},
                              "source": {"type": "string", "description": "a draft; absent: the current version"},

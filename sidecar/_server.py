@@ -38,7 +38,7 @@ from . import _manage  # noqa: F401  (the management API's handlers register the
 from ._openapi import document_bytes
 from ._routes import EVENT_FIELD as _FIELD
 from ._routes import HANDLERS, HTTPError, Request, Roles, Router, author_of, handler, parse_query
-from ._store import Store, StoreUnavailable, Version, store_for
+from ._store import Store, StoreUnavailable, UnknownTenant, Version, store_for
 from ._tenancy import Tenant
 from ._workers import WorkerSlot
 
@@ -123,6 +123,11 @@ class Sidecar:
         self.sync_config = False   # `serve --sync-config`: make the store equal to the config at start
         self.drift: list[dict[str, Any]] = []
         self.forgetting: dict[str, asyncio.Task[Any]] = {}   # deleted tenants whose workers are being freed
+        # One token per live tenant that has run flows; a deletion drops it (_forget). A flow in flight keeps
+        # the token it started with: when it no longer matches, the tenant was deleted (and perhaps created
+        # again) meanwhile, and the flow's run record is not written, so a deleted tenant's history is freed
+        # and never reaches a new tenant of the same name.
+        self._incarnations: dict[str, object] = {}
         self.store.on_change = self._store_changed
 
     # -- life cycle ----------------------------------------------------------------------------
@@ -207,6 +212,11 @@ class Sidecar:
             status, headers = exc.status, exc.headers
             body = {"error": exc.error} if exc.field is None else {"error": exc.error, "field": exc.field}
             self.metrics.rejected.labels(str(status)).inc()
+        except UnknownTenant as exc:   # deleted (on any replica) while this request read its body or validated
+            status, body = 404, {"error": f"unknown tenant {str(exc.args[0] if exc.args else '')[:64]!r}",
+                                 "field": "tenant"}
+            headers = []
+            self.metrics.rejected.labels("404").inc()
         except StoreUnavailable as exc:  # every management route, in one place: never a 500 for an outage
             status, body = 503, {"error": f"store unavailable: {exc}"}
             headers = [(b"retry-after", str(self.server.retry_after_s).encode())]
@@ -398,6 +408,7 @@ class Sidecar:
 
     def _forget(self, tenant: str) -> None:
         """A deleted tenant: its workers, caches, decisions and shadow reports go (its flows already 404)."""
+        self._incarnations.pop(tenant, None)
         self._secret_gen.pop(tenant, None)
         self._actions.forget(tenant)
         self.metrics.forget_tenant(tenant)   # its series and its label (sidecar/_metrics.py TopTenants)
@@ -539,6 +550,10 @@ class Sidecar:
         # From here every log line of this request's task (and of the tasks it starts) names the flow.
         flow_context(execution_id, tenant.name, trigger)
         self._take_slot(tenant.name)
+        incarnation = self._incarnations.setdefault(tenant.name, object())
+        # The values to redact, as the flow's actions saw them: a secret deleted (or its tenant) while the flow
+        # runs is still redacted from the record.
+        secrets = tuple(self.secrets_of(tenant.name).values())
         try:
             actions, versions = self._resolve(tenant, trigger)
             t0, run_ns = time.perf_counter(), time.time_ns()
@@ -556,8 +571,9 @@ class Sidecar:
         if self.tracer is not None:
             self._trace(scope, start_ns, run_ns, execution_id, tenant.name, trigger, body, result.actions)
         if self.server.history_size:
-            self._spawn(self._record(tenant, event, body, seconds, result.fetches))
-        self._shadows(tenant, trigger, actions, event, body)
+            self._spawn(self._record(tenant, event, body, seconds, result.fetches, secrets=secrets,
+                                     incarnation=incarnation))
+        self._shadows(tenant, trigger, actions, event, body, secrets)
         if body["denial"] is not None and body["denial"]["kind"] == "overloaded":
             raise self._overloaded(body["denial"]["reason"])
         return 200, body, []
@@ -572,12 +588,18 @@ class Sidecar:
             log.exception("sidecar: tracing failed")
 
     async def _record(self, tenant: Tenant, event: dict[str, Any], body: dict[str, Any], seconds: float,
-                      fetches: list[dict[str, Any]] | None = None) -> None:
+                      fetches: list[dict[str, Any]] | None = None, *, secrets: tuple[str, ...] = (),
+                      incarnation: object | None = None) -> None:
         """Redacted (keys and values, event, whole result, fetches) and capped: runner/_history.py.
+
+        ``secrets``: the tenant's values when the flow started (redacted with today's). ``incarnation``: the
+        tenant's token when the flow started; if the tenant was deleted since, nothing is recorded.
 
         Built off the loop, one record at a time. At most RECORDS_PENDING_PER_TENANT of one tenant and
         RECORDS_PENDING in all wait; the rest are dropped and counted (history is best effort).
         """
+        if incarnation is not None and self._incarnations.get(tenant.name) is not incarnation:
+            return   # deleted meanwhile: its history was freed and stays so
         pending = self._records_pending
         mine = pending.get(tenant.name, 0)
         if mine >= RECORDS_PENDING_PER_TENANT or self._records_total >= RECORDS_PENDING:
@@ -587,7 +609,8 @@ class Sidecar:
         self._records_total += 1
         try:
             build = functools.partial(build_record, tenant=tenant.name, paths=tenant.redact,
-                                      secrets=tuple(self.secrets_of(tenant.name).values()), event=event, body=body,
+                                      secrets=tuple(dict.fromkeys((*secrets, *self.secrets_of(tenant.name).values()))),
+                                      event=event, body=body,
                                       seconds=seconds, recorded_at=time.time(), fetches=fetches,
                                       max_bytes=self.server.history_record_max_bytes)
             record = await asyncio.get_running_loop().run_in_executor(self._history_thread, build)
@@ -598,6 +621,8 @@ class Sidecar:
                 pending[tenant.name] = left
             else:
                 del pending[tenant.name]
+        if incarnation is not None and self._incarnations.get(tenant.name) is not incarnation:
+            return   # deleted while the record was built
         try:
             await self.store.record_run(tenant.name, body["flow_id"], record)
         except Exception as exc:  # history is best effort; the answer was already decided
@@ -605,7 +630,7 @@ class Sidecar:
 
     # -- shadow versions -------------------------------------------------------------------------
     def _shadows(self, tenant: Tenant, trigger: str, actions: list[Action], event: dict[str, Any],
-                 live: dict[str, Any]) -> None:
+                 live: dict[str, Any], secrets: tuple[str, ...] = ()) -> None:
         for i, a in enumerate(actions):
             sh = self.store.shadow(tenant.name, a.slug)
             if sh is None or sh.version == getattr(a, "version", None):
@@ -621,10 +646,10 @@ class Sidecar:
             variant[i] = self._action(tenant, a.slug, sh)
             self._shadow_running += 1
             self._shadow_by_tenant[tenant.name] = held + 1
-            self._spawn(self._shadow(tenant, trigger, a.slug, sh.version, variant, event, live))
+            self._spawn(self._shadow(tenant, trigger, a.slug, sh.version, variant, event, live, secrets))
 
     async def _shadow(self, tenant: Tenant, trigger: str, slug: str, version: str, actions: list[Action],
-                      event: dict[str, Any], live: dict[str, Any]) -> None:
+                      event: dict[str, Any], live: dict[str, Any], secrets: tuple[str, ...] = ()) -> None:
         try:
             result = (await self.runner.run_flow(trigger=trigger, actions=actions, event=event, tenant=tenant.name,
                                                  denial_message=tenant.denial_message)).to_dict()
@@ -643,7 +668,8 @@ class Sidecar:
         self.metrics.shadow_runs.labels(tenant.name, slug, "disagree" if diff else "agree").inc()
         if diff:
             q = self.disagreements.setdefault((tenant.name, slug), collections.deque(maxlen=SHADOW_KEEP))
+            values = tuple(dict.fromkeys((*secrets, *self.secrets_of(tenant.name).values())))
             q.append({"flow_id": live["flow_id"], "shadow_version": version, "at": time.time(),
-                      "differences": flow_redactor(tuple(self.secrets_of(tenant.name).values()), tenant.redact, event)(diff)})
+                      "differences": flow_redactor(values, tenant.redact, event)(diff)})
 
 __all__ = ["Sidecar", "HTTPError", "redact", "redact_paths", "SLUG_RE"]

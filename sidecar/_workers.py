@@ -67,7 +67,9 @@ class WorkerSlot:
 def reuseport_socket(host: str, port: int) -> socket.socket:
     """A listening socket that N processes can bind at once; the kernel balances connections between them."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets whose proto says TCP, and without it every
+    # keep-alive response waited for the client's delayed ACK (48 ms a flow instead of 1).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)

@@ -41,7 +41,8 @@ async def test_at_most_limit_tokens_and_waiters_go_first_come_first_served() -> 
     b.leave()
     assert gate.active == 0
     await asyncio.gather(*waiters)
-    assert gate.stats() == {"admission_active": 0, "admission_waiting": 0, "admission_queued": 4}
+    assert gate.stats() == {"admission_active": 0, "admission_waiting": 0, "admission_queued": 4,
+                            "admission_expired": 0}
 
 
 async def test_a_cancelled_waiter_gives_up_its_place_or_passes_its_slot_on() -> None:
@@ -71,6 +72,7 @@ async def test_a_token_expires_by_itself_so_a_long_execution_never_blocks_admiss
     tok = await asyncio.wait_for(gate.enter(), 5)   # admitted once the first token expired
     tok.leave()
     await wait_for_condition(lambda: gate.active == 0, timeout=5)
+    assert gate.expired == 1
 
 
 async def test_flows_under_a_limit_of_one_are_all_answered_right() -> None:
@@ -87,7 +89,31 @@ async def test_flows_under_a_limit_of_one_are_all_answered_right() -> None:
         assert s["admission_active"] == 0 and s["admission_waiting"] == 0 and s["admission_queued"] > 0
 
 
+async def test_an_execution_awaiting_a_fetch_gives_its_admission_back() -> None:
+    """One token, held 30 s at most: only the fetch request can free it for the next flow (no timing involved)."""
+    from actionpool.runner import FetchConfig, Limits
+    from test_stress import SLOW, Gate
+
+    cfg = RunnerConfig(pool_size=2, max_workers=8, max_running=1, running_hold_ms=1000,
+                       limits=Limits(action_timeout_s=30.0, flow_timeout_s=40.0),
+                       fetch=FetchConfig(allow_hosts=("127.0.0.1",), timeout_s=30.0))
+    quick = Action(slug="quick", source="def on_execute(event, api):\n    api.state.set('ok', 1)\n")
+    async with Gate() as gate, make_runner(cfg) as r:
+        slow = [asyncio.ensure_future(r.run_flow(trigger="post-login", actions=[SLOW], event={"url": gate.url, "n": n},
+                                                 tenant="a")) for n in range(3)]
+        await wait_for_condition(lambda: gate.arrived == 3)    # all three admitted in turn, each now awaiting
+        s = r.stats()
+        assert s["admission_active"] == 0 and s["admission_expired"] == 0   # freed by their fetch, not by time
+        res = await asyncio.wait_for(r.run_flow(trigger="post-login", actions=[quick], event={}, tenant="b"), 30)
+        assert res.outcome == "allow" and gate.answered == 0
+        gate.opened.set()
+        done = await asyncio.wait_for(asyncio.gather(*slow), 60)
+    assert [d.outcome for d in done] == ["allow"] * 3
+
+
 def test_admission_settings_are_validated() -> None:
     for kw in ({"max_running": -1}, {"max_running": True}, {"running_hold_ms": 0}, {"running_hold_ms": 5000}):
         with pytest.raises(ConfigError, match=next(iter(kw))):
             RunnerConfig(**kw).validate()  # type: ignore[arg-type]
+    assert RunnerConfig().running_limit() == 0                         # off by default
+    assert RunnerConfig(max_running=None).running_limit() >= 8         # 8 per usable CPU

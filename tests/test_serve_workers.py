@@ -10,6 +10,7 @@ parent exits 0, and a process that dies is replaced. Which process answered is r
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import signal
@@ -283,3 +284,85 @@ def test_a_process_gets_a_share_of_the_derived_memory_budget() -> None:
     shared = share_budget(fixed, WorkerSlot(0, 2)).runner
     assert (shared.max_workers, shared.pool_size, shared.worker_memory_budget_mb) == (1, 1, 50)
     assert (shared.max_busy_per_tenant, shared.max_queue, shared.max_queue_per_tenant) == (1, 5, None)
+
+
+def test_the_shared_listening_socket_gets_tcp_nodelay_on_its_connections() -> None:
+    """asyncio sets TCP_NODELAY only where the socket's proto says TCP; without it a keep-alive answer waits for
+    the client's delayed ACK (about 40 ms a flow)."""
+    import asyncio
+    import socket
+
+    from actionpool.sidecar._workers import reuseport_socket
+
+    async def main() -> int:
+        seen: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        class Probe(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                sock = transport.get_extra_info("socket")
+                seen.set_result(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+                transport.close()
+
+        listener = reuseport_socket("127.0.0.1", free_port())
+        server = await asyncio.get_running_loop().create_server(Probe, sock=listener)
+        try:
+            _, writer = await asyncio.open_connection(*listener.getsockname()[:2])
+            try:
+                return await asyncio.wait_for(seen, 10)
+            finally:
+                writer.close()
+                await writer.wait_closed()
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    assert asyncio.run(main()) != 0
+
+
+_MIRROR_PROCESS = """
+import json, os, sys
+from actionpool.sidecar._metrics import Metrics
+stats, store, flows = json.loads(sys.argv[1]), json.loads(sys.argv[2]), int(sys.argv[3])
+m = Metrics(lambda: stats, (lambda: store) if store else None, lambda: {"acme": 100})
+assert m.multiprocess
+result = {"outcome": "allow", "actions": [], "denial": None, "logs": [], "versions": {}}
+for _ in range(flows):
+    m.flow("acme", "post-login", result, 0.003)
+m.forget("acme")                 # the tenant loses its label: its totals stay in the shared files
+m.flow("acme", "post-login", result, 0.003) if flows else None   # and it comes back: the sums go on
+sys.stdout.write(m.render().decode())
+"""
+
+
+def _mirror_run(tmp_path: Path, stats: dict[str, Any], store: dict[str, Any] | None, flows: int) -> tuple[int, str]:
+    p = subprocess.run([sys.executable, "-c", _MIRROR_PROCESS, json.dumps(stats), json.dumps(store), str(flows)],
+                       capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)})
+    assert p.returncode == 0, p.stderr
+    return int(re.search(r"gauge_livesum_(\d+)\.db", " ".join(os.listdir(tmp_path))).group(1)), p.stdout
+
+
+def test_scrape_time_values_are_combined_over_processes(tmp_path: Path) -> None:
+    """Real processes in prometheus-client's multiprocess mode, without a server: each one's pool and store
+    values, and its list-based latency histograms, reach every process's /metrics, combined as documented."""
+    from prometheus_client import multiprocess
+
+    store = {"up": True, "down_seconds": 0, "outages": 1, "bad_records": 0, "history_dropped": 0,
+             "history_truncated": 0, "restores": 0, "disagreeing": 0}
+    first, _ = _mirror_run(tmp_path, {"live": 2, "capacity": 4, "loop_lag_ms": 5.0, "discarded": 3}, store, 3)
+    _, text = _mirror_run(tmp_path, {"live": 3, "capacity": 4, "loop_lag_ms": 20.0, "discarded": 1},
+                          {**store, "up": False, "down_seconds": 7, "outages": 2}, 4)
+    assert _sample(text, 'actionpool_flows_total{outcome="allow",tenant="acme"') == 3 + 1 + 4 + 1
+    assert _sample(text, 'actionpool_tenant_flow_duration_seconds_count{tenant="acme"}') == 3 + 1 + 4 + 1
+    assert _sample(text, 'actionpool_tenant_flow_duration_seconds_bucket{le="0.005",tenant="acme"}') == 9
+    assert _sample(text, "actionpool_workers_live ") == 5 and _sample(text, "actionpool_workers_max ") == 8
+    assert _sample(text, "actionpool_workers_discarded_total") == 4
+    assert _sample(text, "actionpool_event_loop_lag_seconds ") == 0.02            # the worst process
+    assert _sample(text, "actionpool_store_up ") == 0                             # one cannot reach Redis
+    assert _sample(text, "actionpool_store_degraded_seconds ") == 7
+    assert _sample(text, "actionpool_store_outages_total") == 3
+    assert _sample(text, 'actionpool_action_cache_bytes{tenant="acme"}') == 200
+    multiprocess.mark_process_dead(first, str(tmp_path))   # what the parent does when a process exits
+    _, text = _mirror_run(tmp_path, {"live": 0}, None, 0)
+    assert _sample(text, "actionpool_workers_live ") == 3                         # the dead one's gauges gone
+    assert _sample(text, 'actionpool_flows_total{outcome="allow",tenant="acme"') == 9   # its counters kept
