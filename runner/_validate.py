@@ -19,6 +19,12 @@ in C calls that hold the GIL, which a thread would not hide from the event loop.
 calls ``validate_source_async``/``validate_flow_async``: a source over ``INLINE_SOURCE_BYTES``
 is checked in a short-lived child process (CPU- and memory-capped, killed past its time), so
 one large deploy never stalls every tenant's flows; smaller ones stay in-process (a few ms).
+
+The children are few (``CHILDREN``), and each check waiting for one holds its request's body (up to
+1 MiB) in the server. So the large-source checks admitted at once (running or waiting) are bounded:
+``QUEUE_MAX`` in all and ``QUEUE_PER_TENANT`` per tenant. Past either, ``validate_source_async``
+raises :class:`ValidationBusy` at once (the server answers 503, or 429 for the tenant's own cap, with
+Retry-After), so no body waits unboundedly and one tenant cannot take every place in the queue.
 """
 
 from __future__ import annotations
@@ -41,8 +47,9 @@ from ._decisions import BlockError, parse_block
 from ._flow import SLUG_RE
 from ._triggers import TRIGGERS
 
-__all__ = ["FlowProblem", "INLINE_SOURCE_BYTES", "MAX_FLOW_ENTRIES", "SourceProblem", "flow_problem",
-           "flow_problem_async", "normalise_language", "validate_flow", "validate_flow_async", "validate_source", "validate_source_async"]
+__all__ = ["FlowProblem", "INLINE_SOURCE_BYTES", "MAX_FLOW_ENTRIES", "SourceProblem", "ValidationBusy", "flow_problem",
+           "flow_problem_async", "normalise_language", "queue_stats", "validate_flow", "validate_flow_async",
+           "validate_source", "validate_source_async"]
 
 MAX_FLOW_ENTRIES = 64
 # validate_source_async: sources up to this size are checked in-process (a few ms of CPU); larger ones in a child.
@@ -51,12 +58,60 @@ CHILD_TIMEOUT_S = 20.0          # wall time of one child check (its CPU is cappe
 CHILD_CPU_S = 10
 CHILD_MEMORY_BYTES = 1 << 30
 CHILDREN = 2                    # checks in children at once; more wait (a deploy is an operator's act, not a login)
-_children: asyncio.Semaphore | None = None
-_children_loop: asyncio.AbstractEventLoop | None = None
+QUEUE_MAX = 8                   # large-source checks admitted at once (running + waiting), all tenants; more: busy
+QUEUE_PER_TENANT = 2            # of those, one tenant's
+BUSY_RETRY_AFTER_S = 2          # the Retry-After of a refused check: about one child check
+CHILD_ARGV: tuple[str, ...] = (sys.executable, "-I", "-m", __name__)  # the checker process
 # What validate_source answers for sources seen recently (by digest): re-validating a flow that names
 # the same versions costs a hash, not a compile. Bounded in entries; a key holds no source text.
 _MEMO_ENTRIES = 4096
 _memo: OrderedDict[tuple[str, str, tuple[str, ...]], SourceProblem | None] = OrderedDict()
+
+
+class ValidationBusy(Exception):
+    """Too many large-source checks are admitted (in all, or for this tenant): try again after ``retry_after_s``.
+
+    ``scope`` is ``"tenant"`` (this tenant's ``QUEUE_PER_TENANT``: the server answers 429) or ``"server"``
+    (``QUEUE_MAX``: 503). Raised before any child starts, so nothing about the source was learnt.
+    """
+
+    def __init__(self, message: str, scope: str, retry_after_s: int = BUSY_RETRY_AFTER_S) -> None:
+        super().__init__(message)
+        self.scope, self.retry_after_s = scope, retry_after_s
+
+
+class _Queue:
+    """The admitted large-source checks of one event loop: a count in all and per tenant, and the child slots."""
+
+    def __init__(self) -> None:
+        self.slots = asyncio.Semaphore(CHILDREN)
+        self.admitted = 0
+        self.by_tenant: dict[str, int] = {}
+
+    def admit(self, tenant: str | None) -> None:
+        mine = self.by_tenant.get(tenant, 0) if tenant is not None else 0
+        if tenant is not None and mine >= QUEUE_PER_TENANT:
+            raise ValidationBusy(f"tenant {tenant} already has {mine} source(s) over {INLINE_SOURCE_BYTES >> 10} "
+                                 f"KiB being validated (at most {QUEUE_PER_TENANT} at once); retry after "
+                                 f"{BUSY_RETRY_AFTER_S} s", "tenant")
+        if self.admitted >= QUEUE_MAX:
+            raise ValidationBusy(f"the validation queue is full: {self.admitted} source(s) over "
+                                 f"{INLINE_SOURCE_BYTES >> 10} KiB are being validated (at most {QUEUE_MAX} at once, "
+                                 f"all tenants); retry after {BUSY_RETRY_AFTER_S} s", "server")
+        self.admitted += 1
+        if tenant is not None:
+            self.by_tenant[tenant] = mine + 1
+
+    def release(self, tenant: str | None) -> None:
+        self.admitted -= 1
+        if tenant is not None:
+            left = self.by_tenant.pop(tenant) - 1
+            if left:
+                self.by_tenant[tenant] = left
+
+
+_queue: _Queue | None = None
+_queue_loop: asyncio.AbstractEventLoop | None = None
 
 
 def normalise_language(language: Any) -> str | None:
@@ -114,11 +169,14 @@ def _remember(key: _Key, problem: SourceProblem | None) -> SourceProblem | None:
     return problem
 
 
-async def validate_source_async(source: str, language: str, triggers: Iterable[str]) -> SourceProblem | None:
+async def validate_source_async(source: str, language: str, triggers: Iterable[str], *,
+                                tenant: str | None = None) -> SourceProblem | None:
     """``validate_source`` that never holds the event loop for long: a large source is checked in a child process.
 
     The child is this module run with ``python -I -m``, its CPU and memory capped; an answer it
-    cannot give in time, or a crash, is a problem (fail closed), never an allow.
+    cannot give in time, or a crash, is a problem (fail closed), never an allow. A large source
+    that finds the queue full (``QUEUE_MAX``, or ``QUEUE_PER_TENANT`` for ``tenant``) raises
+    :class:`ValidationBusy` at once; a remembered answer never waits.
     """
     pre = _prelude(source, language, triggers)
     if isinstance(pre, SourceProblem) or pre is None:
@@ -126,33 +184,48 @@ async def validate_source_async(source: str, language: str, triggers: Iterable[s
     key, lang, wanted = pre
     if len(source) <= INLINE_SOURCE_BYTES:
         return _remember(key, _check_here(source, lang, wanted))
-    problem, answered = await _check_in_child(source, lang, wanted)
+    problem, answered = await _check_in_child(source, lang, wanted, tenant)
     return _remember(key, problem) if answered else problem  # a child that failed said nothing about the source
 
 
-def _child_slots() -> asyncio.Semaphore:
-    global _children, _children_loop
+def _the_queue() -> _Queue:
+    global _queue, _queue_loop
     loop = asyncio.get_running_loop()
-    if _children is None or _children_loop is not loop:
-        _children, _children_loop = asyncio.Semaphore(CHILDREN), loop
-    return _children
+    if _queue is None or _queue_loop is not loop:
+        _queue, _queue_loop = _Queue(), loop
+    return _queue
 
 
-async def _check_in_child(source: str, lang: str, wanted: list[str]) -> tuple[SourceProblem | None, bool]:
-    """(the child's answer, True), or (a problem saying why there is none, False)."""
-    request = json.dumps({"source": source, "language": lang, "triggers": wanted}).encode("utf-8", "surrogatepass")
-    async with _child_slots():
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-I", "-m", __name__, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
-        try:
-            out, _ = await asyncio.wait_for(proc.communicate(request), CHILD_TIMEOUT_S)
-        except asyncio.TimeoutError:
-            return SourceProblem(f"could not be validated within {CHILD_TIMEOUT_S:.0f} s; split the action"), False
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
+def queue_stats() -> dict[str, Any]:
+    """The large-source checks admitted now, in all and per tenant (operators and tests; no I/O)."""
+    q = _queue
+    return {"admitted": q.admitted if q else 0, "by_tenant": dict(q.by_tenant) if q else {},
+            "max": QUEUE_MAX, "per_tenant": QUEUE_PER_TENANT}
+
+
+async def _check_in_child(source: str, lang: str, wanted: list[str],
+                          tenant: str | None = None) -> tuple[SourceProblem | None, bool]:
+    """(the child's answer, True), or (a problem saying why there is none, False); ValidationBusy past the caps."""
+    queue = _the_queue()
+    queue.admit(tenant)   # before the request is encoded: a refused check copies nothing
+    try:
+        request = json.dumps({"source": source, "language": lang, "triggers": wanted}).encode("utf-8",
+                                                                                             "surrogatepass")
+        async with queue.slots:
+            proc = await asyncio.create_subprocess_exec(
+                *CHILD_ARGV, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
+            try:
+                out, _ = await asyncio.wait_for(proc.communicate(request), CHILD_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                return SourceProblem(f"could not be validated within {CHILD_TIMEOUT_S:.0f} s; split the action"), \
+                    False
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+    finally:
+        queue.release(tenant)
     try:
         answer = json.loads(out)
         found = answer["problem"]
@@ -253,8 +326,12 @@ def flow_problem(entries: Any, slugs: Mapping[str, tuple[str, str]] | None, trig
     return None
 
 
-async def flow_problem_async(entries: Any, slugs: Mapping[str, tuple[str, str]], trigger: str) -> FlowProblem | None:
-    """``flow_problem`` whose source checks go through ``validate_source_async`` (large sources in a child)."""
+async def flow_problem_async(entries: Any, slugs: Mapping[str, tuple[str, str]], trigger: str, *,
+                             tenant: str | None = None) -> FlowProblem | None:
+    """``flow_problem`` whose source checks go through ``validate_source_async`` (large sources in a child).
+
+    ValidationBusy when a large source finds the queue full (see ``validate_source_async``).
+    """
     shape = flow_problem(entries, None, trigger)
     if shape is not None:
         return shape
@@ -264,15 +341,16 @@ async def flow_problem_async(entries: Any, slugs: Mapping[str, tuple[str, str]],
         found = slugs.get(entry)
         if found is None:
             return FlowProblem(i, None, f"unknown action {entry!r}: no deployed version in this tenant")
-        problem = await validate_source_async(found[1], found[0], [trigger])
+        problem = await validate_source_async(found[1], found[0], [trigger], tenant=tenant)
         if problem is not None:
             return FlowProblem(i, None, f"action {entry!r}: {problem}")
     return None
 
 
-async def validate_flow_async(entries: Any, slugs: Mapping[str, tuple[str, str]], trigger: str) -> str | None:
+async def validate_flow_async(entries: Any, slugs: Mapping[str, tuple[str, str]], trigger: str, *,
+                              tenant: str | None = None) -> str | None:
     """``validate_flow`` whose source checks go through ``validate_source_async`` (large sources in a child)."""
-    problem = await flow_problem_async(entries, slugs, trigger)
+    problem = await flow_problem_async(entries, slugs, trigger, tenant=tenant)
     return None if problem is None else str(problem)
 
 

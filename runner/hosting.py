@@ -21,13 +21,14 @@ from ._history import (MIN_SECRET_CHARS, REDACTED, Redactor, build_record, flow_
                        stub_from_fetches)
 from ._pool_policy import (FD_RESERVE, FDS_PER_WORKER, WORKER_MEMORY_ESTIMATE_MB, default_memory_budget_mb,
                            default_tenant_cap, physical_memory_bytes)
-from ._validate import (INLINE_SOURCE_BYTES, MAX_FLOW_ENTRIES, FlowProblem, flow_problem, flow_problem_async,
-                        normalise_language, validate_flow, validate_flow_async, validate_source, validate_source_async)
+from ._validate import (INLINE_SOURCE_BYTES, MAX_FLOW_ENTRIES, FlowProblem, ValidationBusy, flow_problem,
+                        flow_problem_async, normalise_language, validate_flow, validate_flow_async, validate_source,
+                        validate_source_async)
 
 __all__ = [
     "BlockError", "Decision", "FlowBlock", "FlowProblem", "MAX_FLOW_ENTRIES", "SourceProblem", "decision_from_block",
     "flow_problem", "normalise_language", "parse_block", "validate_flow", "validate_source",
-    "INLINE_SOURCE_BYTES", "flow_problem_async", "validate_flow_async", "validate_source_async",
+    "INLINE_SOURCE_BYTES", "ValidationBusy", "flow_problem_async", "validate_flow_async", "validate_source_async",
     "FD_RESERVE", "FDS_PER_WORKER", "MIN_SECRET_CHARS", "REDACTED", "Redactor",
     "SLUG_RE", "WORKER_MEMORY_ESTIMATE_MB", "build_record", "compile_decision", "default_memory_budget_mb",
     "default_tenant_cap", "flow_redactor", "load_fetch_stub", "make_decision", "physical_memory_bytes", "redact",

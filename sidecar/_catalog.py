@@ -359,20 +359,11 @@ class MemoryCatalog(Catalog):
 
     async def rollback_flow(self, tenant: str, trigger: str, *, to: str | None = None,
                             author: str = "") -> FlowRecord:
+        if tenant not in self._tenants:
+            raise UnknownTenant(tenant)
         stack = self._flow_stacks.get((tenant, trigger), [])
         old = stack[-1].version if stack else None
-        if to is None:
-            if len(stack) < 2:
-                raise NothingToRollBack(f"flow {trigger} has no earlier version to roll back to")
-            stack.pop()
-        else:
-            found = [r for r in stack if r.version == to]
-            if not found:
-                raise UnknownVersion(f"flow {trigger} keeps no version {to}")
-            if stack[-1].version != to:
-                stack.append(found[-1])
-                del stack[:-self.versions_kept]
-        rec = stack[-1]
+        rec = stack_rollback(stack, to, self.versions_kept, f"flow {trigger}")
         if rec.version != old:
             self._audit_add(tenant, audit_entry("rollback", "flow", trigger, old, rec.version, author))
         self._set_flow_local(tenant, trigger, rec)
@@ -405,6 +396,27 @@ class MemoryCatalog(Catalog):
 
     async def rekey_secrets(self) -> int:
         return 0  # memory:// keeps values in memory only; nothing is encrypted
+
+
+def stack_rollback(stack: list[Any], to: str | None, kept: int, what: str) -> Any:
+    """Roll a kept-versions list (oldest first) back in place; the new top. The twin of STACK_ROLLBACK_LUA.
+
+    ``to`` None pops the top (NothingToRollBack when nothing is below it); else the kept entry whose
+    ``version`` is ``to`` is pushed again (history stays linear), the list trimmed to ``kept``
+    (UnknownVersion when not kept; already the top: nothing changes).
+    """
+    if to is None:
+        if len(stack) < 2:
+            raise NothingToRollBack(f"{what} has no earlier version to roll back to")
+        stack.pop()
+    else:
+        found = [x for x in stack if x.version == to]
+        if not found:
+            raise UnknownVersion(f"{what} keeps no version {to}")
+        if stack[-1].version != to:
+            stack.append(found[-1])
+            del stack[:-kept]
+    return stack[-1]
 
 
 def _versions_listing(stack: list[FlowRecord]) -> list[dict[str, Any]]:

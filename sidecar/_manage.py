@@ -20,6 +20,7 @@ from ..runner.hosting import (
     MIN_SECRET_CHARS,
     SLUG_RE,
     FlowProblem,
+    ValidationBusy,
     flow_problem_async,
     flow_redactor,
     validate_source_async,
@@ -48,6 +49,12 @@ MAX_DECLARED_SECRETS = 64
 RAW_LANGUAGES = {"text/x-python": "python", "text/python": "python", "application/x-python": "python",
                  "application/javascript": "javascript", "text/javascript": "javascript",
                  "application/x-javascript": "javascript"}
+
+
+def _busy(exc: ValidationBusy) -> HTTPError:
+    """The validation queue is full (runner/_validate.py): 429 for this tenant's own cap, 503 for everyone's."""
+    return HTTPError(429 if exc.scope == "tenant" else 503, str(exc), "source",
+                     [(b"retry-after", str(exc.retry_after_s).encode())])
 
 
 def _who(req: Request) -> str:
@@ -231,7 +238,11 @@ async def _deploy_request(app: Sidecar, req: Request, tenant: str, slug: str) ->
 async def action_put(app: Sidecar, req: Request) -> Reply:
     tenant, slug = app.tenant(req.params["tenant"]).name, _slug(req)
     d = await _deploy_request(app, req, tenant, slug)
-    problem = await validate_source_async(d["source"], d["language"], _bound_triggers(app, tenant, slug))
+    try:
+        problem = await validate_source_async(d["source"], d["language"], _bound_triggers(app, tenant, slug),
+                                              tenant=tenant)
+    except ValidationBusy as exc:   # the body is dropped now, not held in an unbounded queue
+        raise _busy(exc) from None
     if problem is not None:   # nothing changes: the live version keeps running
         return 422, {"error": problem.message, "line": problem.line, "column": problem.column}, []
     shadow = req.query.get("shadow", "0") not in ("0", "", "false")
@@ -270,7 +281,11 @@ async def action_rollback(app: Sidecar, req: Request) -> Reply:
     if to is not None:
         v = await app.store.get_version(tenant, slug, to)
         if v is not None:
-            problem = await validate_source_async(v.source, v.language, _bound_triggers(app, tenant, slug))
+            try:
+                problem = await validate_source_async(v.source, v.language, _bound_triggers(app, tenant, slug),
+                                                      tenant=tenant)
+            except ValidationBusy as exc:
+                raise _busy(exc) from None
             if problem is not None:   # bound since to a trigger it has no handler for: nothing changes
                 raise HTTPError(409, f"version {to} cannot run in this tenant's flows now: {problem.message}",
                                 "version")
@@ -424,7 +439,10 @@ async def check_flow(app: Sidecar, tenant: str, trigger: str, entries: list[Any]
             v = app.store.current(tenant, e)
             if v is not None:
                 slugs[e] = ("js" if v.language in ("js", "javascript") else "python", v.source)
-    return await flow_problem_async(entries, slugs, trigger)  # large sources are checked off the loop
+    try:   # large sources are checked off the loop, within the validation queue's caps
+        return await flow_problem_async(entries, slugs, trigger, tenant=tenant)
+    except ValidationBusy as exc:
+        raise _busy(exc) from None
 
 
 @handler("flow_put")

@@ -27,10 +27,10 @@ import time
 from typing import Any, Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import values as _values
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
-from prometheus_client import values as _values
 
 from ..runner import DENIAL_KINDS
 
@@ -439,10 +439,10 @@ class _ProcessMirror:
             ("outages", "actionpool_store_outages", "Times the store became unreachable"),
             ("bad_records", "actionpool_store_bad_records", "Malformed store records skipped"),
             ("history_dropped", "actionpool_store_history_dropped", "Run records not written (store down)"),
-            ("history_truncated", "actionpool_store_history_truncated", "Run records larger than a tenant's "
-             "history_max_bytes, stored as a marked stub"),
-            ("restores", "actionpool_store_restores", "Times a replica re-wrote its versions into a store that came "
-             "back empty"))}
+            ("history_truncated", "actionpool_store_history_truncated", ("Run records larger than a tenant's "
+                                                                         "history_max_bytes, stored as a stub")),
+            ("restores", "actionpool_store_restores", ("Times a replica re-wrote its versions into a store that "
+                                                       "came back empty")))}
         self.cache = Gauge("actionpool_action_cache_bytes", "Built actions and drafts cached, by tenant (summed)",
                            ["tenant"], multiprocess_mode="livesum", registry=None)
         self.cache_labels: set[str] = set()

@@ -29,6 +29,31 @@ CHANNEL = P + "changes"
 UNLINK_BATCH = 500
 OP_TTL_S = 300           # how long a write's request id answers a retry (as sidecar/_store.py)
 
+# Shared by the rollback scripts of actions (sidecar/_store.py) and flows (below): a kept-versions list, oldest
+# first, rolled back by popping its top (to == '') or by pushing the kept record whose version is ``to`` again
+# (history stays linear), trimmed to ``kept``. ``version_of(raw)`` reads a record's version (nil if malformed).
+# Returns 'none' (nothing below the top) | 'unknown' (``to`` not kept) | 'same' (``to`` is the top) | 'moved',
+# and the top record before the call.
+STACK_ROLLBACK_LUA = """
+local function stack_rollback(stack, to, kept, version_of)
+  local top = redis.call('LINDEX', stack, -1)
+  if to == '' then
+    if redis.call('LLEN', stack) < 2 then return 'none', top end
+    redis.call('RPOP', stack)
+    return 'moved', top
+  end
+  local found = nil
+  for _, raw in ipairs(redis.call('LRANGE', stack, 0, -1)) do
+    if version_of(raw) == to then found = raw end
+  end
+  if not found then return 'unknown', top end
+  if top and version_of(top) == to then return 'same', top end
+  redis.call('RPUSH', stack, found)
+  redis.call('LTRIM', stack, -kept, -1)
+  return 'moved', top
+end
+"""
+
 _CAT_LIB = """
 local P, tenant = ARGV[1], ARGV[2]
 local function done(result)
@@ -131,26 +156,16 @@ return done('pushed')
 """
 
 # ARGV: P, tenant, rid, ttl, trigger, to ('' = pop one), kept, audit, audit max.
-# 'to:<record>' | 'none' | 'unknown'
-_ROLLBACK_FLOW = _CAT_LIB + """
+# 'to:<record>' | 'none' | 'unknown' | 'notenant'
+_ROLLBACK_FLOW = _CAT_LIB + STACK_ROLLBACK_LUA + """
 local trigger = ARGV[5]
 local stack = P .. 'flowstack:' .. tenant .. ':' .. trigger
 check(stack)
-local top = redis.call('LINDEX', stack, -1)
+if redis.call('HEXISTS', P .. 'tenants', tenant) == 0 then return done('notenant') end
+local moved, top = stack_rollback(stack, ARGV[6], tonumber(ARGV[7]), version_of)
+if moved == 'none' or moved == 'unknown' then return done(moved) end
+if moved == 'same' then return done('to:' .. top) end
 local oldv = top and version_of(top)
-if ARGV[6] == '' then
-  if redis.call('LLEN', stack) < 2 then return done('none') end
-  redis.call('RPOP', stack)
-else
-  local found = nil
-  for _, raw in ipairs(redis.call('LRANGE', stack, 0, -1)) do
-    if version_of(raw) == ARGV[6] then found = raw end
-  end
-  if not found then return done('unknown') end
-  if oldv == ARGV[6] then return done('to:' .. top) end
-  redis.call('RPUSH', stack, found)
-  redis.call('LTRIM', stack, -tonumber(ARGV[7]), -1)
-end
 local now = redis.call('LINDEX', stack, -1)
 redis.call('HSET', P .. 'flows:' .. tenant, trigger, now)
 audit(ARGV[8], 'rollback', true, oldv, version_of(now), tonumber(ARGV[9]))
@@ -343,6 +358,8 @@ class RedisCatalog(Catalog):
                             author: str = "") -> FlowRecord:
         res = await self._cat_write(self._s_rollback_flow, tenant, trigger, to or "", self.versions_kept,
                                     self._audit_json("rollback", "flow", trigger, author), self.bounds.audit_max)
+        if res == "notenant":
+            raise UnknownTenant(tenant)
         if res == "none":
             raise NothingToRollBack(f"flow {trigger} has no earlier version to roll back to")
         if res == "unknown":

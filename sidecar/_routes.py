@@ -240,6 +240,8 @@ class Route:
         if self.body is not None or self.raw:
             out[408] = "body not received within server.body_timeout_s"
             out[413] = "body or store bound exceeded"
+        if self.role == "admin" and (self.body is not None or self.raw):
+            out[429] = "this tenant's large sources already fill its places in the validation queue (Retry-After)"
         if self.role != "public":
             out[503] = "store unavailable, overloaded or draining (Retry-After)"
         return out

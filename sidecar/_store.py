@@ -12,8 +12,10 @@ The interface beyond the deploy/rollback of issue 16:
 ``deploy(..., language, secrets, failure, message, author)``, ``rollback(..., to=, author=)``,
 ``get_version``, ``describe`` (each version with language/secrets/failure/author/message/kept),
 ``deployed_count()``, and the catalog of sidecar/_catalog.py (tenants, flows, secrets, audit, ``is_empty``,
-``rekey_secrets``). Flow and secret writes for a tenant the store does not hold raise :class:`UnknownTenant`
-(a KeyError); malformed names or values raise ValueError; a Redis store without a secrets key raises
+``rekey_secrets``). Action (deploy, shadow, rollback, seed), flow and secret writes for a tenant the store
+does not hold raise :class:`UnknownTenant` (a KeyError), checked atomically with the write (on Redis inside
+its script), so a write racing a tenant DELETE never lands for a deleted or re-created tenant;
+malformed names or values raise ValueError; a Redis store without a secrets key raises
 :class:`SecretsUnavailable` on ``put_secret``, and :class:`SecretsKeyMissing` (a ConfigError: serve exits 2)
 from ``start()`` when Redis holds secrets under a key it lacks. ``store_for(config)`` builds the store a
 ServeConfig names, with every bound and the keyring. ``on_change(kind, tenant, key)`` follows every local
@@ -65,8 +67,8 @@ import orjson
 
 from ._catalog import (BOUND_NAMES, Catalog, CatalogBounds, FlowRecord, MemoryCatalog, NothingToRollBack,
                        SecretsKeyMissing, SecretsUnavailable, StoreFull, StoreUnavailable, TenantRecord,
-                       UnknownTenant, UnknownVersion, audit_entry, AUDIT_MESSAGE_CHARS, AUTHOR_CHARS)
-from ._redis_catalog import CHANNEL, P, RedisCatalog
+                       UnknownTenant, UnknownVersion, audit_entry, stack_rollback, AUDIT_MESSAGE_CHARS, AUTHOR_CHARS)
+from ._redis_catalog import CHANNEL, P, STACK_ROLLBACK_LUA, RedisCatalog
 from ._secrets import Keyring
 
 log = logging.getLogger("actionpool.serve")
@@ -397,6 +399,15 @@ class MemoryStore(MemoryCatalog, Store):
         self._run_bytes: dict[str, int] = {}
         self._run_tenant: dict[str, str] = {}
 
+    def _tenant_held(self, tenant: str) -> None:
+        """An action write for a tenant the catalog lacks (deleted mid-request) lands nowhere: UnknownTenant.
+
+        Checked with no await before the write, so no tenant DELETE can come between; a tenant re-created
+        under the name starts with no versions.
+        """
+        if tenant not in self._tenants:
+            raise UnknownTenant(tenant)
+
     def _log(self, key: tuple[str, str], op: str, version: str, at: float, v: Version | None = None) -> None:
         events = self._logs.setdefault(key, [])
         events.append(_event(op, version, at, v))
@@ -430,6 +441,7 @@ class MemoryStore(MemoryCatalog, Store):
                      author: str = "") -> Version:
         key = (tenant, slug)
         v = _new_version(tenant, slug, source, language, secrets, failure, message, author)
+        self._tenant_held(tenant)
         stack = self._stacks.get(key, [])
         if not shadow and stack and stack[-1].version == v.version:
             return stack[-1]  # re-deploying the live version changes nothing
@@ -470,20 +482,10 @@ class MemoryStore(MemoryCatalog, Store):
 
     async def rollback(self, tenant: str, slug: str, *, to: str | None = None, author: str = "") -> Version:
         key = (tenant, slug)
+        self._tenant_held(tenant)
         stack = self._stacks.get(key, [])
         old = stack[-1].version if stack else None
-        if to is None:
-            if len(stack) < 2:
-                raise NothingToRollBack(f"{slug} has no earlier version to roll back to")
-            stack.pop()
-        else:
-            found = [x for x in stack if x.version == to]
-            if not found:
-                raise UnknownVersion(f"{slug} keeps no version {to}")
-            if stack[-1].version != to:
-                stack.append(found[-1])
-                del stack[:-self.versions_kept]
-        v = stack[-1]
+        v = stack_rollback(stack, to, self.versions_kept, slug)
         if v.version != old:
             self._log(key, "rollback", v.version, time.time())
             self._audit_add(tenant, audit_entry("rollback", "action", slug, old, v.version, author))
@@ -516,6 +518,7 @@ class MemoryStore(MemoryCatalog, Store):
     async def seed(self, tenant: str, slug: str, source: str) -> None:
         key = (tenant, slug)
         if self._seeded.get(key) != version_of(source):
+            self._tenant_held(tenant)
             self._seeded[key] = version_of(source)
             await self.deploy(tenant, slug, source)
 
@@ -620,7 +623,7 @@ if prior then return prior end
 local function check(slug)
   local want = {[P .. 'actions'] = 'set', [P .. 'slugs:' .. tenant] = 'set', [P .. 'srcs:' .. tenant] = 'hash',
                 [akey(slug, 'stack')] = 'list', [akey(slug, 'log')] = 'list', [akey(slug, 'shadow')] = 'string',
-                [P .. 'gen'] = 'string', [P .. 'audit:' .. tenant] = 'list'}
+                [P .. 'gen'] = 'string', [P .. 'audit:' .. tenant] = 'list', [P .. 'tenants'] = 'hash'}
   for k, t in pairs(want) do
     local got = redis.call('TYPE', k)['ok']
     if got ~= 'none' and got ~= t then error({err = 'WRONGTYPE ' .. k .. ' is a ' .. got}) end
@@ -632,10 +635,11 @@ end
 
 # ARGV: prefix, tenant, request id, op ttl, slug, version, meta, event, source, shadow ('1'/'0'), kept,
 # log limit, sources budget, actions max, audit entry (JSON, old/new filled here), audit max.
-# Returns 'pushed' | 'same' | 'full:<bytes>' | 'many'.
+# Returns 'pushed' | 'same' | 'full:<bytes>' | 'many' | 'notenant' (no tenant record: deleted, never created).
 _DEPLOY_LUA = _LUA_LIB + """
 local slug, version, meta, event, source = ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9]
 check(slug)
+if redis.call('HEXISTS', P .. 'tenants', tenant) == 0 then return done('notenant') end
 local shadow, kept, loglimit, budget = ARGV[10] == '1', tonumber(ARGV[11]), tonumber(ARGV[12]), tonumber(ARGV[13])
 local stack, shadowk = akey(slug, 'stack'), akey(slug, 'shadow')
 if shadow then
@@ -684,25 +688,16 @@ return done('pushed')
 
 # ARGV: prefix, tenant, request id, op ttl, slug, now, log limit, budget, to ('' = pop one), audit entry, audit max,
 # kept. Pops the top when there is one below it, or pushes the kept version ``to`` again.
-# Returns 'to:<version>' | 'none' | 'unknown'.
-_ROLLBACK_LUA = _LUA_LIB + """
+# Returns 'to:<version>' | 'none' | 'unknown' | 'notenant'.
+_ROLLBACK_LUA = _LUA_LIB + STACK_ROLLBACK_LUA + """
 local slug, now, loglimit, budget = ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
 check(slug)
+if redis.call('HEXISTS', P .. 'tenants', tenant) == 0 then return done('notenant') end
 local stack = akey(slug, 'stack')
-local old = ver(redis.call('LINDEX', stack, -1))
-if ARGV[9] == '' then
-  if redis.call('LLEN', stack) < 2 then return done('none') end
-  redis.call('RPOP', stack)
-else
-  local found = nil
-  for _, raw in ipairs(redis.call('LRANGE', stack, 0, -1)) do
-    if ver(raw) == ARGV[9] then found = raw end
-  end
-  if not found then return done('unknown') end
-  if old == ARGV[9] then return done('to:' .. old) end
-  redis.call('RPUSH', stack, found)
-  redis.call('LTRIM', stack, -tonumber(ARGV[12]), -1)
-end
+local moved, top = stack_rollback(stack, ARGV[9], tonumber(ARGV[12]), ver)
+if moved == 'none' or moved == 'unknown' then return done(moved) end
+local old = ver(top)
+if moved == 'same' then return done('to:' .. old) end
 local v = ver(redis.call('LINDEX', stack, -1)) or '?'
 audit(ARGV[10], old, v, tonumber(ARGV[11]))
 redis.call('RPUSH', akey(slug, 'log'), cjson.encode({op='rollback', version=v, at=now}))
@@ -1194,6 +1189,8 @@ class RedisStore(RedisCatalog, Store):
                 "1" if shadow else "0", self.versions_kept, LOG_LIMIT, self.sources_max_bytes,
                 self.bounds.actions_max, entry, self.bounds.audit_max]
         res = await self._write(lambda: self._deploy(args=args), tenant, slug)
+        if res == "notenant":
+            raise UnknownTenant(tenant)
         if str(res).startswith("full:"):
             raise StoreFull(f"tenant {tenant}: live and shadow sources would take {str(res)[5:]} bytes, more than "
                             f"sources_max_bytes ({self.sources_max_bytes})")
@@ -1215,6 +1212,8 @@ class RedisStore(RedisCatalog, Store):
         args = [_P, tenant, os.urandom(12).hex(), OP_TTL_S, slug, time.time(), LOG_LIMIT, self.sources_max_bytes,
                 to or "", entry, self.bounds.audit_max, self.versions_kept]
         res = await self._write(lambda: self._rollback(args=args), tenant, slug)
+        if res == "notenant":
+            raise UnknownTenant(tenant)
         if res == "none":
             raise NothingToRollBack(f"{slug} has no earlier version to roll back to")
         if res == "unknown":
@@ -1259,6 +1258,8 @@ class RedisStore(RedisCatalog, Store):
     async def seed(self, tenant: str, slug: str, source: str) -> None:
         """Deploy a config file's content unless this exact content was seeded before (API deploys win)."""
         ver = version_of(source)
+        if self.tenant(tenant) is None:  # before the marker: a refused seed must not count as seeded
+            raise UnknownTenant(tenant)
         self._seeded[(tenant, slug)] = ver
         if await self._write(lambda: self._redis.getset(f"{_P}seeded:{tenant}:{slug}", ver), tenant, slug) != ver:
             await self.deploy(tenant, slug, source)

@@ -6,9 +6,13 @@ real worker processes, real sockets; sources built to be adversarial.
 
 from __future__ import annotations
 
+import asyncio
+import os
 import random
 import re
+import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -17,6 +21,12 @@ from typing import Any
 
 import httpx
 import pytest
+from actionpool.runner import _validate
+from actionpool.runner.hosting import (
+    INLINE_SOURCE_BYTES,
+    ValidationBusy,
+    validate_source_async,
+)
 from actionpool.sidecar._diff import MAX_LINE_PAIRS, opcodes, unified
 from serve_fixtures import ADMIN, AUTH, Serve, start_serve, write_config
 
@@ -315,3 +325,131 @@ def test_a_burst_of_writes_reaches_the_other_replica_within_a_second_and_retries
     finally:
         for s in (ra, rb):
             assert s.stop() == 0, s.output()[-3000:]
+
+
+# ------------------------------------------------------------------ the validation queue: bounded, per tenant
+
+BIG_PAD = "x = 1\n" * (INLINE_SOURCE_BYTES // 6 + 1)   # over INLINE_SOURCE_BYTES: checked in a child process
+# A stand-in checker (a real process on the real pipe protocol) that answers only once the gate file exists.
+GATED_CHECKER = ("import json, os, sys, time\n"
+                 "sys.stdin.buffer.read()\n"
+                 "while not os.path.exists(sys.argv[1]):\n"
+                 "    time.sleep(0.01)\n"
+                 "sys.stdout.write(json.dumps({'problem': None}))\n")
+
+
+def _big(i: int, tag: str = "") -> str:
+    return f"def on_execute(event, api):\n    pass\n# {tag} {i}\n" + BIG_PAD
+
+
+async def test_the_validation_queue_admits_a_bounded_number_in_all_and_per_tenant(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: every large-source check waited for one of the two children however many there were, each
+    holding its request body (up to 1 MiB). Now at most QUEUE_PER_TENANT per tenant and QUEUE_MAX in all are
+    admitted; the excess is refused at once (ValidationBusy), and the queue serves again when they are done."""
+    gate = tmp_path / "open"
+    checker = tmp_path / "checker.py"
+    checker.write_text(GATED_CHECKER)
+    monkeypatch.setattr(_validate, "CHILD_ARGV", (sys.executable, "-I", str(checker), str(gate)))
+    assert (_validate.QUEUE_MAX, _validate.QUEUE_PER_TENANT) == (8, 2)
+
+    def check(i: int, tenant: str | None) -> asyncio.Task[Any]:
+        return asyncio.create_task(validate_source_async(_big(i, str(tenant)), "python", ["post-login"],
+                                                         tenant=tenant))
+
+    async def refused(task: asyncio.Task[Any]) -> ValidationBusy:
+        await asyncio.wait([task], timeout=30)   # refused before any child: done while the gate is shut
+        assert task.done(), "a check past the caps waited instead of being refused"
+        exc = task.exception()
+        assert isinstance(exc, ValidationBusy), exc
+        return exc
+
+    a = [check(i, "acme") for i in range(5)]
+    over = [await refused(t) for t in a[2:]]
+    assert all(e.scope == "tenant" and e.retry_after_s >= 1 and "tenant acme" in str(e) for e in over)
+    others = [check(0, f"t{i}") for i in range(6)]   # six more tenants: 8 admitted in all
+    for _ in range(100):
+        if _validate.queue_stats()["admitted"] == 8:
+            break
+        await asyncio.sleep(0.01)   # polling a condition with a deadline
+    assert _validate.queue_stats()["admitted"] == 8 and _validate.queue_stats()["by_tenant"]["acme"] == 2
+    full = [await refused(check(1, "late")), await refused(check(2, None))]
+    assert all(e.scope == "server" and "validation queue is full" in str(e) for e in full)
+    # a small source never queues: checked in-process at once, even now
+    assert await validate_source_async("def on_execute(event, api):\n    pass\n", "python", ["post-login"],
+                                       tenant="acme") is None
+    assert not any(t.done() for t in a[:2] + others)   # the admitted ones wait for the gated children
+    gate.touch()
+    assert await asyncio.gather(*a[:2], *others) == [None] * 8
+    assert _validate.queue_stats()["admitted"] == 0 and _validate.queue_stats()["by_tenant"] == {}
+    assert await check(9, "acme") is None   # places come back
+
+
+def _validation_children(pid: int) -> list[int]:
+    """The validation checkers (``python -I -m actionpool.runner._validate``) whose parent is ``pid``."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmd = (d / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid and b"actionpool.runner._validate" in cmd:
+            out.append(int(d.name))
+    return out
+
+
+def test_a_tenant_past_its_validation_places_gets_429_with_retry_after_and_others_still_deploy(serve: Serve) -> None:
+    """Before: a third (and a hundredth) large deploy of one tenant waited, body held, behind its first two.
+    Now it is answered 429 with Retry-After naming the cause while its first two are checked (their checker
+    processes are stopped here, so they are certainly still being checked); another tenant's large deploy is
+    admitted and a small deploy is not held up; when the checkers go on, the admitted deploys succeed."""
+    results: dict[str, httpx.Response] = {}
+
+    def deploy(tenant: str, slug: str, source: str) -> threading.Thread:
+        def run() -> None:
+            with admin(serve) as c:
+                results[f"{tenant}/{slug}"] = c.put(f"/v1/tenants/{tenant}/actions/{slug}", content=source,
+                                                    headers={"Content-Type": "text/x-python"})
+        t = threading.Thread(target=run)
+        t.start()
+        return t
+
+    stopped: list[int] = []
+    with admin(serve) as c:
+        for tenant in ("acme", "beta"):
+            assert c.put(f"/v1/tenants/{tenant}", json={}).status_code == 201
+        threads = [deploy("acme", f"big{i}", _big(i, "acme")) for i in range(2)]
+        try:
+            deadline = time.monotonic() + 60
+            while len(stopped) < 2:
+                for pid in _validation_children(serve.proc.pid):
+                    if pid not in stopped:
+                        os.kill(pid, signal.SIGSTOP)
+                        stopped.append(pid)
+                assert time.monotonic() < deadline, "the two checkers did not start"
+                time.sleep(0.005)   # polling a condition with a deadline
+            r = c.put("/v1/tenants/acme/actions/big2", content=_big(2, "acme"),
+                      headers={"Content-Type": "text/x-python"})
+            assert r.status_code == 429, r.text
+            assert int(r.headers["retry-after"]) >= 1
+            assert r.json()["field"] == "source" and "tenant acme" in r.json()["error"]
+            assert "at most 2 at once" in r.json()["error"]
+            threads.append(deploy("beta", "big", _big(0, "beta")))   # admitted: waits for a checker, not refused
+            assert c.put("/v1/tenants/beta/actions/small", content=HANDLER,
+                         headers={"Content-Type": "text/x-python"}).status_code == 201
+        finally:
+            for pid in stopped:
+                try:
+                    os.kill(pid, signal.SIGCONT)
+                except ProcessLookupError:   # killed past CHILD_TIMEOUT_S: its deploy answered already
+                    pass
+        for t in threads:
+            t.join(120)
+        assert {k: v.status_code for k, v in results.items()} == {"acme/big0": 201, "acme/big1": 201, "beta/big": 201}
+        assert c.get("/v1/tenants/acme/actions/big2").status_code == 404   # the refused deploy changed nothing
+        assert c.put("/v1/tenants/acme/actions/big2", content=_big(2, "acme"),
+                     headers={"Content-Type": "text/x-python"}).status_code == 201   # places come back
+    assert "Traceback" not in serve.output()

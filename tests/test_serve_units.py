@@ -58,6 +58,7 @@ def test_expensive_or_foreign_expressions_are_refused(expr: str, why: str) -> No
 
 
 async def _store_semantics(store: Store) -> None:
+    await store.put_tenant("acme", {}, author="admin")  # action writes need the tenant (UnknownTenant otherwise)
     v1 = await store.deploy("acme", "tag", "print(1)\n")
     v2 = await store.deploy("acme", "tag", "print(2)\n")
     assert v1.version != v2.version and store.current("acme", "tag").version == v2.version

@@ -179,7 +179,7 @@ def test_metrics_are_summed_over_the_processes(group: Group) -> None:
     assert len(counts) == 1, f"different processes report different totals: {counts}"
     flows = counts.pop()
     assert flows >= 22
-    assert re.search(r"^actionpool_workers_live(\{[^}]*\})? [1-9]", texts[0], re.M), texts[0][:2000]
+    assert re.search(r"^actionpool_workers_live(\{[^}]*\})? [1-9]", texts[0], re.MULTILINE), texts[0][:2000]
     # The per-tenant latency histogram (kept as lists, written to the shared files every ~1 s and at each
     # scrape): every flow once, whichever process ran it, the same sum on any process's /metrics.
     want = _sample(texts[0], 'actionpool_flows_total{outcome="allow",tenant="acme"')
@@ -248,7 +248,7 @@ def test_one_ready_line_for_the_group_and_a_share_of_the_workers_each(group: Gro
     assert f"actionpool serve: 2 processes ready on http://127.0.0.1:{group.port}" in out
     for i in (0, 1):   # each process's own ready line names it
         assert re.search(rf"^actionpool serve: ready on http://127\.0\.0\.1:{group.port} \(process {i}/2\)",
-                         out, re.M), out
+                         out, re.MULTILINE), out
     # runner.max_workers = 4 is the host's: each process gets 2 (summed over both: 4, not 8)
     deadline = time.monotonic() + 10
     while True:
@@ -261,7 +261,7 @@ def test_one_ready_line_for_the_group_and_a_share_of_the_workers_each(group: Gro
     out = group.output()
     assert out.count("actionpool serve: stopped (") == 1, out   # the group's one stop line
     for i in (0, 1):   # and each process's own stop line names it
-        assert re.search(rf"^actionpool serve: stopped on SIGTERM \(process {i}/2\)", out, re.M), out
+        assert re.search(rf"^actionpool serve: stopped on SIGTERM \(process {i}/2\)", out, re.MULTILINE), out
 
 
 def test_a_process_gets_a_share_of_the_derived_memory_budget() -> None:
@@ -336,7 +336,7 @@ sys.stdout.write(m.render().decode())
 
 def _mirror_run(tmp_path: Path, stats: dict[str, Any], store: dict[str, Any] | None, flows: int) -> tuple[int, str]:
     p = subprocess.run([sys.executable, "-c", _MIRROR_PROCESS, json.dumps(stats), json.dumps(store), str(flows)],
-                       capture_output=True, text=True, timeout=60,
+                       capture_output=True, text=True, timeout=60, check=False,
                        env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)})
     assert p.returncode == 0, p.stderr
     return int(re.search(r"gauge_livesum_(\d+)\.db", " ".join(os.listdir(tmp_path))).group(1)), p.stdout

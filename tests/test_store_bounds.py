@@ -85,6 +85,7 @@ async def test_sources_are_kept_only_while_reachable_and_within_budget(store_kin
     store = _factory(kind, url)(sources_max_bytes=100 * KB, versions_kept=10)
     await store.start()
     try:
+        await store.put_tenant("acme", {}, author="admin")
         sources = [f"# v{i}\n" + "x = 1\n" * (30 * KB // 6) for i in range(20)]  # 20 x 30 KB into 100 KB
         for s in sources:
             await store.deploy("acme", "tag", s)
@@ -119,6 +120,7 @@ async def test_versions_kept_bounds_each_actions_stack(store_kind: tuple[str, st
     store = _factory(kind, url)(versions_kept=3)
     await store.start()
     try:
+        await store.put_tenant("acme", {}, author="admin")
         for i in range(12):
             await store.deploy("acme", "tag", f"x = {i}\n")
         assert (await store.usage("acme"))["versions"] == 3

@@ -86,6 +86,7 @@ async def wait_for(cond: Callable[[], bool], within: float, what: str) -> float:
 async def test_versions_carry_metadata_and_their_id_covers_it(make: Callable[..., Store]) -> None:
     store = await _started(make())
     try:
+        await store.put_tenant("acme", {}, author="admin")
         v1 = await store.deploy("acme", "tag", PY, author="admin:alice", message="first")
         assert v1.version == version_of(PY)  # plain Python keeps the id it had before metadata existed
         assert (v1.language, v1.secrets, v1.failure, v1.author, v1.message) == ("python", (), None, "admin:alice",
@@ -117,6 +118,7 @@ async def test_versions_carry_metadata_and_their_id_covers_it(make: Callable[...
 async def test_rollback_pops_one_or_pushes_a_named_kept_version(make: Callable[..., Store]) -> None:
     store = await _started(make(versions_kept=3))
     try:
+        await store.put_tenant("acme", {}, author="admin")
         vs = [await store.deploy("acme", "tag", PY + f"# {i}\n", author=f"u{i}") for i in range(4)]
         # kept: vs[1..3]
         with pytest.raises(UnknownVersion):
@@ -137,6 +139,52 @@ async def test_rollback_pops_one_or_pushes_a_named_kept_version(make: Callable[.
             await store.rollback("acme", "tag")
     finally:
         await store.close()
+
+
+async def test_action_writes_for_a_tenant_the_store_lacks_are_refused_and_change_nothing(
+        make: Callable[..., Store]) -> None:
+    """Failed before the fix: deploy, shadow deploy, rollback and seed landed for a tenant never created or
+    deleted (on Redis by another replica, whose DELETE this replica had not heard of yet), and a tenant re-created
+    under the name inherited those versions. Now the tenant check is part of the write (the Lua script on Redis)."""
+    a = await _started(make(versions_kept=3))
+    b = await _started(make()) if make.kind == "redis" else a  # type: ignore[attr-defined]
+    try:
+        for write in (lambda: a.deploy("ghost", "tag", PY), lambda: a.deploy("ghost", "tag", PY, shadow=True),
+                      lambda: a.rollback("ghost", "tag"), lambda: a.rollback("ghost", "tag", to=version_of(PY)),
+                      lambda: a.seed("ghost", "tag", PY), lambda: a.rollback_flow("ghost", "post-login")):
+            with pytest.raises(UnknownTenant, match="ghost"):
+                await write()
+        assert a.current("ghost", "tag") is None and a.shadow("ghost", "tag") is None and a.is_empty()
+        assert await a.audit("ghost") == []
+        await a.put_tenant("acme", {}, author="admin")
+        await a.deploy("acme", "tag", PY)
+        await a.deploy("acme", "tag", PY2)
+        await a.put_flow("acme", "post-login", ["tag"], author="admin")
+        await a.put_flow("acme", "post-login", ["tag", {"if": "true", "allow": True}], author="admin")
+        await wait_for(lambda: b.current("acme", "tag") is not None and b.current("acme", "tag").source == PY2,
+                       1.0, "the deploy on the other replica")
+        assert await b.delete_tenant("acme", author="admin")
+        # On Redis the replica may still hold the tenant locally: only the script's own check stops these.
+        for write in (lambda: a.deploy("acme", "tag", PY + "# late\n"), lambda: a.deploy("acme", "tag", PY2,
+                                                                                              shadow=True),
+                      lambda: a.rollback("acme", "tag"), lambda: a.rollback("acme", "tag", to=version_of(PY)),
+                      lambda: a.rollback_flow("acme", "post-login")):
+            with pytest.raises(UnknownTenant):
+                await write()
+        await wait_for(lambda: a.tenant("acme") is None and a.current("acme", "tag") is None, 1.0, "the delete")
+        await a.put_tenant("acme", {}, author="admin")  # re-created: starts with no versions at all
+        assert a.current("acme", "tag") is None and a.shadow("acme", "tag") is None
+        assert await a.get_version("acme", "tag", version_of(PY + "# late\n")) is None
+        assert (await a.describe("acme", "tag"))["current"] is None
+        assert (await a.usage("acme"))["versions"] == 0
+        with pytest.raises(NothingToRollBack):
+            await a.rollback("acme", "tag")
+        assert a.flow("acme", "post-login") is None
+        assert [e["op"] for e in await a.audit("acme")][:2] == ["create", "delete"]  # no refused write audited
+    finally:
+        await a.close()
+        if b is not a:
+            await b.close()
 
 
 # ----------------------------------------------------------------------------------------- catalog
