@@ -49,6 +49,8 @@ MAX_DECLARED_SECRETS = 64
 RAW_LANGUAGES = {"text/x-python": "python", "text/python": "python", "application/x-python": "python",
                  "application/javascript": "javascript", "text/javascript": "javascript",
                  "application/x-javascript": "javascript"}
+# Raw bodies whose type says nothing of the language: the slug's own language, else Python.
+RAW_UNTYPED = frozenset({"text/plain", "application/octet-stream"})
 
 
 def _busy(exc: ValidationBusy) -> HTTPError:
@@ -219,6 +221,11 @@ async def _deploy_request(app: Sidecar, req: Request, tenant: str, slug: str) ->
                 raise HTTPError(400, f"failure must be \"open\" or \"closed\", got {str(failure)[:40]!r}", "failure")
         return {"source": source, "language": language, "secrets": secrets, "failure": failure,
                 "message": _message(req, body)}
+    if ctype and ctype not in RAW_LANGUAGES and ctype not in RAW_UNTYPED:
+        # curl -d sends form encoding: taken as a source, a JSON body would compile as a Python dict literal
+        raise HTTPError(415, f"Content-Type {ctype[:80]!r} is not a deploy: send application/json "
+                             f"{{\"source\", \"language\", ...}} or a raw source as text/x-python or "
+                             f"application/javascript", "content-type")
     raw = await _body(req)
     try:
         source = raw.decode("utf-8")

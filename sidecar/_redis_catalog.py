@@ -54,7 +54,21 @@ local function stack_rollback(stack, to, kept, version_of)
 end
 """
 
-_CAT_LIB = """
+# Shared by every write script of actions and of the catalog: refuse, before the first write, when a key holds
+# another Redis type than ``want`` maps it to, or the generation counter is not a number (a script that failed
+# half way is not rolled back; retried after RedisStore._repair, it would apply twice).
+KEY_CHECK_LUA = """
+local function check_types(want, gen_key)
+  for k, t in pairs(want) do
+    local got = redis.call('TYPE', k)['ok']
+    if got ~= 'none' and got ~= t then error({err = 'WRONGTYPE ' .. k .. ' is a ' .. got}) end
+  end
+  local g = redis.call('GET', gen_key)
+  if g and not string.match(g, '^%-?%d+$') then error({err = 'ERR gen is not an integer'}) end
+end
+"""
+
+_CAT_LIB = KEY_CHECK_LUA + """
 local P, tenant = ARGV[1], ARGV[2]
 local function done(result)
   redis.call('SET', P .. 'op:' .. ARGV[3], result, 'EX', tonumber(ARGV[4]))
@@ -66,12 +80,7 @@ local function check(extra)
   local want = {[P .. 'tenants'] = 'hash', [P .. 'tgen'] = 'hash', [P .. 'flows:' .. tenant] = 'hash',
                 [P .. 'secrets:' .. tenant] = 'hash', [P .. 'audit:' .. tenant] = 'list', [P .. 'gen'] = 'string'}
   if extra then want[extra] = 'list' end
-  for k, t in pairs(want) do
-    local got = redis.call('TYPE', k)['ok']
-    if got ~= 'none' and got ~= t then error({err = 'WRONGTYPE ' .. k .. ' is a ' .. got}) end
-  end
-  local g = redis.call('GET', P .. 'gen')
-  if g and not string.match(g, '^%-?%d+$') then error({err = 'ERR gen is not an integer'}) end
+  check_types(want, P .. 'gen')
 end
 local function audit(template, op_if_old, old_exists, old, new, max)
   local e = cjson.decode(template)
@@ -109,10 +118,8 @@ return done(old and 'updated' or 'created')
 # the keys they index are unlinked by the caller in batches (SCAN). 'none' | 'gone:<runs list renamed to>'
 _DELETE_TENANT = _CAT_LIB + """
 check(nil)
-for k, t in pairs({[P .. 'slugs:' .. tenant] = 'set', [P .. 'actions'] = 'set', [P .. 'runs:' .. tenant] = 'list'}) do
-  local got = redis.call('TYPE', k)['ok']  -- checked before the first write: a script is not rolled back
-  if got ~= 'none' and got ~= t then error({err = 'WRONGTYPE ' .. k .. ' is a ' .. got}) end
-end
+check_types({[P .. 'slugs:' .. tenant] = 'set', [P .. 'actions'] = 'set', [P .. 'runs:' .. tenant] = 'list'},
+            P .. 'gen')
 local old = redis.call('HGET', P .. 'tenants', tenant)
 if not old then return done('none') end
 redis.call('HDEL', P .. 'tenants', tenant)

@@ -276,7 +276,7 @@ ROUTES: tuple[Route, ...] = (
        query={"shadow": {"type": "string", "enum": ["0", "1", "true", "false"]},
               "message": {"type": "string", "maxLength": 1000,
                           "description": "with a raw body: the version's message"}},
-       responses={201: DEPLOYED, 409: ERROR, 422: INVALID}),
+       responses={201: DEPLOYED, 409: ERROR, 415: ERROR, 422: INVALID}),
     _r("GET", f"{T}/actions/{{slug}}", "action_get", "admin", "Versions, deploy history, shadow disagreements",
        responses={200: ACTION}),
     _r("GET", f"{T}/actions/{{slug}}/versions/{{a}}/diff/{{b}}", "action_diff", "admin",

@@ -68,7 +68,7 @@ import orjson
 from ._catalog import (BOUND_NAMES, Catalog, CatalogBounds, FlowRecord, MemoryCatalog, NothingToRollBack,
                        SecretsKeyMissing, SecretsUnavailable, StoreFull, StoreUnavailable, TenantRecord,
                        UnknownTenant, UnknownVersion, audit_entry, stack_rollback, AUDIT_MESSAGE_CHARS, AUTHOR_CHARS)
-from ._redis_catalog import CHANNEL, P, STACK_ROLLBACK_LUA, RedisCatalog
+from ._redis_catalog import CHANNEL, KEY_CHECK_LUA, P, STACK_ROLLBACK_LUA, RedisCatalog
 from ._secrets import Keyring
 
 log = logging.getLogger("actionpool.serve")
@@ -555,7 +555,7 @@ _P = P
 
 # Shared by the write scripts. Sizes of a tenant's sources live in the hash KEYS[srcs] (version -> bytes);
 # its slugs in a set, so reachability is computed inside the script, atomically.
-_LUA_LIB = """
+_LUA_LIB = KEY_CHECK_LUA + """
 local P = ARGV[1]
 local tenant = ARGV[2]
 local function ver(raw)
@@ -621,15 +621,9 @@ if prior then return prior end
 -- Every key a write touches is checked before the first write: a script that failed half way (Redis does not
 -- roll back) and was retried after RedisStore._repair would pop a rollback twice.
 local function check(slug)
-  local want = {[P .. 'actions'] = 'set', [P .. 'slugs:' .. tenant] = 'set', [P .. 'srcs:' .. tenant] = 'hash',
-                [akey(slug, 'stack')] = 'list', [akey(slug, 'log')] = 'list', [akey(slug, 'shadow')] = 'string',
-                [P .. 'gen'] = 'string', [P .. 'audit:' .. tenant] = 'list', [P .. 'tenants'] = 'hash'}
-  for k, t in pairs(want) do
-    local got = redis.call('TYPE', k)['ok']
-    if got ~= 'none' and got ~= t then error({err = 'WRONGTYPE ' .. k .. ' is a ' .. got}) end
-  end
-  local g = redis.call('GET', P .. 'gen')
-  if g and not string.match(g, '^%-?%d+$') then error({err = 'ERR gen is not an integer'}) end
+  check_types({[P .. 'actions'] = 'set', [P .. 'slugs:' .. tenant] = 'set', [P .. 'srcs:' .. tenant] = 'hash',
+               [akey(slug, 'stack')] = 'list', [akey(slug, 'log')] = 'list', [akey(slug, 'shadow')] = 'string',
+               [P .. 'gen'] = 'string', [P .. 'audit:' .. tenant] = 'list', [P .. 'tenants'] = 'hash'}, P .. 'gen')
 end
 """
 

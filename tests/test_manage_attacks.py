@@ -453,3 +453,34 @@ def test_a_tenant_past_its_validation_places_gets_429_with_retry_after_and_other
         assert c.put("/v1/tenants/acme/actions/big2", content=_big(2, "acme"),
                      headers={"Content-Type": "text/x-python"}).status_code == 201   # places come back
     assert "Traceback" not in serve.output()
+
+
+def test_a_deploy_with_a_form_or_other_content_type_is_415_and_changes_nothing(tmp_path: Path) -> None:
+    """curl -d sends application/x-www-form-urlencoded: a JSON body taken as Python would compile (a dict literal)."""
+    s = start_serve(write_config(tmp_path, _ATTACK_415_CONFIG, {"tag.py": _ATTACK_415_TAG}), {})
+    try:
+        with httpx.Client(base_url=s.url, headers=ADMIN, timeout=30) as c:
+            before = c.get("/v1/tenants/acme/actions/tag").json()["current"]
+            for ctype in ("application/x-www-form-urlencoded", "multipart/form-data; boundary=x", "image/png"):
+                r = c.put("/v1/tenants/acme/actions/tag", content=b'{"source": "x = 1", "language": "python"}',
+                          headers={"content-type": ctype})
+                assert r.status_code == 415, (ctype, r.text)
+                assert r.json()["field"] == "content-type" and "application/json" in r.json()["error"]
+            assert c.get("/v1/tenants/acme/actions/tag").json()["current"] == before
+            r = c.put("/v1/tenants/acme/actions/tag", content=_ATTACK_415_TAG + "\n# v2\n",
+                      headers={"content-type": "text/plain"})
+            assert r.status_code == 201, r.text
+    finally:
+        assert s.stop() == 0, s.output()[-2000:]
+
+
+_ATTACK_415_TAG = "def on_execute_post_login(event, api):\n    api.session.setCustomClaim('t', 1)\n"
+_ATTACK_415_CONFIG = """
+    [server]
+    token_env = "AP_TOKEN"
+    admin_token_env = "AP_ADMIN"
+    [tenants.acme.actions.tag]
+    file = "actions/tag.py"
+    [tenants.acme.flows]
+    post-login = ["tag"]
+"""
