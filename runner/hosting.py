@@ -26,11 +26,10 @@ from ._validate import (INLINE_SOURCE_BYTES, MAX_FLOW_ENTRIES, FlowProblem, Vali
                         validate_source_async)
 
 __all__ = [
-    "BlockError", "Decision", "FlowBlock", "FlowProblem", "MAX_FLOW_ENTRIES", "SourceProblem", "decision_from_block",
-    "flow_problem", "normalise_language", "parse_block", "validate_flow", "validate_source",
-    "INLINE_SOURCE_BYTES", "ValidationBusy", "flow_problem_async", "validate_flow_async", "validate_source_async",
-    "FD_RESERVE", "FDS_PER_WORKER", "MIN_SECRET_CHARS", "REDACTED", "Redactor",
-    "SLUG_RE", "WORKER_MEMORY_ESTIMATE_MB", "build_record", "compile_decision", "default_memory_budget_mb",
-    "default_tenant_cap", "flow_redactor", "load_fetch_stub", "make_decision", "physical_memory_bytes", "redact",
-    "redact_paths", "set_failure_policy", "stub_from_fetches",
+    "BlockError", "build_record", "compile_decision", "Decision", "decision_from_block", "default_memory_budget_mb",
+    "default_tenant_cap", "FD_RESERVE", "FDS_PER_WORKER", "flow_problem", "flow_problem_async", "flow_redactor",
+    "FlowBlock", "FlowProblem", "INLINE_SOURCE_BYTES", "load_fetch_stub", "make_decision", "MAX_FLOW_ENTRIES",
+    "MIN_SECRET_CHARS", "normalise_language", "parse_block", "physical_memory_bytes", "redact", "redact_paths",
+    "REDACTED", "Redactor", "set_failure_policy", "SLUG_RE", "SourceProblem", "stub_from_fetches", "validate_flow",
+    "validate_flow_async", "validate_source", "validate_source_async", "ValidationBusy", "WORKER_MEMORY_ESTIMATE_MB",
 ]

@@ -398,6 +398,16 @@ class MemoryCatalog(Catalog):
         return 0  # memory:// keeps values in memory only; nothing is encrypted
 
 
+def rollback_refused(res: str, tenant: str, what: str, to: str | None) -> None:
+    """A rollback script's refusal ('notenant' | 'none' | 'unknown', see STACK_ROLLBACK_LUA) as the store's error."""
+    if res == "notenant":
+        raise UnknownTenant(tenant)
+    if res == "none":
+        raise NothingToRollBack(f"{what} has no earlier version to roll back to")
+    if res == "unknown":
+        raise UnknownVersion(f"{what} keeps no version {to}")
+
+
 def stack_rollback(stack: list[Any], to: str | None, kept: int, what: str) -> Any:
     """Roll a kept-versions list (oldest first) back in place; the new top. The twin of STACK_ROLLBACK_LUA.
 
@@ -407,12 +417,12 @@ def stack_rollback(stack: list[Any], to: str | None, kept: int, what: str) -> An
     """
     if to is None:
         if len(stack) < 2:
-            raise NothingToRollBack(f"{what} has no earlier version to roll back to")
+            rollback_refused("none", "", what, to)
         stack.pop()
     else:
         found = [x for x in stack if x.version == to]
         if not found:
-            raise UnknownVersion(f"{what} keeps no version {to}")
+            rollback_refused("unknown", "", what, to)
         if stack[-1].version != to:
             stack.append(found[-1])
             del stack[:-kept]

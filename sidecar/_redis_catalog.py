@@ -17,9 +17,9 @@ from typing import Any
 
 import orjson
 
-from ._catalog import (Catalog, FlowRecord, NothingToRollBack, SecretsKeyMissing, SecretsUnavailable, StoreFull,
-                       TenantRecord, UnknownTenant, UnknownVersion, audit_entry, content_version,
-                       flow_record_from, tenant_record_from, AUDIT_MESSAGE_CHARS, AUTHOR_CHARS)
+from ._catalog import (Catalog, FlowRecord, SecretsKeyMissing, SecretsUnavailable, StoreFull, TenantRecord,
+                       UnknownTenant, audit_entry, content_version, rollback_refused, flow_record_from,
+                       tenant_record_from, AUDIT_MESSAGE_CHARS, AUTHOR_CHARS)
 from ._secrets import DecryptError, Keyring, SecretKeyError
 
 log = logging.getLogger("actionpool.serve")
@@ -118,18 +118,25 @@ return done(old and 'updated' or 'created')
 # the keys they index are unlinked by the caller in batches (SCAN). 'none' | 'gone:<runs list renamed to>'
 _DELETE_TENANT = _CAT_LIB + """
 check(nil)
-check_types({[P .. 'slugs:' .. tenant] = 'set', [P .. 'actions'] = 'set', [P .. 'runs:' .. tenant] = 'list'},
-            P .. 'gen')
+check_types({[P .. 'slugs:' .. tenant] = 'set', [P .. 'actions'] = 'set', [P .. 'runs:' .. tenant] = 'list',
+             [P .. 'srcs:' .. tenant] = 'hash'}, P .. 'gen')
 local old = redis.call('HGET', P .. 'tenants', tenant)
 if not old then return done('none') end
 redis.call('HDEL', P .. 'tenants', tenant)
 for _, trigger in ipairs(redis.call('HKEYS', P .. 'flows:' .. tenant)) do
   redis.call('UNLINK', P .. 'flowstack:' .. tenant .. ':' .. trigger)
 end
+-- the indexed action keys and sources go now, with the record: a tenant re-created before the sweep below
+-- must not push onto (and roll back into) its predecessor's stacks
+for _, v in ipairs(redis.call('HKEYS', P .. 'srcs:' .. tenant)) do
+  redis.call('UNLINK', P .. 'src:' .. tenant .. ':' .. v)
+end
 redis.call('UNLINK', P .. 'flows:' .. tenant, P .. 'secrets:' .. tenant, P .. 'srcs:' .. tenant,
            P .. 'runbytes:' .. tenant)
 for _, slug in ipairs(redis.call('SMEMBERS', P .. 'slugs:' .. tenant)) do
   redis.call('SREM', P .. 'actions', tenant .. ':' .. slug)
+  local base = P .. 'action:' .. tenant .. ':' .. slug .. ':'
+  redis.call('UNLINK', base .. 'stack', base .. 'log', base .. 'shadow', P .. 'seeded:' .. tenant .. ':' .. slug)
 end
 redis.call('UNLINK', P .. 'slugs:' .. tenant)
 local gone = P .. 'gone:runs:' .. ARGV[3]
@@ -141,6 +148,14 @@ audit(ARGV[5], 'delete', true, version_of(old), nil, tonumber(ARGV[6]))
 redis.call('INCR', P .. 'gen')
 redis.call('HDEL', P .. 'tgen', tenant)
 return done('gone:' .. gone)
+"""
+
+# ARGV: P, tenant, keys... The delete's sweep of keys no index named (strays): unlinked unless the tenant was
+# re-created meanwhile, whose new keys share the pattern. 'swept' | 'back'
+_SWEEP_IF_GONE = """
+if redis.call('HEXISTS', ARGV[1] .. 'tenants', ARGV[2]) == 1 then return 'back' end
+for i = 3, #ARGV do redis.call('UNLINK', ARGV[i]) end
+return 'swept'
 """
 
 # ARGV: P, tenant, rid, ttl, trigger, record, version, kept, flows max, audit, audit max.
@@ -256,6 +271,7 @@ class RedisCatalog(Catalog):
         r = self._redis
         self._s_put_tenant = r.register_script(_PUT_TENANT)
         self._s_delete_tenant = r.register_script(_DELETE_TENANT)
+        self._s_sweep = r.register_script(_SWEEP_IF_GONE)
         self._s_put_flow = r.register_script(_PUT_FLOW)
         self._s_rollback_flow = r.register_script(_ROLLBACK_FLOW)
         self._s_put_secret = r.register_script(_PUT_SECRET)
@@ -319,7 +335,10 @@ class RedisCatalog(Catalog):
         return True
 
     async def _unlink_tenant_keys(self, tenant: str, gone_runs: str) -> None:
-        """The keys the deleted indexes pointed at: run records, action stacks, logs, sources; batched, no KEYS."""
+        """The run records the deleted index pointed at, then a sweep for stray action/source keys; batched, no KEYS.
+
+        The indexed action keys went with the delete's script; the sweep stops if the tenant is re-created.
+        """
         r = self._redis
 
         async def unlink(keys: list[str]) -> None:
@@ -334,14 +353,24 @@ class RedisCatalog(Catalog):
             await unlink([P + "run:" + str(e).partition(":")[2] for e in chunk if ":" in str(e)])
             start += UNLINK_BATCH
         await unlink([gone_runs])
+
+        async def sweep(keys: list[str]) -> bool:
+            if not keys:
+                return True
+            res = await self._io(  # type: ignore[attr-defined]
+                self._s_sweep(args=[P, tenant, *keys]), f"delete {tenant}")
+            return bool(res == "swept")
+
         for pattern in (f"{P}action:{tenant}:*", f"{P}src:{tenant}:*", f"{P}seeded:{tenant}:*"):
             batch: list[str] = []
             async for k in r.scan_iter(match=pattern, count=1000):
                 batch.append(str(k))
                 if len(batch) >= UNLINK_BATCH:
-                    await unlink(batch)
+                    if not await sweep(batch):
+                        return   # re-created: what matches now is the new tenant's
                     batch = []
-            await unlink(batch)
+            if not await sweep(batch):
+                return
 
     async def put_flow(self, tenant: str, trigger: str, entries: list[Any], *, author: str,
                        message: str = "") -> FlowRecord:
@@ -365,12 +394,7 @@ class RedisCatalog(Catalog):
                             author: str = "") -> FlowRecord:
         res = await self._cat_write(self._s_rollback_flow, tenant, trigger, to or "", self.versions_kept,
                                     self._audit_json("rollback", "flow", trigger, author), self.bounds.audit_max)
-        if res == "notenant":
-            raise UnknownTenant(tenant)
-        if res == "none":
-            raise NothingToRollBack(f"flow {trigger} has no earlier version to roll back to")
-        if res == "unknown":
-            raise UnknownVersion(f"flow {trigger} keeps no version {to}")
+        rollback_refused(res, tenant, f"flow {trigger}", to)
         await self._cat_changed(tenant)
         return flow_record_from(res[3:])
 

@@ -67,7 +67,8 @@ import orjson
 
 from ._catalog import (BOUND_NAMES, Catalog, CatalogBounds, FlowRecord, MemoryCatalog, NothingToRollBack,
                        SecretsKeyMissing, SecretsUnavailable, StoreFull, StoreUnavailable, TenantRecord,
-                       UnknownTenant, UnknownVersion, audit_entry, stack_rollback, AUDIT_MESSAGE_CHARS, AUTHOR_CHARS)
+                       UnknownTenant, UnknownVersion, audit_entry, rollback_refused, stack_rollback,
+                       AUDIT_MESSAGE_CHARS, AUTHOR_CHARS)
 from ._redis_catalog import CHANNEL, KEY_CHECK_LUA, P, STACK_ROLLBACK_LUA, RedisCatalog
 from ._secrets import Keyring
 
@@ -1206,12 +1207,7 @@ class RedisStore(RedisCatalog, Store):
         args = [_P, tenant, os.urandom(12).hex(), OP_TTL_S, slug, time.time(), LOG_LIMIT, self.sources_max_bytes,
                 to or "", entry, self.bounds.audit_max, self.versions_kept]
         res = await self._write(lambda: self._rollback(args=args), tenant, slug)
-        if res == "notenant":
-            raise UnknownTenant(tenant)
-        if res == "none":
-            raise NothingToRollBack(f"{slug} has no earlier version to roll back to")
-        if res == "unknown":
-            raise UnknownVersion(f"{slug} keeps no version {to}")
+        rollback_refused(str(res), tenant, slug, to)
         await self._changed(tenant, slug)
         v = self.current(tenant, slug)
         if v is None or v.version != str(res)[3:]:  # committed; this replica loads it with the next check

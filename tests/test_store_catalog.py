@@ -753,3 +753,46 @@ def test_serve_refuses_to_start_on_secrets_it_cannot_decrypt(url: str, tmp_path:
         assert s.stop() == 0
     with redis.Redis.from_url(url, decode_responses=True) as r:  # the start-up pass re-encrypted it with K2
         assert Keyring.key_of(orjson.loads(r.hget(P + "secrets:acme", "K"))["value"]) == key_id(K2)
+
+
+@pytest.mark.redis
+async def test_a_tenant_re_created_before_its_deletes_sweep_inherits_nothing_and_keeps_its_new_versions(
+        redis_server_optional: str | None) -> None:
+    """Failed before the fix: the delete's script dropped the indexes but left the action stacks to a later SCAN
+    sweep. A tenant re-created (and deployed to) in between pushed onto its predecessor's stack (a rollback
+    reached the deleted tenant's versions), and the sweep then unlinked the new tenant's keys."""
+    if redis_server_optional is None:
+        pytest.skip("redis-server not found on PATH")
+    with redis.Redis.from_url(redis_server_optional) as r:
+        r.flushall()
+    a = await _started(_make("redis", redis_server_optional))
+    swept: list[tuple[str, str]] = []
+    real_sweep = a._unlink_tenant_keys  # type: ignore[attr-defined]
+
+    async def later(tenant: str, gone: str) -> None:  # the sweep runs when the test says
+        swept.append((tenant, gone))
+
+    try:
+        await a.put_tenant("acme", {}, author="admin")
+        await a.deploy("acme", "tag", PY)
+        await a.deploy("acme", "tag", PY2)
+        a._unlink_tenant_keys = later  # type: ignore[attr-defined]
+        assert await a.delete_tenant("acme", author="admin") and swept
+        await a.put_tenant("acme", {}, author="admin")
+        new = await a.deploy("acme", "tag", PY + "# new\n")
+        with pytest.raises(NothingToRollBack):  # nothing of the deleted tenant's stack below it
+            await a.rollback("acme", "tag")
+        assert await a.get_version("acme", "tag", version_of(PY2)) is None
+        await real_sweep(*swept[0])  # the delayed sweep meets the re-created tenant: its keys stay
+        b = await _started(_make("redis", redis_server_optional))
+        try:
+            got = b.current("acme", "tag")
+            assert got is not None and got.version == new.version and got.source == PY + "# new\n"
+        finally:
+            await b.close()
+        with redis.Redis.from_url(redis_server_optional, decode_responses=True) as r:
+            assert r.llen(P + "action:acme:tag:stack") == 1
+            assert set(r.hkeys(P + "srcs:acme")) == {new.version}
+            assert r.exists(P + f"src:acme:{version_of(PY2)}") == 0
+    finally:
+        await a.close()
