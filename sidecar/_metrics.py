@@ -75,12 +75,7 @@ class TopTenants:
             counts[tenant] = n + 1
         elif len(counts) < MAX_COUNTED:
             counts[tenant] = 1
-        if tenant in self.labelled:
-            return tenant
-        if len(self.labelled) < self.size:
-            self.labelled[tenant] = set()
-            return tenant
-        return OTHER
+        return self.tenant(tenant)
 
     def tenant(self, tenant: str) -> str:
         """The label of ``tenant`` (not counted); one of its own while there is room, as for a first flow."""
