@@ -26,7 +26,7 @@ from urllib.parse import parse_qs, urlsplit
 import ipaddress
 import pytest
 
-__all__ = ["SeenRequest", "LocalHTTPServer", "http_server", "redis_server", "redis_server_optional", "redis_url",
+__all__ = ["SeenRequest", "Resolver", "LocalHTTPServer", "http_server", "redis_server", "redis_server_optional", "redis_url",
            "free_port", "flush_redis", "LoopbackOnlyBackend", "rss_mb", "LoopLag", "p99"]
 
 
@@ -75,6 +75,20 @@ class LoopbackOnlyBackend:
             self.refused.append(f"{host}:{port}")
             pytest.fail(f"a fetch tried to connect to {host}:{port}, which is not loopback: the guard let it through")
         self.connected.append(f"{host}:{port}")
+
+
+class Resolver:
+    """Injected DNS for a Fetcher: a table of answers, every lookup recorded (to assert none happened)."""
+
+    def __init__(self, table: dict[str, list[str]]) -> None:
+        self.table = table
+        self.calls: list[str] = []
+
+    async def __call__(self, host: str) -> list[str]:
+        self.calls.append(host)
+        if host not in self.table:
+            raise OSError(f"no such host {host}")
+        return self.table[host]
 
 
 @functools.lru_cache(maxsize=8)

@@ -29,6 +29,18 @@ ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 SECRETS_KEY = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="
 
 
+def stop_process(proc: "subprocess.Popen[bytes]", timeout: float) -> int:
+    """SIGTERM (a drain), then SIGKILL after ``timeout``; the exit status."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    return proc.returncode
+
+
 @dataclass
 class Serve:
     proc: subprocess.Popen[bytes]
@@ -39,14 +51,7 @@ class Serve:
         return httpx.Client(base_url=self.url, headers=AUTH, timeout=30, **kw)  # type: ignore[arg-type]
 
     def stop(self, timeout: float = 30) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        return self.proc.returncode
+        return stop_process(self.proc, timeout)
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")

@@ -31,18 +31,6 @@ def async_test(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
     return wrapper
 
 
-class Resolver:
-    """Injected DNS: records every lookup so tests can assert that none happened."""
-
-    def __init__(self, table: dict[str, list[str]]) -> None:
-        self.table = table
-        self.calls: list[str] = []
-
-    async def __call__(self, host: str) -> list[str]:
-        self.calls.append(host)
-        if host not in self.table:
-            raise OSError(f"no such host {host}")
-        return self.table[host]
 
 
 LOCAL = {"api.test": ["127.0.0.1"], "a.svc.test": ["127.0.0.1"], "deep.a.svc.test": ["127.0.0.1"],

@@ -32,7 +32,7 @@ from actionpool.runner._config import FetchConfig
 from actionpool.runner._errors import FetchDenied, FetchError
 from actionpool.runner._fetch import Fetcher
 from actionpool.runner._fetch_client import PINS, PinnedResolver, TenantClient
-from net_fixtures import LoopbackOnlyBackend
+from net_fixtures import LoopbackOnlyBackend, Resolver
 
 LOOPBACK = "127.0.0.1"
 
@@ -126,18 +126,6 @@ async def upstream() -> AsyncIterator[Upstream]:
         await server.wait_closed()
 
 
-class Resolver:
-    """Injected DNS: a table, and every lookup recorded."""
-
-    def __init__(self, table: dict[str, list[str]]) -> None:
-        self.table = table
-        self.calls: list[str] = []
-
-    async def __call__(self, host: str) -> list[str]:
-        self.calls.append(host)
-        if host not in self.table:
-            raise OSError(f"no such host {host}")
-        return list(self.table[host])
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ import psutil
 import pytest
 
 from net_fixtures import free_port
-from serve_fixtures import AUTH, TOKEN, write_config
+from serve_fixtures import AUTH, TOKEN, stop_process, write_config
 
 pytestmark = pytest.mark.redis
 
@@ -95,14 +95,7 @@ class Group:
         return out
 
     def stop(self, timeout: float = 60) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        return self.proc.returncode
+        return stop_process(self.proc, timeout)
 
 
 @pytest.fixture
