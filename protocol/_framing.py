@@ -42,8 +42,12 @@ class FrameDecoder:
         self._error: Exception | None = None
         self.bytes_in = 0
 
-    def feed(self, data: bytes) -> list[Any]:
-        """Add ``data`` and return every value completed by it (possibly none)."""
+    def feed(self, data: bytes, sizes: list[int] | None = None) -> list[Any]:
+        """Add ``data`` and return every value completed by it (possibly none).
+
+        With ``sizes``, each value's frame size (header included) is appended to it, in order:
+        what a reader that charges bytes to the message's sender needs.
+        """
         if self._error is not None:
             raise self._error
         self.bytes_in += len(data)
@@ -67,6 +71,8 @@ class FrameDecoder:
                     break
                 end = pos + self._need
                 out.append(unpack(bytes(buf[pos:end]), self._max))
+                if sizes is not None:
+                    sizes.append(self._need + HEADER_SIZE)
                 pos = end
                 self._need = -1
         except Exception as exc:

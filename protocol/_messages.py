@@ -1,8 +1,13 @@
 """msgpack-rpc message types, in both directions.
 
-    request       [0, msgid, method, params]
+    request       [0, msgid, method, params]           or [0, msgid, method, params, xid]
     response      [1, msgid, error, result]
-    notification  [2, method, params]
+    notification  [2, method, params]                  or [2, method, params, xid]
+
+``xid`` names the execution a worker's call belongs to: the message id of the
+``execute`` request it serves. A worker that runs several executions at once
+(the co-running of I/O-bound actions) tags every call with it; one that runs a
+single execution may leave it out.
 
 The first frame a worker sends is the notification
 ``[2, "hello", [version, pid, info]]`` where ``info`` is a map describing the
@@ -32,9 +37,12 @@ class Request(NamedTuple):
     msgid: int
     method: str
     params: list[Any]
+    xid: int | None = None
 
     def wire(self) -> list[Any]:
-        return [REQUEST, self.msgid, self.method, self.params]
+        if self.xid is None:
+            return [REQUEST, self.msgid, self.method, self.params]
+        return [REQUEST, self.msgid, self.method, self.params, self.xid]
 
 
 class Response(NamedTuple):
@@ -49,9 +57,12 @@ class Response(NamedTuple):
 class Notification(NamedTuple):
     method: str
     params: list[Any]
+    xid: int | None = None
 
     def wire(self) -> list[Any]:
-        return [NOTIFICATION, self.method, self.params]
+        if self.xid is None:
+            return [NOTIFICATION, self.method, self.params]
+        return [NOTIFICATION, self.method, self.params, self.xid]
 
 
 Message = Request | Response | Notification
@@ -90,17 +101,23 @@ def parse_message(obj: Any) -> Message:
         raise InvalidMessage(f"message must be a non-empty array, got {type(obj).__name__}")
     kind = obj[0]
     if kind == REQUEST and type(kind) is int:
-        if len(obj) != 4:
-            raise InvalidMessage("request must have 4 elements")
-        return Request(_msgid(obj[1]), _method(obj[2]), _params(obj[3]))
+        n = len(obj)
+        if n == 4:
+            return Request(_msgid(obj[1]), _method(obj[2]), _params(obj[3]))
+        if n == 5:
+            return Request(_msgid(obj[1]), _method(obj[2]), _params(obj[3]), _msgid(obj[4]))
+        raise InvalidMessage("request must have 4 elements (5 with an execution id)")
     if kind == RESPONSE and type(kind) is int:
         if len(obj) != 4:
             raise InvalidMessage("response must have 4 elements")
         return Response(_msgid(obj[1]), obj[2], obj[3])
     if kind == NOTIFICATION and type(kind) is int:
-        if len(obj) != 3:
-            raise InvalidMessage("notification must have 3 elements")
-        return Notification(_method(obj[1]), _params(obj[2]))
+        n = len(obj)
+        if n == 3:
+            return Notification(_method(obj[1]), _params(obj[2]))
+        if n == 4:
+            return Notification(_method(obj[1]), _params(obj[2]), _msgid(obj[3]))
+        raise InvalidMessage("notification must have 3 elements (4 with an execution id)")
     raise InvalidMessage(f"unknown message type {_describe(kind)}")
 
 

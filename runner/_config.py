@@ -42,6 +42,10 @@ class Limits:
     max_queued_reply_bytes: int = 2 << 20  # replies queued to a worker that does not read its pipe
     supervisor_cpu_ms: int = 500        # supervisor CPU time one execution's messages and api calls may use
     max_values: int = 200_000           # values (objects, arrays, items) in one execution's api arguments
+    # Executions of this action one worker may run at once, each joining only while all those in it
+    # await api.fetch (Python actions; not with cpu_limit_ms). 1: one at a time, as a process per
+    # execution in flight. A kill then ends all of them (the others get worker_lost): docs/design.md.
+    co_run: int = 16
 
     def merged(self, overrides: dict[str, Any] | None) -> "Limits":
         if not overrides:
@@ -62,6 +66,8 @@ class Limits:
                 raise ConfigError(f"limits.{f.name} must be a positive number, got {v!r}")
         if self.memory_mb < 32:
             raise ConfigError("limits.memory_mb must be at least 32 (the interpreter itself needs it)")
+        if type(self.co_run) is not int or not 1 <= self.co_run <= 256:
+            raise ConfigError(f"limits.co_run must be a whole number from 1 to 256, got {self.co_run!r}")
         if self.max_log_message_bytes > self.max_frame_bytes:
             raise ConfigError("limits.max_log_message_bytes cannot exceed limits.max_frame_bytes")
         if self.max_queued_reply_bytes < self.max_frame_bytes + 4:
@@ -160,6 +166,9 @@ class RunnerConfig:
     # executions never block admission. 0 (default): no limit; None: 8 per usable CPU (RUNNING_PER_CPU).
     max_running: int | None = 0
     running_hold_ms: float = 5.0
+    # How long a flow of an action with Limits.co_run > 1 may wait for a busy worker of it to park on a fetch
+    # and take it (runner/_corun.py) before it takes a worker of the pool instead.
+    co_run_wait_ms: float = 50.0
 
     def running_limit(self) -> int:
         """``max_running`` resolved: executions admitted at once (0: no limit)."""
@@ -193,7 +202,7 @@ class RunnerConfig:
         if self.max_workers is not None and self.pool_size > self.max_workers:
             raise ConfigError("pool_size cannot exceed max_workers")
         for name in ("queue_timeout_s", "worker_start_timeout_s", "kill_grace_s", "idle_timeout_s", "cpu_budget_ms",
-                     "fair_wait_s"):
+                     "fair_wait_s", "co_run_wait_ms"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ConfigError(f"{name} must be a non-negative number, got {v!r}")

@@ -18,6 +18,7 @@ from ..protocol import check_json, pack
 
 from ._admission import Admission, Token
 from ._config import RunnerConfig
+from ._corun import CoRunners
 from ._cpu import CpuGovernor
 from ._decisions import ALLOW
 from ._errors import DenialKind, Overloaded, PoolClosed
@@ -32,7 +33,7 @@ from ._worker import WorkerHandle
 
 MAX_EVENT_DEPTH = 64
 # How an execution ends when its worker is killed under it (the exit status read, or not in time).
-_KILLED_KINDS = frozenset({"worker_crash", "protocol_error"})
+_KILLED_KINDS = frozenset({"worker_crash", "protocol_error", "worker_lost"})
 
 
 def event_problem(event: Any, max_frame_bytes: int) -> str | None:
@@ -108,6 +109,7 @@ class FlowEngine:
         self.cpu = CpuGovernor(config.cpu_budget_ms, config.worker_nice) if config.cpu_budget_ms else None
         running = config.running_limit()
         self.admission = Admission(running, config.running_hold_ms / 1000) if running else None
+        self.co = CoRunners()   # busy workers other executions of their action may join (runner/_corun.py)
 
     def owner_of(self, tenant: str, action: Action) -> str:
         """Whose workers may run ``action`` for ``tenant`` (see ``_acquire_live``)."""
@@ -138,6 +140,13 @@ class FlowEngine:
             self._pool.release(w, False)
         raise RuntimeError("workers kept dying before they could be used")
 
+    def _left(self, w: WorkerHandle, reusable: bool) -> None:
+        """A flow is done with ``w``: the last one to leave gives it back to the pool."""
+        if self.co.leave(w):
+            if self.cpu is not None:
+                self.cpu.end(w)
+            self._pool.release(w, reusable and not w.draining)
+
     def _methods_for(self, prof: TriggerProfile) -> list[str]:
         m = self._methods.get(prof.name)
         if m is None:
@@ -145,7 +154,6 @@ class FlowEngine:
         return m
 
     async def run_actions(self, flow: FlowState, prof: TriggerProfile, actions: list[Action]) -> None:
-        pool = self._pool
         resume = 0  # a skip_to block passes over the entries before this index (their records stay "skipped")
         for i, action in enumerate(actions):
             if flow.denial is not None:
@@ -175,10 +183,21 @@ class FlowEngine:
                 flow.deny(action.slug, "flow_timeout", "flow exceeded its time limit before this action started", None)
                 break
             wprofile = (limits.memory_mb, limits.cpu_seconds, limits.max_open_files)
+            # Co-running (runner/_corun.py): Python actions only (a JavaScript execution blocks its worker's
+            # loop), and not under cpu_limit_ms (CPU time is counted per worker, not per execution).
+            co = limits.co_run if limits.co_run > 1 and action.language != "js" and not limits.cpu_limit_ms else 1
             try:
                 # FIFO admission to the CPU (runner/_admission.py); an unused token expires by itself.
                 tok = await self.admission.enter() if self.admission is not None else None
-                w = await self._acquire_live(flow, action, wprofile)
+                key = (self.owner_of(flow.tenant, action), wprofile)
+                w = None
+                if co > 1:
+                    w = self.co.join(key, action.digest, co) or await self.co.join_wait(
+                        key, action.digest, co, min(self.config.co_run_wait_ms / 1000, max(remaining, 0.001)))
+                joined = w is not None
+                if w is None:
+                    w = await self._acquire_live(flow, action, wprofile)
+                    self.co.hold(key, w, action.digest if co > 1 else None)
             except Overloaded as exc:
                 flow.deny(action.slug, "overloaded", str(exc), None)
                 rec.status = "failed"
@@ -223,21 +242,27 @@ class FlowEngine:
                             max_queued=limits.max_queued_reply_bytes, cpu_budget_s=limits.supervisor_cpu_ms / 1000)
             cpu = self.cpu
             if cpu is not None:
+                if joined:   # every execution there waits on a fetch: its CPU window starts again
+                    cpu.end(w)
                 cpu.begin(w, ctx.action_deadline - timeout, limits.cpu_limit_ms)
             try:
                 outcome = await fut
             except asyncio.CancelledError:
-                w.kill("flow cancelled by the caller")
-                pool.release(w, False)
+                if self.co.holders(w) > 1:
+                    # Others run beside it: this one ends there unread (its own timer still bounds it),
+                    # and the worker is discarded after the last.
+                    w.draining = True
+                    fut.add_done_callback(lambda _f, w=w: self._left(w, False))
+                else:
+                    w.kill("flow cancelled by the caller")
+                    self._left(w, False)
                 raise
             finally:
                 if tok is not None:
                     tok.leave()
-                if cpu is not None:
-                    cpu.end(w)
             if outcome.error is None:
                 w.compiled.add(action.digest)
-            pool.release(w, outcome.reusable)
+            self._left(w, outcome.reusable)
             rec.duration_ms = outcome.duration_ms
             if outcome.error is not None and self.closing and outcome.error.get("kind") in _KILLED_KINDS:
                 flow.deny(action.slug, DenialKind.SHUTDOWN, "the runner closed while the action ran; worker stopped",

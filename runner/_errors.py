@@ -31,6 +31,8 @@ Internal signals (caught inside the runner, turned into a denial or an
 
 from __future__ import annotations
 
+from typing import Any
+
 from enum import StrEnum
 
 
@@ -45,6 +47,7 @@ class DenialKind(StrEnum):
     MEMORY_LIMIT = "memory_limit"              # the worker hit its memory cap
     CPU_LIMIT = "cpu_limit"                    # the execution used more CPU time than allowed
     WORKER_CRASH = "worker_crash"              # the worker died or could not start
+    WORKER_LOST = "worker_lost"                # killed with another execution co-running in its worker
     PROTOCOL_ERROR = "protocol_error"          # the worker broke the protocol
     OUTPUT_LIMIT = "output_limit"              # the worker sent or queued too much
     HTTP_FETCH_DENIED = "http_fetch_denied"    # a fetch refused by policy: the flow halts even if the action catches it
@@ -92,11 +95,16 @@ class RunnerClosed(ActionpoolError):
 
 
 class Violation(Exception):
-    """A worker broke a rule; it is killed and its execution denied with ``kind``."""
+    """A worker broke a rule; it is killed and its execution denied with ``kind``.
 
-    def __init__(self, kind: str, message: str) -> None:
+    ``culprit`` is the execution whose call broke it, where several run in one worker (the
+    others are denied ``worker_lost``); None when that is the only one or nothing says whose.
+    """
+
+    def __init__(self, kind: str, message: str, culprit: Any = None) -> None:
         super().__init__(message)
         self.kind = kind
+        self.culprit = culprit
 
 
 class Overloaded(Exception):

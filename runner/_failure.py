@@ -20,7 +20,7 @@ from typing import Any, Collection
 # failure policies see the outage for what it is.
 ENVIRONMENT_API_CODES = frozenset({"cache_unavailable", "http_fetch_timeout", "http_fetch_error"})
 
-FAIL_OPEN_KINDS = frozenset({"timeout", "memory_limit", "cpu_limit", "worker_crash"}) | ENVIRONMENT_API_CODES
+FAIL_OPEN_KINDS = frozenset({"timeout", "memory_limit", "cpu_limit", "worker_crash", "worker_lost"}) | ENVIRONMENT_API_CODES
 
 
 def environment_kind(error: dict[str, Any], failed_calls: Collection[str]) -> str | None:

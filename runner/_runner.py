@@ -159,6 +159,8 @@ class Runner:
             s.update(self._engine.cpu.stats())
         if self._engine is not None and self._engine.admission is not None:
             s.update(self._engine.admission.stats())
+        if self._engine is not None:
+            s.update(self._engine.co.stats())   # executions that joined a busy worker (runner/_corun.py)
         s.update(self._lag.stats())
         if self._launcher is not None:
             s.update(self._launcher.stats())

@@ -11,6 +11,14 @@ waiting on both, never by polling. State machine::
 Whatever ends an execution (its answer, a timeout, a protocol violation, the
 process dying) resolves its future exactly once; everything after that is
 ignored. Any message the worker sends that the state does not expect kills it.
+
+A BUSY worker may run several executions of one action at once (co-running,
+``Limits.co_run``): the engine adds one only while every execution in the
+worker waits on an ``api.fetch`` (:meth:`WorkerHandle.can_co_run`). Each call
+the worker sends then names its execution (``xid``) and is charged to it. A
+kill ends them all: the execution that caused it gets its own kind, the others
+``worker_lost``; one that fails by itself (an uncaught error) leaves the others
+to finish, and the worker is discarded after the last (``draining``).
 """
 
 from __future__ import annotations
@@ -82,7 +90,7 @@ class Outcome:
 
 @dataclass
 class _Running:
-    msgid: int
+    msgid: int                    # of the execute request; the worker's xid for this execution's calls
     handler: CallHandler
     future: asyncio.Future[Outcome]
     started: float
@@ -94,6 +102,8 @@ class _Running:
     timer: asyncio.TimerHandle | None = None
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     context: contextvars.Context | None = None   # the flow's: its api calls run (and log) in it
+    fetching: int = 0             # api.fetch requests of this execution in the supervisor's hands
+    heard: bool = False           # the worker sent something for it: it started
 
 
 def _close_connected(task: "asyncio.Task[Any]") -> None:
@@ -131,13 +141,16 @@ class WorkerHandle(asyncio.Protocol):
         self.returncode: int | None = None
         self.death_reason: str | None = None
         self.memory_check: Callable[[], bool] | None = None  # True when the worker exceeded its memory cap
+        self.co_digest: str | None = None   # the action whose executions may co-run here (set by the engine)
+        self.on_park: Callable[["WorkerHandle"], None] | None = None   # every execution here waits on a fetch
         self._max_frame = max_frame
         self._decoder = FrameDecoder(max_frame)
         self.on_dead = on_dead
         self._loop = asyncio.get_running_loop()
         self._ready: asyncio.Future[dict[str, Any]] = self._loop.create_future()
         self._exited: asyncio.Future[int] = self._loop.create_future()
-        self._running: _Running | None = None
+        self._runs: dict[int, _Running] = {}   # executions in flight, by execute msgid (several: co-running)
+        self.draining = False   # an execution failed beside others: no new ones, discarded after the last
         self._rtransport: asyncio.ReadTransport | None = None
         self._wtransport: asyncio.WriteTransport | None = None
         self._pidfd: int | None = None
@@ -145,7 +158,42 @@ class WorkerHandle(asyncio.Protocol):
         self.on_exit: list[Callable[[], None]] = []   # cleanups once the process is gone (its cgroup)
         self._raw_closed = False
         self._tasks: set[asyncio.Task[Any]] = set()   # crash reports in progress
-        self._answered: tuple[_Running, dict[str, Any] | None] | None = None
+        self._answered: list[tuple[_Running, dict[str, Any] | None]] = []
+        self._sizes: list[int] = []   # frame sizes of the last read (charged to each frame's execution)
+
+    @property
+    def _running(self) -> _Running | None:
+        """The execution in flight when there is one (the first of several while co-running)."""
+        for run in self._runs.values():
+            return run
+        return None
+
+    @property
+    def running(self) -> int:
+        """How many executions are in flight on this worker."""
+        return len(self._runs)
+
+    def can_co_run(self, digest: str, limit: int) -> bool:
+        """True when one more execution of ``digest`` may join: all here wait on api.fetch, room left.
+
+        Waiting on a fetch is known here (the request is in the supervisor's hands), so a worker
+        whose executions compute, or wait on anything else, is never given another. An execution
+        sent but not yet heard of counts as waiting: it is one the worker has not begun, of an
+        action seen to reach its fetch (the engine only asks for those), so joiners queue behind
+        it in the worker's pipe instead of one start at a time.
+        """
+        if self.state is not State.BUSY or self.draining or len(self._runs) >= limit or self.co_digest != digest:
+            return False
+        for run in self._runs.values():
+            if not run.fetching and run.heard:
+                return False
+        return True
+
+    def co_room(self, digest: str, limit: int) -> int:
+        """Executions of ``digest`` that may still join here once its executions wait (0: none)."""
+        if self.state is not State.BUSY or self.draining or self.co_digest != digest:
+            return 0
+        return max(0, limit - len(self._runs))
 
     # -- life cycle ------------------------------------------------------------
     async def start(self, configure: dict[str, Any], timeout: float) -> dict[str, Any]:
@@ -229,7 +277,7 @@ class WorkerHandle(asyncio.Protocol):
         waiting for it to read, ``cpu_budget_s`` the supervisor CPU its messages and api calls
         may use; going over any of them kills the worker (``output_limit``).
         """
-        if self.state is not State.IDLE:
+        if self.state is not State.IDLE and not (self.state is State.BUSY and self._runs and not self.draining):
             # Died between being handed out and being used (an OOM kill, an external SIGKILL).
             fut: asyncio.Future[Outcome] = self._loop.create_future()
             fut.set_result(Outcome({"kind": "worker_crash", "message": f"worker died before the execution started: "
@@ -238,31 +286,30 @@ class WorkerHandle(asyncio.Protocol):
         self.state = State.BUSY
         # An unpredictable id: a blind forgery of the answer from inside the worker names no pending request.
         fut = self._loop.create_future()
-        run = _Running(random_u32(), handler, fut, time.perf_counter(), max_output, max_queued, cpu_budget_s,
+        msgid = random_u32()
+        while msgid in self._runs:
+            msgid = random_u32()
+        run = _Running(msgid, handler, fut, time.perf_counter(), max_output, max_queued, cpu_budget_s,
                        context=contextvars.copy_context())
-        self._running = run
+        self._runs[msgid] = run
         self.executions += 1
         run.timer = self._loop.call_later(timeout, self._on_timeout, run, timeout_kind, timeout)
         try:
             self._write(Request(run.msgid, "execute", [params]).wire())
         except (ValueError, TypeError, ProtocolError) as exc:  # an event too large for one frame
-            self._finish(run, {"kind": "protocol_error", "message": f"execute request could not be encoded: {exc}"}, False)
-            self.kill("request could not be encoded")
+            self._violation("protocol_error", f"execute request could not be encoded: {exc}", run)
         return fut
 
     def _on_timeout(self, run: _Running, kind: str, timeout: float) -> None:
-        if self._running is run:
+        if self._runs.get(run.msgid) is run:
             self._drain_logs(run)
             if self._oom_killed():
                 # The kernel already OOM-killed it; a demoted (SCHED_IDLE) worker on a busy machine can take
                 # longer to be scheduled and exit than its time limit: the verdict is still its memory.
-                self._finish(run, {"kind": "memory_limit",
-                                   "message": "worker killed for exceeding its memory limit (OOM kill)"}, False)
+                self._end_all("memory_limit", "worker killed for exceeding its memory limit (OOM kill)")
             else:
                 what = "flow" if kind == "flow_timeout" else "action"
-                self._finish(run, {"kind": kind, "message": f"{what} exceeded its {timeout:.3g}s time limit; worker killed"},
-                             False)
-            self.kill(kind)
+                self._violation(kind, f"{what} exceeded its {timeout:.3g}s time limit; worker killed", run)
 
     def _oom_killed(self) -> bool:
         if self.memory_check is None:
@@ -274,9 +321,9 @@ class WorkerHandle(asyncio.Protocol):
             return False
 
     def _finish(self, run: _Running, error: dict[str, Any] | None, reusable: bool) -> None:
-        if self._running is not run:
+        if self._runs.get(run.msgid) is not run:
             return
-        self._running = None
+        del self._runs[run.msgid]
         if run.timer is not None:
             run.timer.cancel()
         for t in run.tasks:
@@ -284,22 +331,45 @@ class WorkerHandle(asyncio.Protocol):
         self.last_used = time.monotonic()
         if not run.future.done():
             run.future.set_result(Outcome(error, (time.perf_counter() - run.started) * 1000.0, reusable))
-        if reusable and self.state is State.BUSY:
-            self.state = State.IDLE
+        if not self._runs and self.state is State.BUSY:
+            if reusable and not self.draining:
+                self.state = State.IDLE
+            elif self.draining:   # the last of several, after one of them failed: nothing more runs here
+                self.kill("discarded after an execution beside others failed")
 
     def fail_execution(self, kind: str, message: str) -> None:
-        """End the running execution with ``kind`` and kill the worker (a limit enforced from outside: cpu_limit)."""
-        self._violation(kind, message)
+        """End the running executions with ``kind`` and kill the worker (a limit enforced from outside: cpu_limit)."""
+        self._end_all(kind, message)
 
-    def _violation(self, kind: str, message: str) -> None:
-        run = self._running
-        if run is not None:
+    def _violation(self, kind: str, message: str, culprit: _Running | None = None) -> None:
+        """Kill the worker for what ``culprit`` did: it gets ``kind``, executions beside it ``worker_lost``.
+
+        Without a culprit (one execution only, or nothing says whose bytes broke the rules) every
+        execution in flight gets ``kind``.
+        """
+        if culprit is None and len(self._runs) == 1:
+            culprit = self._running
+        if culprit is None or len(self._runs) <= 1:
+            self._end_all(kind, message)
+            return
+        self._finish(culprit, {"kind": kind, "message": message}, False)
+        lost = f"killed with another execution of this action in the same worker ({kind}: {message})"
+        for run in list(self._runs.values()):
+            self._finish(run, {"kind": "worker_lost", "message": lost}, False)
+        self.kill(f"{kind}: {message}")
+
+    def _end_all(self, kind: str, message: str) -> None:
+        """Every execution in flight ends with ``kind``, then the worker is killed."""
+        for run in list(self._runs.values()):
             self._finish(run, {"kind": kind, "message": message}, False)
         self.kill(f"{kind}: {message}")
 
     # -- protocol callbacks --------------------------------------------------------
     def data_received(self, data: bytes) -> None:
         if self.state is State.DEAD:
+            return
+        if len(self._runs) > 1:
+            self._data_co(data)
             return
         run = self._running
         if run is not None:
@@ -317,37 +387,107 @@ class WorkerHandle(asyncio.Protocol):
             if run is not None:
                 self._charge(run, _cpu() - start)
         except ProtocolError as exc:
-            self._answered = None
+            self._answered.clear()
             self._violation("protocol_error", f"{type(exc).__name__}: {exc}")
         except Violation as exc:
-            self._answered = None
-            self._violation(exc.kind, str(exc))
+            self._answered.clear()
+            self._violation(exc.kind, str(exc), exc.culprit)
         else:
-            # An answer counts only if nothing after it in the same read broke the rules
-            # (a forged answer followed by anything else is a protocol violation).
-            answered = self._answered
-            if answered is not None:
-                self._answered = None
-                self._complete(*answered)
+            self._complete_answered()
+
+    def _data_co(self, data: bytes) -> None:
+        """A read while several executions run: each frame is charged to the execution it names."""
+        sizes = self._sizes
+        sizes.clear()
+        start = _cpu()
+        try:
+            values = self._decoder.feed(data, sizes)
+        except ProtocolError as exc:   # a broken stream names no execution: all of them lose it
+            self._violation("protocol_error", f"{type(exc).__name__}: {exc}")
+            return
+        cost = (_cpu() - start) / max(len(values), 1)
+        try:
+            for value, size in zip(values, sizes):
+                start = _cpu()
+                msg = parse_message(value)
+                run = self._runs.get(msg.msgid) if type(msg) is Response else \
+                    self._run_named(msg.xid, type(msg).__name__)
+                if run is not None:
+                    run.bytes_in += size
+                    if run.bytes_in > run.max_output:
+                        if type(msg) is Notification and msg.method == "log":
+                            run.handler.notify("log", msg.params)  # the line that went over is still shown
+                        raise Violation("output_limit", f"worker sent more than {run.max_output} bytes in one execution",
+                                        run)
+                self._dispatch(msg)
+                if self.state is State.DEAD:
+                    return
+                if run is not None:
+                    self._charge(run, cost + _cpu() - start)
+                    if self.state is State.DEAD:
+                        return
+        except ProtocolError as exc:
+            self._answered.clear()
+            self._violation("protocol_error", f"{type(exc).__name__}: {exc}")
+        except Violation as exc:
+            self._answered.clear()
+            self._violation(exc.kind, str(exc), exc.culprit)
+        else:
+            self._complete_answered()
+
+    def _complete_answered(self) -> None:
+        # An answer counts only if nothing after it in the same read broke the rules
+        # (a forged answer followed by anything else is a protocol violation).
+        if self._answered:
+            answered = list(self._answered)
+            self._answered.clear()
+            for run, error in answered:
+                self._complete(run, error)
+
+    def _run_named(self, xid: int | None, what: str) -> _Running:
+        """The execution a call belongs to: the one its ``xid`` names, or the only one in flight."""
+        if xid is None:
+            if len(self._runs) != 1:
+                raise Violation("protocol_error", f"a {what} without an execution id while "
+                                                  f"{len(self._runs)} executions run")
+            run = self._running
+            assert run is not None
+        else:
+            got = self._runs.get(xid)
+            if got is None:
+                raise Violation("protocol_error", f"a {what} for an execution that is not running here")
+            run = got
+        for done, _ in self._answered:
+            if done is run:
+                raise Violation("protocol_error", f"{what} after the execution's answer", run)
+        return run
 
     def _dispatch(self, msg: Any) -> None:
         state = self.state
         if state is State.BUSY:
-            run = self._running
-            assert run is not None
-            if self._answered is not None:
-                raise Violation("protocol_error", f"{type(msg).__name__} after the execution's answer")
             t = type(msg)
             if t is Notification:
-                run.handler.notify(msg.method, msg.params)
+                run = self._run_named(msg.xid, "Notification")
+                run.heard = True
+                try:
+                    run.handler.notify(msg.method, msg.params)
+                except Violation as exc:
+                    exc.culprit = exc.culprit or run
+                    raise
             elif t is Request:
+                run = self._run_named(msg.xid, "Request")
+                run.heard = True
                 task = self._loop.create_task(self._serve_request(run, msg), context=run.context)
                 run.tasks.add(task)
                 task.add_done_callback(run.tasks.discard)
-            elif msg.msgid == run.msgid:
-                self._on_answer(run, msg)
             else:
-                raise Violation("protocol_error", f"response to unknown message id {msg.msgid}")
+                run = self._runs.get(msg.msgid)
+                if run is None:
+                    raise Violation("protocol_error", f"response to unknown message id {msg.msgid}")
+                for done, _ in self._answered:
+                    if done is run:
+                        raise Violation("protocol_error", "Response after the execution's answer", run)
+                self._on_answer(run, msg)
         elif state is State.STARTING:
             try:
                 pid, info = check_hello(msg)
@@ -365,33 +505,41 @@ class WorkerHandle(asyncio.Protocol):
             raise Violation("protocol_error", f"unexpected {type(msg).__name__} from an idle worker")
 
     def _on_answer(self, run: _Running, msg: Response) -> None:
-        if self._answered is not None:
-            raise Violation("protocol_error", "a second answer to the same execution")
         error = msg.error
         if error is not None:
             if type(error) is not dict or not all(type(k) is str and type(v) is str for k, v in error.items()):
-                raise Violation("protocol_error", "execute error must be a map of strings")
+                raise Violation("protocol_error", "execute error must be a map of strings", run)
             kind = error.get("kind")
             if kind not in ("uncaught_error", "memory_limit"):
-                raise Violation("protocol_error", f"worker reported an unknown error kind {kind!r:.40}")
-        self._answered = (run, error)
+                raise Violation("protocol_error", f"worker reported an unknown error kind {kind!r:.40}", run)
+        self._answered.append((run, error))
 
     def _complete(self, run: _Running, error: dict[str, Any] | None) -> None:
         # No cgroup read here: a worker that answered was not OOM-killed (it is the only task in
         # its cgroup); the verdict is read on the crash path, where it matters.
+        if error is not None and len(self._runs) > 1:
+            # Failed by itself: the others beside it finish first, then the worker is discarded.
+            self.draining = True
+            self._finish(run, error, False)
+            return
         self._finish(run, error, error is None)
         if error is not None:
             self.kill(f"execution failed: {error.get('kind')}")
 
     async def _serve_request(self, run: _Running, req: Request) -> None:
         """Run one value-returning call and answer it; every failure is an error reply the action can catch."""
+        fetch = req.method == "fetch"
+        if fetch:
+            run.fetching += 1   # while it is in our hands, this execution waits (see can_co_run)
+            if self.on_park is not None and self.co_digest is not None:
+                self.on_park(self)   # flows waiting to join may now (can_co_run decides)
         try:
             start = _cpu()
             try:
                 coro = run.handler.request(req.method, req.params)   # admission: may raise Violation
             finally:
                 self._charge(run, _cpu() - start)
-            if self._running is not run:
+            if self._runs.get(run.msgid) is not run:
                 coro.close()
                 return
             result = await _Metered(coro, self, run)
@@ -399,8 +547,8 @@ class WorkerHandle(asyncio.Protocol):
         except ApiFailure as exc:
             reply = _error_reply(req.msgid, exc.kind, str(exc))
         except Violation as exc:
-            if self._running is run:
-                self._violation(exc.kind, str(exc))
+            if self._runs.get(run.msgid) is run:
+                self._violation(exc.kind, str(exc), run)
             return
         except asyncio.CancelledError:
             raise
@@ -410,7 +558,10 @@ class WorkerHandle(asyncio.Protocol):
                 log.exception("api.%s failed in the supervisor", req.method)
                 kind = "internal_error"
             reply = _error_reply(req.msgid, kind, str(exc) or type(exc).__name__)
-        if self._running is run and self.state is State.BUSY:
+        finally:
+            if fetch:
+                run.fetching -= 1
+        if self._runs.get(run.msgid) is run and self.state is State.BUSY:
             self._reply(run, reply)
 
     def _reply(self, run: _Running, reply: Response) -> None:
@@ -431,14 +582,14 @@ class WorkerHandle(asyncio.Protocol):
         queued = t.get_write_buffer_size()
         if queued > run.max_queued:
             self._violation("output_limit", f"{queued} bytes of replies queued to a worker that does not read "
-                                            f"them (limit {run.max_queued})")
+                                            f"them (limit {run.max_queued})", run)
 
     def _charge(self, run: _Running, seconds: float) -> None:
         """Count supervisor CPU against ``run``; over its budget the worker is killed."""
         run.cpu += seconds
-        if run.cpu > run.cpu_budget and self._running is run:
+        if run.cpu > run.cpu_budget and self._runs.get(run.msgid) is run:
             self._violation("output_limit", f"api calls used more than {run.cpu_budget * 1000:.0f} ms of "
-                                            "supervisor CPU time in one execution")
+                                            "supervisor CPU time in one execution", run)
 
     def eof_received(self) -> bool:
         self._pipe_closed()
@@ -455,16 +606,17 @@ class WorkerHandle(asyncio.Protocol):
             self.kill("closed its pipe")
 
     async def _crash_report(self, run: _Running) -> None:
+        """The verdict of a worker that died mid-execution: every execution in it shares it (none says whose)."""
         code = await self.wait_exit(0.5)
-        if self._running is not run:
+        if self._runs.get(run.msgid) is not run:
             return
         if code is None:
-            self._violation("protocol_error", "worker closed its pipe mid-execution")
+            self._end_all("protocol_error", "worker closed its pipe mid-execution")
             return
         if self.memory_check is not None and self.memory_check():
-            self._violation("memory_limit", f"worker killed for exceeding its memory limit ({describe_exit(code)})")
+            self._end_all("memory_limit", f"worker killed for exceeding its memory limit ({describe_exit(code)})")
             return
-        self._violation("worker_crash", f"worker died: {describe_exit(code)}")
+        self._end_all("worker_crash", f"worker died: {describe_exit(code)}")
 
     # -- log lines of a killed execution -------------------------------------------------
     def _drain_logs(self, run: _Running) -> None:
@@ -489,7 +641,10 @@ class WorkerHandle(asyncio.Protocol):
             for value in self._decoder.feed(data):
                 msg = parse_message(value)
                 if type(msg) is Notification and msg.method == "log":
-                    run.handler.notify("log", msg.params)
+                    # Each line to the execution that logged it (several may share the worker).
+                    owner = run if msg.xid is None or msg.xid == run.msgid else self._runs.get(msg.xid)
+                    if owner is not None:
+                        owner.handler.notify("log", msg.params)
         except (ProtocolError, Violation):
             return False
         return True

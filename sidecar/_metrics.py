@@ -185,7 +185,7 @@ class _Bounded:
 
 # Denial kinds whose worker was killed (or died); a failed-open action's kind is in its "failed open: KIND:" log.
 KILL_KINDS = frozenset({"timeout", "flow_timeout", "memory_limit", "cpu_limit", "output_limit", "protocol_error",
-                        "worker_crash"})
+                        "worker_crash", "worker_lost"})
 _FAILED_OPEN = re.compile(r"^failed open: (\w+): ")
 
 # Runner.stats() key -> (metric name, help)

@@ -136,6 +136,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self.send_header("Content-Length", "0")
                 self.end_headers()
             elif path == "/echo":
+                if "ms" in q:   # an upstream that answers later, with what it was asked
+                    self.server.stop.wait(int(q["ms"]) / 1000)
                 payload = {
                     "method": self.command,
                     "path": self.path,

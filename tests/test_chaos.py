@@ -80,6 +80,22 @@ class Chaos:
             return w
 
         pool.acquire = recording
+        # A flow of an I/O-bound action may instead join a busy worker of it (co-running, runner/_corun.py).
+        co = runner._engine.co  # noqa: SLF001
+        join, join_wait = co.join, co.join_wait
+
+        def joined(w: Any) -> Any:
+            if w is not None:
+                self.served.setdefault(FLOW.get(), []).append(w.pid)
+                self.seen_pids.add(w.pid)
+            return w
+
+        co.join = lambda *a, **k: joined(join(*a, **k))
+
+        async def waited(*args: Any, **kwargs: Any) -> Any:
+            return joined(await join_wait(*args, **kwargs))
+
+        co.join_wait = waited
 
     async def flow(self, i: int, kind: Kind) -> None:
         FLOW.set(i)

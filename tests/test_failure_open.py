@@ -167,7 +167,7 @@ async def test_a_forged_api_error_without_an_outage_stays_uncaught_error() -> No
 
 
 def test_the_documented_table() -> None:
-    assert FAIL_OPEN_KINDS == {"timeout", "memory_limit", "cpu_limit", "worker_crash", "cache_unavailable",
+    assert FAIL_OPEN_KINDS == {"timeout", "memory_limit", "cpu_limit", "worker_crash", "worker_lost", "cache_unavailable",
                                "http_fetch_timeout", "http_fetch_error"}
     err = {"kind": "uncaught_error", "type": "ApiError", "message": "cache_unavailable: down"}
     assert environment_kind(err, {"cache_unavailable"}) == "cache_unavailable"

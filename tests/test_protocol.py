@@ -592,3 +592,38 @@ def test_malformed_hello_with_wrong_version_is_still_invalid_not_mismatch() -> N
     # Shape is checked before the version: a garbage hello is not a "version" problem.
     with pytest.raises(InvalidMessage):
         check_hello(Notification(HELLO, [PROTOCOL_VERSION + 1, "pid", {}]))
+
+
+# -- execution ids: several executions in one worker (co-running) ----------------------------------
+
+
+def test_calls_may_name_their_execution() -> None:
+    req = parse_message([0, 5, "fetch", ["u"], 77])
+    note = parse_message([2, "log", ["info", "x"], 77])
+    assert req == Request(5, "fetch", ["u"], 77) and req.xid == 77
+    assert note == Notification("log", ["info", "x"], 77) and note.xid == 77
+    assert parse_message([0, 5, "fetch", ["u"]]).xid is None      # untagged: one execution in the worker
+    assert Request(5, "fetch", ["u"], 77).wire() == [0, 5, "fetch", ["u"], 77]
+    assert Notification("log", [], None).wire() == [2, "log", []]
+
+
+@pytest.mark.parametrize("obj, why", [
+    ([0, 5, "fetch", [], -1], "message id"),
+    ([0, 5, "fetch", [], "77"], "message id"),
+    ([0, 5, "fetch", [], 2**32], "message id"),
+    ([0, 5, "fetch", [], 1, 2], "4 elements"),
+    ([2, "log", [], True], "message id"),
+    ([2, "log", [], 1, 2], "3 elements"),
+])
+def test_a_bad_execution_id_is_refused(obj: list, why: str) -> None:
+    with pytest.raises(InvalidMessage, match=why):
+        parse_message(obj)
+
+
+def test_decoder_reports_each_frame_size_when_asked() -> None:
+    frames = [encode_frame([2, "log", ["info", "x" * n], 9]) for n in (1, 300, 70_000)]
+    dec = FrameDecoder()
+    sizes: list[int] = []
+    data = b"".join(frames)
+    got = dec.feed(data[:100], sizes) + dec.feed(data[100:], sizes)
+    assert len(got) == 3 and sizes == [len(f) for f in frames]

@@ -113,9 +113,12 @@ def test_values_round_trip_under_arbitrary_chunking(values: list[Any], data: st.
 
 @FAST
 @given(msgs=st.lists(st.one_of(
-    st.builds(Request, st.integers(0, MAX_MSGID), st.text(min_size=1, max_size=64), st.lists(wire_values, max_size=3)),
+    # xid: the execution a call belongs to (co-running workers tag every call; others may leave it out)
+    st.builds(Request, st.integers(0, MAX_MSGID), st.text(min_size=1, max_size=64), st.lists(wire_values, max_size=3),
+              st.none() | st.integers(0, MAX_MSGID)),
     st.builds(Response, st.integers(0, MAX_MSGID), wire_values, wire_values),
-    st.builds(Notification, st.text(min_size=1, max_size=64), st.lists(wire_values, max_size=3)),
+    st.builds(Notification, st.text(min_size=1, max_size=64), st.lists(wire_values, max_size=3),
+              st.none() | st.integers(0, MAX_MSGID)),
 ), min_size=1, max_size=4), data=st.data())
 def test_messages_round_trip_under_arbitrary_chunking(msgs: list[Any], data: st.DataObject) -> None:
     stream = b"".join(encode_frame(m.wire()) for m in msgs)

@@ -5,6 +5,7 @@ Started by the supervisor as ``python -I -S -c BOOTSTRAP`` (see
 
     read "configure"  ->  apply the sandbox  ->  send hello (with the sandbox report)
     loop: read "execute" request -> run the action -> send the response
+          (an async action that awaits its replies may have others beside it: Runtime.serve)
     exit on EOF, on "shutdown", or when the supervisor kills the process group
 
 Nothing here decides policy: limits, offered methods and sandbox settings all
@@ -20,7 +21,7 @@ import signal
 import sys
 from typing import Any
 
-from ..protocol import DEFAULT_MAX_FRAME, Notification, Request, Response, hello
+from ..protocol import DEFAULT_MAX_FRAME, Notification, hello
 
 from ._channel import Channel, PipeClosed
 from ._runtime import Runtime
@@ -65,19 +66,7 @@ def serve(rfd: int, wfd: int) -> None:
         runtime.prime()   # while the supervisor reads the hello: the first real execution finds its pages ready
     except Exception:     # an optimisation only; the real executions are unaffected
         pass
-    while True:
-        msg = ch.recv()
-        if type(msg) is Request and msg.method == "execute" and len(msg.params) == 1 and type(msg.params[0]) is dict:
-            error, result = runtime.execute(msg.params[0])
-            ch.queue(Response(msg.msgid, error, result).wire())
-            ch.flush()
-        elif type(msg) is Notification and msg.method == "shutdown":
-            ch.flush()
-            return
-        elif type(msg) is Response:  # a reply to a request of a finished execution: dropped
-            ch.stale += 1
-        else:
-            os._exit(EXIT_PROTOCOL)
+    runtime.serve()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,7 +7,10 @@ While an ``async def`` handler runs, the pipe is also watched by the event
 loop so several ``await api.fetch(...)`` can be in flight at once.
 
 Request ids are unique for the worker's life, so every reply names the one
-request, and with it the one execution, it answers. A reply nobody waits for
+request, and with it the one execution, it answers. While several executions
+run at once (an ``execute`` request that arrives while others await their
+replies starts another), each one's calls go through its own
+:class:`TaggedChannel`, which adds the execution id to every call it sends. A reply nobody waits for
 any more (its request was abandoned: a task cancelled when its execution
 ended, or the supervisor answered just as the execution did) is dropped and
 counted in ``stale``; it can never reach a later execution.
@@ -43,6 +46,11 @@ class Channel:
         self._next_id = 1
         self.waiting: dict[int, asyncio.Future[Any]] = {}
         self.stale = 0   # replies to requests nobody waits for any more, dropped
+        # Set by the runtime while executions run on the event loop: what to do with a request or
+        # notification from the supervisor (a new ``execute``, ``shutdown``); None: none may come.
+        self.on_message: Any = None
+        self.deferred: deque[Any] = deque()   # such messages read during a blocking call, for after it
+        self.on_deferred: Any = None          # called once a blocking call returns with messages deferred
 
     # -- writing -------------------------------------------------------------
     def queue(self, wire: list[Any]) -> None:
@@ -95,29 +103,44 @@ class Channel:
             self._read_some()
         return self.inbox.popleft()
 
-    def call(self, method: str, params: list[Any]) -> Any:
-        """A synchronous request: send, then block for its response."""
+    def call(self, method: str, params: list[Any], xid: int | None = None) -> Any:
+        """A synchronous request: send, then block for its response.
+
+        While executions share the loop, a new ``execute`` arriving meanwhile is kept in
+        ``deferred`` and started once this call has returned (``on_message`` schedules that).
+        """
         msgid = self.new_id()
-        self.send(Request(msgid, method, params).wire())
+        self.send(Request(msgid, method, params, xid).wire())
         while True:
             msg = self.recv()
             if type(msg) is Response:
                 if msg.msgid == msgid:
+                    if self.deferred and self.on_deferred is not None:
+                        self.on_deferred()
                     return msg
                 self._resolve(msg)
                 continue
+            if self.on_message is not None:
+                self.deferred.append(msg)
+                continue
             raise InvalidMessage(f"unexpected {type(msg).__name__} while waiting for a reply")
 
-    async def call_async(self, method: str, params: list[Any]) -> Any:
+    async def call_async(self, method: str, params: list[Any], xid: int | None = None,
+                         mine: "dict[int, asyncio.Future[Any]] | None" = None) -> Any:
+        """An awaited request; ``mine`` is the execution's own table of requests in flight."""
         loop = asyncio.get_running_loop()
         msgid = self.new_id()
         fut: asyncio.Future[Any] = loop.create_future()
         self.waiting[msgid] = fut
+        if mine is not None:
+            mine[msgid] = fut
         try:
-            self.send(Request(msgid, method, params).wire())
+            self.send(Request(msgid, method, params, xid).wire())
             return await fut
         finally:
             self.waiting.pop(msgid, None)
+            if mine is not None:
+                mine.pop(msgid, None)
 
     def _resolve(self, msg: Response) -> None:
         fut = self.waiting.get(msg.msgid)
@@ -128,13 +151,49 @@ class Channel:
             fut.set_result(msg)
 
     def on_readable(self) -> None:
-        """Event-loop callback while an async handler runs: deliver replies."""
+        """Event-loop callback while async handlers run: deliver replies (and new executions)."""
         self._read_some()
         while self.inbox:
             msg = self.inbox.popleft()
-            if type(msg) is not Response:
+            if type(msg) is Response:
+                self._resolve(msg)
+            elif self.on_message is not None:
+                self.on_message(msg)
+            else:
                 raise InvalidMessage(f"unexpected {type(msg).__name__} during an execution")
-            self._resolve(msg)
+
+
+class TaggedChannel:
+    """One execution's view of the channel: every call it sends names the execution (``xid``).
+
+    It also keeps the execution's own requests in flight (``waiting``), so the end of one
+    execution waits for its calls only, never for those of another running beside it.
+    """
+
+    __slots__ = ("channel", "xid", "waiting", "max_frame")
+
+    def __init__(self, channel: Channel, xid: int) -> None:
+        self.channel = channel
+        self.xid = xid
+        self.waiting: dict[int, asyncio.Future[Any]] = {}
+        self.max_frame = channel.max_frame
+
+    def queue(self, wire: list[Any]) -> None:
+        wire.append(self.xid)
+        self.channel.queue(wire)
+
+    def flush(self) -> None:
+        self.channel.flush()
+
+    def send(self, wire: list[Any]) -> None:
+        self.queue(wire)
+        self.channel.flush()
+
+    def call(self, method: str, params: list[Any]) -> Any:
+        return self.channel.call(method, params, self.xid)
+
+    async def call_async(self, method: str, params: list[Any]) -> Any:
+        return await self.channel.call_async(method, params, self.xid, self.waiting)
 
 
 class NullChannel(Channel):
@@ -151,9 +210,9 @@ class NullChannel(Channel):
     def flush(self) -> None:
         self.out.clear()
 
-    def call(self, method: str, params: list[Any]) -> Any:
+    def call(self, method: str, params: list[Any], xid: int | None = None) -> Any:
         msgid = self.new_id()
-        self.send(Request(msgid, method, params).wire())
+        self.send(Request(msgid, method, params, xid).wire())
         for value in self.decoder.feed(encode_frame(Response(msgid, None, None).wire(), self.max_frame)):
             return parse_message(value)
         raise InvalidMessage("no reply decoded")
@@ -163,4 +222,4 @@ def notification(method: str, params: list[Any]) -> list[Any]:
     return Notification(method, params).wire()
 
 
-__all__ = ["Channel", "NullChannel", "PipeClosed", "notification", "HEADER"]
+__all__ = ["Channel", "NullChannel", "PipeClosed", "TaggedChannel", "notification", "HEADER"]

@@ -17,7 +17,7 @@ from typing import Any, Callable
 from ..protocol import LOG_LEVELS, METHODS, ApiMethod, check_json, check_params, snake_case, truncate_utf8
 from ..protocol._schema import MAX_JSON_DEPTH
 
-from ._channel import Channel, notification
+from ._channel import Channel, TaggedChannel, notification
 from ._event import FrozenDict, FrozenList, thaw, view
 
 
@@ -55,12 +55,15 @@ for _cls in (ApiError, ApiNotAvailable, ApiClosed):
 class Execution:
     """Per-execution state shared by the api proxy, console and log capture."""
 
-    def __init__(self, channel: Channel, trigger: str, offered: frozenset[str], max_log_bytes: int) -> None:
+    def __init__(self, channel: Channel | TaggedChannel, trigger: str, offered: frozenset[str],
+                 max_log_bytes: int) -> None:
         self.channel = channel
         self.trigger = trigger
         self.offered = offered
         self.max_log_bytes = max_log_bytes
         self.active = True
+        self.partial: dict[str, str] = {}     # printed text not yet ended by a newline, per stream level
+        self.tasks: set[Any] = set()          # asyncio tasks created while this execution was current
 
     def check(self, m: ApiMethod) -> None:
         if not self.active:
@@ -378,31 +381,35 @@ class LogStream:
     def __init__(self, level: str, current: Callable[[], Execution | None]) -> None:
         self.level = level
         self._current = current
-        self._buf = ""
 
     def write(self, text: str) -> int:
         if type(text) is not str:
             raise TypeError(f"write() argument must be str, not {type(text).__name__}")
-        self._buf += text
-        if "\n" in self._buf:
-            *lines, self._buf = self._buf.split("\n")
-            ex = self._current()
-            if ex is not None:
-                for line in lines:
-                    ex.log(self.level, line)
-        elif len(self._buf) > 65536:
-            self.flush()
+        ex = self._current()
+        if ex is None:  # printed outside any execution (module import of the warm-up): nobody's log
+            return len(text)
+        # The unfinished line is the execution's own: executions running side by side never mix lines.
+        buf = ex.partial.get(self.level, "") + text
+        if "\n" in buf:
+            *lines, buf = buf.split("\n")
+            for line in lines:
+                ex.log(self.level, line)
+        elif len(buf) > 65536:
+            ex.log(self.level, buf)
+            buf = ""
+        ex.partial[self.level] = buf
         return len(text)
 
     def flush(self) -> None:
-        if self._buf:
-            ex = self._current()
-            if ex is not None:
-                ex.log(self.level, self._buf)
-            self._buf = ""
+        ex = self._current()
+        if ex is not None:
+            self.flush_for(ex)
 
-    def reset(self) -> None:
-        self._buf = ""
+    def flush_for(self, ex: Execution) -> None:
+        """Log the unfinished line ``ex`` printed, if any (at the end of the execution)."""
+        buf = ex.partial.pop(self.level, "")
+        if buf:
+            ex.log(self.level, buf)
 
     def isatty(self) -> bool:
         return False
