@@ -132,6 +132,9 @@ RATIOS: tuple[RatioSpec, ...] = (
     # scenario 4: I/O-bound flows against the fastest Python client alone (the issue's floor)
     RatioSpec("s4_warm_tput_vs_aiohttp_tput", "s4.io_warm", "throughput_per_s", "s4.aiohttp_floor",
               "throughput_per_s", "aiohttp floor"),
+    # ... and against aiohttp opening a connection per request, as api.fetch must to S4's 127.0.0.1 upstream
+    RatioSpec("s4_warm_tput_vs_aiohttp_close_tput", "s4.io_warm", "throughput_per_s", "s4.aiohttp_floor",
+              "extra.close_req_per_s", "aiohttp floor with Connection: close"),
     # scenario 5: a cold worker against a cold interpreter
     RatioSpec("s5_cold_p50_vs_subprocess_p50", "s5.cold_start", "p50_ms", "subprocess.latency", "p50_ms",
               "subprocess p50"),

@@ -17,10 +17,19 @@ def compute_ratios(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         a, b = by_id.get(spec.row), by_id.get(spec.ref)
         if a is None and b is None:
             continue  # neither phase selected: not worth a null in the JSON
-        value = ratio(a.get(spec.metric) if a else None, b.get(spec.ref_metric) if b else None)
+        value = ratio(_metric(a, spec.metric), _metric(b, spec.ref_metric))
         out[spec.key] = {"value": value, "row": spec.row, "metric": spec.metric, "ref": spec.ref,
                          "ref_metric": spec.ref_metric, "label": spec.label}
     return out
+
+
+def _metric(row: dict[str, Any] | None, name: str) -> Any:
+    """A row's figure: a top-level one (``p50_ms``), or ``extra.NAME`` for one kept in its extra."""
+    if row is None:
+        return None
+    if name.startswith("extra."):
+        return (row.get("extra") or {}).get(name[6:])
+    return row.get(name)
 
 
 def fmt_num(v: Any, unit: str = "") -> str:

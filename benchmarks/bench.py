@@ -71,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sandbox", choices=("strict", "degraded", "off"), default=None,
                    help="RunnerConfig.sandbox.mode for scenarios (default: the config's default)")
     p.add_argument("--runner", action="append", default=[], metavar="KEY=VALUE",
-                   help="a RunnerConfig field for every scenario (int, float or text), e.g. worker_nice=0; repeatable")
+                   help="a RunnerConfig field for every scenario (int, float, true/false/none or text), e.g. worker_nice=0; repeatable")
     p.add_argument("--inline", action="store_true", help="run phases in this process (debugging; no hard kill)")
     p.add_argument("-v", "--verbose", action="store_true", help="show phase processes' stderr as it comes")
     # Internal: the parent runs a phase child with these.
@@ -118,8 +118,8 @@ def _runner_overrides(items: list[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or key not in fields:
             raise SystemExit(f"--runner: expected KEY=VALUE with KEY a RunnerConfig field, got {item!r}")
-        value: Any = raw
-        for conv in (int, float):
+        value: Any = {"true": True, "false": False, "none": None}.get(raw.lower(), raw)
+        for conv in (int, float) if isinstance(value, str) else ():
             try:
                 value = conv(raw)
                 break

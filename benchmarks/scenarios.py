@@ -267,6 +267,7 @@ async def _io_round(r: Any, row: dict[str, Any], actions: list[Any], n: int, dea
     process, so rows that report CPU run without it.
     """
     spawned_before = int(r.stats().get("spawned", 0))
+    co_before = int(r.stats().get("co_runs", 0))
     stop = asyncio.Event()
     peak: dict[str, int] = {}
     poller = asyncio.ensure_future(_peak_live(r, stop, peak))
@@ -288,11 +289,13 @@ async def _io_round(r: Any, row: dict[str, Any], actions: list[Any], n: int, dea
         "upstream_delay_ms": delay_s * 1000,
         "peak_live_workers": peak.get("live", 0),
         "workers_spawned": int(s.get("spawned", 0)) - spawned_before,  # a "warm" round that spawns was not warm
+        "co_runs": int(s.get("co_runs", 0)) - co_before,   # flows that joined a busy worker (Limits.co_run)
         "supervisor_cpu_s": round(cpu, 4),
         "supervisor_cpu_us_per_fetch": round(cpu / max(len(ok), 1) * 1e6, 1),
         "stats": s,
     })
-    note = f"peak workers {peak.get('live', 0)} ({row['extra']['workers_spawned']} spawned)"
+    note = (f"peak workers {peak.get('live', 0)} ({row['extra']['workers_spawned']} spawned), "
+            f"{row['extra']['co_runs']} of {n} flows co-ran")
     if isinstance(rss, RssSampler):
         row["extra"].update({
             "peak_processes": rss.peak_children,

@@ -161,6 +161,9 @@ class RunnerConfig:
     # Workers' scheduling groups run this much nicer than the supervisor (0-18; a demoted spinner's goes to 19),
     # which every flow waits on, so it preempts them; they also yield to every other process (docs/design.md).
     worker_nice: int = 0
+    # Workers run SCHED_BATCH: woken by an execute request, a worker does not preempt the supervisor (which
+    # every flow waits on) but waits for a free CPU, keeping its full share against other processes.
+    worker_batch: bool = False
     # Executions admitted to the CPU at once, the rest first-come-first-served (runner/_admission.py); a token
     # ends at the execution's first request (a fetch) or after running_hold_ms, so I/O-bound and long
     # executions never block admission. 0 (default): no limit; None: 8 per usable CPU (RUNNING_PER_CPU).
@@ -185,6 +188,8 @@ class RunnerConfig:
         nice = self.worker_nice
         if isinstance(nice, bool) or not isinstance(nice, int) or not 0 <= nice <= 18:
             raise ConfigError(f"worker_nice must be an integer from 0 to 18, got {self.worker_nice!r}")
+        if type(self.worker_batch) is not bool:
+            raise ConfigError(f"worker_batch must be true or false, got {self.worker_batch!r}")
         m = self.max_running
         if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 0):
             raise ConfigError(f"max_running must be a non-negative integer or None, got {m!r}")

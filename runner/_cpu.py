@@ -101,9 +101,25 @@ def demote(pid: int) -> None:
     _set_class(pid, os.SCHED_IDLE, 19)
 
 
-def restore(pid: int, autogroup_nice: int = 0) -> None:
-    """Back to SCHED_OTHER. Raises PermissionError without CAP_SYS_NICE (leaving SCHED_IDLE needs it)."""
-    _set_class(pid, os.SCHED_OTHER, autogroup_nice)
+def restore(pid: int, autogroup_nice: int = 0, batch: bool = False) -> None:
+    """Back to SCHED_OTHER (SCHED_BATCH with ``batch``). Raises PermissionError without CAP_SYS_NICE
+    (leaving SCHED_IDLE needs it)."""
+    _set_class(pid, os.SCHED_BATCH if batch else os.SCHED_OTHER, autogroup_nice)
+
+
+def set_worker_batch(pid: int) -> None:
+    """Every thread of a new worker to SCHED_BATCH (``RunnerConfig.worker_batch``).
+
+    A batch task is not allowed to preempt the running task when it wakes (the kernel's fair
+    class skips wakeup preemption for it): a worker woken by the supervisor's execute request
+    waits for a free CPU or the next tick instead of taking the supervisor's CPU in the middle of
+    its write, while keeping its full share (nice 0) against other processes on the host.
+    """
+    for tid in _tasks(pid):
+        try:
+            os.sched_setscheduler(tid, os.SCHED_BATCH, os.sched_param(0))
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def set_worker_nice(pid: int, nice: int) -> None:
@@ -159,8 +175,9 @@ class _Watch:
 class CpuGovernor:
     """Watches running executions' CPU time; demotes spinners, enforces ``cpu_limit``."""
 
-    def __init__(self, budget_ms: float, worker_nice: int = 0) -> None:
+    def __init__(self, budget_ms: float, worker_nice: int = 0, worker_batch: bool = False) -> None:
         self.worker_nice = worker_nice   # where a demoted worker's group goes back to
+        self.worker_batch = worker_batch  # and its class: SCHED_BATCH or SCHED_OTHER
         self.budget_ns = int(budget_ms * 1e6)
         self.period_s = max(budget_ms / 2000.0, 0.002)
         # Running executions: the start time (monotonic) until the first tick anchors them, then a _Watch.
@@ -186,7 +203,7 @@ class CpuGovernor:
             self._limits.pop(w, None)
         if type(st) is _Watch and st.demoted and w.alive:
             try:
-                restore(w.pid, worker_group_nice(self.worker_nice))
+                restore(w.pid, worker_group_nice(self.worker_nice), self.worker_batch)
             except OSError as exc:  # no CAP_SYS_NICE: an unprivileged supervisor cannot undo SCHED_IDLE
                 w.kill(f"could not restore its CPU priority ({exc.strerror}); discarded")
 

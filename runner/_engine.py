@@ -106,7 +106,8 @@ class FlowEngine:
         # Set by Runner.close() once the grace period is over: whatever fails from then on failed
         # because the runner killed it, and says so (``shutdown``), not ``worker_crash SIGKILL``.
         self.closing = False
-        self.cpu = CpuGovernor(config.cpu_budget_ms, config.worker_nice) if config.cpu_budget_ms else None
+        self.cpu = CpuGovernor(config.cpu_budget_ms, config.worker_nice, config.worker_batch) \
+            if config.cpu_budget_ms else None
         running = config.running_limit()
         self.admission = Admission(running, config.running_hold_ms / 1000) if running else None
         self.co = CoRunners()   # busy workers other executions of their action may join (runner/_corun.py)

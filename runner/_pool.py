@@ -33,7 +33,7 @@ import time
 from typing import Any, Awaitable, Callable
 
 from . import _pool_policy as policy
-from ._cpu import set_worker_nice
+from ._cpu import set_worker_batch, set_worker_nice
 from ._errors import Overloaded, PoolClosed
 from ._pool_tasks import TaskSide
 from ._pool_workers import Key, WorkerSide
@@ -76,7 +76,7 @@ class Pool:
                  max_workers: int, max_queue: int, max_executions: int, default_profile: tuple[Any, ...],
                  spawn_concurrency: int = 2, idle_timeout_s: float = 60.0, min_idle_per_tenant: int = 0,
                  max_busy_per_tenant: int | None = None, max_queue_per_tenant: int | None = None,
-                 fair_wait_s: float = 0.5, worker_nice: int = 0,
+                 fair_wait_s: float = 0.5, worker_nice: int = 0, worker_batch: bool = False,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._launch = launch
         self._clock = clock
@@ -90,6 +90,7 @@ class Pool:
         self.idle_timeout_s = idle_timeout_s
         self.fair_wait_s = fair_wait_s
         self.worker_nice = worker_nice
+        self.worker_batch = worker_batch
         self.min_idle_per_tenant = min_idle_per_tenant
         self.max_busy_per_tenant = max_busy_per_tenant or policy.default_tenant_cap(max_workers)
         self.max_queue_per_tenant = (max_queue_per_tenant if max_queue_per_tenant is not None
@@ -125,7 +126,7 @@ class Pool:
                    spawn_concurrency=cfg.spawn_concurrency,
                    idle_timeout_s=cfg.idle_timeout_s, min_idle_per_tenant=cfg.min_idle_per_tenant,
                    max_busy_per_tenant=cfg.max_busy_per_tenant, max_queue_per_tenant=cfg.max_queue_per_tenant,
-                   fair_wait_s=cfg.fair_wait_s, worker_nice=cfg.worker_nice,
+                   fair_wait_s=cfg.fair_wait_s, worker_nice=cfg.worker_nice, worker_batch=cfg.worker_batch,
                    default_profile=(limits.memory_mb, limits.cpu_seconds, limits.max_open_files))
 
     # -- views (tests and stats read these) ----------------------------------------------------------
@@ -203,6 +204,8 @@ class Pool:
             raise PoolClosed("pool closed while a worker was starting")
         w.tenant = key[0]
         set_worker_nice(w.pid, self.worker_nice)
+        if self.worker_batch:
+            set_worker_batch(w.pid)
         self.ws.adopt(w)
         w.on_dead = self._on_dead
         if not w.alive:  # died between hello and now

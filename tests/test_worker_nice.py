@@ -49,3 +49,22 @@ def test_worker_nice_is_validated() -> None:
     for bad in (-1, 19, True, 2.5):
         with pytest.raises(ConfigError, match="worker_nice"):
             RunnerConfig(worker_nice=bad).validate()  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("batch", [True, False])
+async def test_workers_run_sched_batch_when_asked_and_go_back_to_it_after_a_demotion(batch: bool) -> None:
+    """``worker_batch``: a woken worker does not preempt the supervisor; a demoted spinner comes back to batch."""
+    spin = "import time\ndef on_execute(event, api):\n    t = time.monotonic()\n    while time.monotonic() - t < 0.3:\n        pass\n"
+    cfg = RunnerConfig(pool_size=1, max_workers=1, worker_batch=batch, cpu_budget_ms=20.0)
+    async with make_runner(cfg) as r:
+        res = await r.run_flow(trigger="post-login", actions=[Action(slug="s", source=spin)], event={}, tenant="t")
+        assert res.outcome == "allow"
+        assert r.stats()["cpu_demotions"] >= 1      # it ran SCHED_IDLE for a while, then was restored
+        [pid] = r.worker_pids
+        want = os.SCHED_BATCH if batch else os.SCHED_OTHER
+        assert {os.sched_getscheduler(int(t)) for t in os.listdir(f"/proc/{pid}/task")} == {want}
+
+
+def test_worker_batch_is_validated() -> None:
+    with pytest.raises(ConfigError, match="worker_batch"):
+        RunnerConfig(worker_batch=1).validate()  # type: ignore[arg-type]
