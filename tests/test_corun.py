@@ -181,6 +181,40 @@ async def test_co_run_1_and_actions_that_never_fetch_keep_one_execution_per_work
         assert r.stats()["co_runs"] == 0
 
 
+TASKS = '''
+import asyncio
+
+async def on_execute(event, api):
+    me = event.user.user_id
+    if event.user.mode == "inner":       # the work is in a task of its own, awaited
+        async def inner():
+            await api.fetch(event.url + "&u=" + me)
+            api.state.set("inner", me)
+        await asyncio.get_running_loop().create_task(inner())
+        return
+    async def forever():                 # left behind: ends with this execution, not with another's
+        while True:
+            await asyncio.sleep(0.01)
+    asyncio.ensure_future(forever())
+    await api.fetch(event.url + "&u=" + me)
+    api.state.set("left", me)
+'''
+
+
+async def test_an_execution_ends_its_own_tasks_never_those_of_the_executions_beside_it(http_server: Any) -> None:
+    action = Action(slug="tasks", source=TASKS)
+    async with make_runner(CFG) as r:
+        assert (await flow(r, action, event(http_server, "warm", 0))).allowed
+        lead, rest = await start_parked(r, action, http_server, event(http_server, "inner0", 700, "inner"),
+                                        [event(http_server, f"left{i}", 50, "spawn") for i in range(3)])
+        short = [await t for t in rest]         # they end first, each cancelling its own forever()
+        long = await lead
+        assert r.stats()["co_runs"] >= 3
+    assert all(res.allowed for res in short) and [res.state["tasks"]["left"] for res in short] == \
+        ["left0", "left1", "left2"]
+    assert long.allowed and long.state == {"tasks": {"inner": "inner0"}}, long.denial
+
+
 # -- the supervisor's side of the protocol, on a handle fed frames directly ------------------------
 
 
