@@ -36,7 +36,7 @@ import math
 import re
 import ssl
 import zlib
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import Callable, Iterable
 from functools import lru_cache
 from typing import Any
 
@@ -45,6 +45,7 @@ import httpcore
 import httpx
 import idna
 import yarl
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from ._config import FetchConfig
 from ._errors import ConfigError, FetchDenied, FetchError, FetchTimeout
@@ -117,8 +118,11 @@ def _normalise_host(host: str) -> str | None:
     return h
 
 
+_Allowlist = tuple[frozenset[str], tuple[str, ...]]  # (exact names and IPs, wildcard suffixes)
+
+
 @lru_cache(maxsize=1024)
-def _compile_allowlist(allow_hosts: tuple[str, ...]) -> tuple[frozenset[str], tuple[str, ...]]:
+def _compile_allowlist(allow_hosts: tuple[str, ...]) -> _Allowlist:
     """(exact names and IPs, wildcard suffixes like ".example.com"); invalid entries match nothing."""
     exact: set[str] = set()
     suffixes: list[str] = []
@@ -144,10 +148,15 @@ def host_allowed(host: str, allow_hosts: Iterable[str]) -> bool:
     by value); ``*.example.com`` matches sub-domains at any depth but not
     ``example.com`` itself, and never an IP literal.
     """
+    return _allowed(host, _compile_allowlist(tuple(allow_hosts)))
+
+
+def _allowed(host: str, allow: _Allowlist) -> bool:
+    """:func:`host_allowed` against an allowlist compiled already."""
     h = _normalise_host(host)
     if h is None:
         return False
-    exact, suffixes = _compile_allowlist(tuple(allow_hosts))
+    exact, suffixes = allow
     if h in exact:
         return True
     if _ip(h) is not None:
@@ -245,6 +254,11 @@ log = logging.getLogger("actionpool.fetch")
 # Sent unless the action gives its own (Accept-Encoding is always ours: only what we can bound).
 DEFAULT_HEADERS = (("user-agent", "actionpool-fetch/1"), ("accept", "*/*"))
 ACCEPT_ENCODING = ("accept-encoding", "gzip, deflate")
+# Sent as they are when the action gives no header (the usual case): built once, read-only.
+_PLAIN_HEADERS = CIMultiDictProxy(CIMultiDict([*DEFAULT_HEADERS, ACCEPT_ENCODING]))
+_CLOSE_HEADERS = CIMultiDictProxy(CIMultiDict([*DEFAULT_HEADERS, ACCEPT_ENCODING, ("connection", "close")]))
+# aiohttp would add "Content-Type: application/octet-stream" to a body the action sent without a type.
+SKIP_CONTENT_TYPE = ("Content-Type",)
 # Room for the reply's envelope (msgpack map keys, status, message ids) within one frame.
 REPLY_OVERHEAD_BYTES = 1024
 
@@ -300,13 +314,18 @@ class Fetcher:
         body. ``max_reply_bytes``: the result must fit one reply frame.
         """
         method, headers, body = self._parse_init(init)
-        target = self._checked_url(tenant, url, allow_hosts)  # FetchDenied before anything else happens
+        allow = _compile_allowlist(tuple(allow_hosts))  # once per fetch: every gate and memo key below uses it
+        target = self._checked_url(tenant, url, allow)  # FetchDenied before anything else happens
         budget = min(float(timeout_s), float(self._config.timeout_s)) if not math.isnan(timeout_s) else 0.0
         if not budget > 0:
             raise FetchTimeout("no time left for api.fetch in this execution")
         try:
-            async with asyncio.timeout(budget), self._capacity.use(tenant) as cap:
-                result = await self._follow(cap, target, method, headers, body, allow_hosts, budget)
+            async with asyncio.timeout(budget):
+                cap = await self._capacity.acquire(tenant)
+                try:
+                    result = await self._follow(cap, target, method, headers, body, allow, budget)
+                finally:
+                    self._capacity.release(cap)
         except TimeoutError:
             raise FetchTimeout(f"api.fetch did not complete within {budget:.3g} s") from None
         if max_reply_bytes is not None:
@@ -357,19 +376,22 @@ class Fetcher:
                 raise FetchError(f"api.fetch: request body exceeds {self._config.max_request_bytes} bytes")
         return method, headers, data
 
-    def _checked_url(self, tenant: str, url: Any, allow_hosts: tuple[str, ...]) -> httpx.URL:
-        """:meth:`_check_url`, answered from the tenant's memo of recent verdicts when it has one."""
+    def _checked_url(self, tenant: str, url: Any, allow: _Allowlist) -> _Target:
+        """:meth:`_check_url`, answered from the tenant's memo of recent verdicts when it has one.
+
+        What is remembered is the whole :class:`_Target` (the parsed URL, aiohttp's URL, host and
+        port), so a hit costs no parsing at all."""
         cap = self._capacity.peek(tenant)
         if cap is None or type(url) is not str or len(url) > MEMO_URL_CHARS:
-            return self._check_url(url, allow_hosts)
-        key = ("url", url, _compile_allowlist(tuple(allow_hosts)))
+            return _Target(self._check_url(url, allow))
+        key = ("url", url, allow)
         hit = cap.remembered(key)
         if hit is None:
-            hit = self._check_url(url, allow_hosts)
+            hit = _Target(self._check_url(url, allow))
             cap.remember(key, hit)
         return hit
 
-    def _check_url(self, url: Any, allow_hosts: tuple[str, ...]) -> httpx.URL:
+    def _check_url(self, url: Any, allow: _Allowlist) -> httpx.URL:
         if not isinstance(url, (str, httpx.URL)):
             raise FetchDenied("api.fetch: url must be a string")
         if isinstance(url, str) and len(url) > MAX_URL_CHARS:
@@ -387,13 +409,17 @@ class Fetcher:
         if u.port is not None and not 0 < u.port < 65536:
             raise FetchDenied(f"api.fetch: invalid port {u.port}")
         host = u.raw_host.decode("ascii")
-        if not host_allowed(host, allow_hosts):
+        if not _allowed(host, allow):
             raise FetchDenied(f"api.fetch: host {host!r} is not on the fetch allowlist")
         return u
 
-    async def _vet(self, cap: TenantCapacity, host: str,
-                   allow_hosts: tuple[str, ...]) -> tuple[tuple[str, ...], bool]:
+    async def _vet(self, cap: TenantCapacity, host: str, allow: _Allowlist) -> tuple[tuple[str, ...], bool]:
         """Resolve ``host`` (under the tenant's DNS cap) and vet every address; return (addresses, all public)."""
+        # An IP literal's verdict is remembered under (host,) as its own answer; no name ever resolves
+        # to itself, so a hit here is a literal, answered without parsing it again.
+        hit = cap.remembered(("vet", host, (host,), allow))
+        if hit is not None:
+            return hit
         literal = _ip(host)
         if literal is not None:
             names = [host]
@@ -404,13 +430,11 @@ class Fetcher:
                 raise FetchError(f"api.fetch: could not resolve {host!r}: {exc}") from None
             if not names:
                 raise FetchError(f"api.fetch: {host!r} has no addresses")
-        compiled = _compile_allowlist(tuple(allow_hosts))
-        key = ("vet", host, tuple(map(str, names)), compiled)
-        hit = cap.remembered(key) if cap is not None else None
+        key = ("vet", host, tuple(map(str, names)), allow)
+        hit = cap.remembered(key)
         if hit is None:
-            hit = self._vet_addresses(host, names, compiled[0])
-            if cap is not None:
-                cap.remember(key, hit)
+            hit = self._vet_addresses(host, names, allow[0])
+            cap.remember(key, hit)
         return hit
 
     @staticmethod
@@ -435,71 +459,87 @@ class Fetcher:
 
     # -- the request loop
 
-    async def _follow(self, cap: TenantCapacity, url: httpx.URL, method: str, headers: list[tuple[str, str]],
-                      body: bytes | None, allow_hosts: tuple[str, ...], budget: float) -> dict:
+    async def _follow(self, cap: TenantCapacity, target: _Target, method: str, headers: list[tuple[str, str]],
+                      body: bytes | None, allow: _Allowlist, budget: float) -> dict:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + budget
         stubbed = self._config.stub is not None
+        nxt = target.url
         for hop in range(self._config.max_redirects + 1):
             if hop:
-                url = self._check_url(url, allow_hosts)
-            host = url.raw_host.decode("ascii")
+                target = _Target(self._check_url(nxt, allow))
+            host = target.host
             with _mapped_errors(host, self._config):
                 if stubbed:  # a stub never touches the network: nothing to resolve or pin
-                    status, raw, data = await self._stub_exchange(cap.pool, method, url, headers, body,
-                                                                  max(deadline - loop.time(), 0.001))
+                    status, head, data = await self._stub_exchange(cap.pool, method, target.url, headers, body,
+                                                                   max(deadline - loop.time(), 0.001))
                 else:
-                    ips, public = await self._vet(cap, host, allow_hosts)
-                    port = url.port or (443 if url.scheme == "https" else 80)
-                    token = PINS.set({(host, port): ips})
+                    ips, public = await self._vet(cap, host, allow)
+                    token = PINS.set({(host, target.port): ips})
                     try:
-                        status, raw, data = await self._exchange(cap.pool, method, url, headers, body,
-                                                                 close=not public)
+                        status, head, data = await self._exchange(cap.pool, method, target, headers, body,
+                                                                  close=not public)
                     finally:
                         PINS.reset(token)
             if data is None:  # a redirect with a Location: the next hop passes every gate again
-                nxt = self._redirect_target(url, _first(raw, "location") or "")
+                nxt = self._redirect_target(target.url, head.first("location") or "")
                 method, body, headers = _redirected(status, method, body, headers,
-                                                    same_origin=_origin(nxt) == _origin(url))
-                url = nxt
+                                                    same_origin=_origin(nxt) == _origin(target.url))
                 continue
-            log.debug("fetch %s %s -> %d (%d bytes)", method, url, status, len(data))
+            log.debug("fetch %s %s -> %d (%d bytes)", method, target.url, status, len(data))
             return {
                 "status": status,
-                "headers": _flatten_headers(raw),
-                "body": data.decode(_charset(_first(raw, "content-type")), errors="replace"),
+                "headers": head.flat(),
+                "body": data.decode(_charset(head.first("content-type")), errors="replace"),
             }
         raise FetchError(f"api.fetch: more than {self._config.max_redirects} redirects")
 
-    async def _exchange(self, client: TenantClient, method: str, url: httpx.URL, headers: list[tuple[str, str]],
-                        body: bytes | None, *, close: bool) -> tuple[int, list[tuple[str, str]], bytes | None]:
-        """One request on the tenant's pool: (status, headers, body), body None for a redirect to follow."""
-        target = yarl.URL(str(url), encoded=True)  # exactly the URL the gates saw, not re-encoded
-        resp = await client.session(close=close).request(method, target, headers=_request_headers(headers, close),
-                                                         data=body, allow_redirects=False)
+    async def _exchange(self, client: TenantClient, method: str, target: _Target, headers: list[tuple[str, str]],
+                        body: bytes | None, *, close: bool) -> tuple[int, _Head, bytes | None]:
+        """One request on the tenant's pool: (status, head, body), body None for a redirect to follow."""
+        # aiohttp adds no header of its own: ours are always there (User-Agent, Accept, Accept-Encoding),
+        # and Content-Type is left out for a body the action sent without one.
+        resp = await client.session(close=close).request(
+            method, target.aiohttp_url(), headers=_request_headers(headers, close), data=body,
+            allow_redirects=False, skip_auto_headers=SKIP_CONTENT_TYPE if body is not None else None)
         try:
-            raw = _decode_headers(resp.raw_headers)
-            if sum(len(k) + len(v) + 4 for k, v in raw) > self._config.max_response_head_bytes:
+            head = _Head(_decode_headers(resp.raw_headers))
+            if head.size > self._config.max_response_head_bytes:
                 raise FetchError(_head_too_big(self._config))
-            if resp.status in REDIRECT_STATUSES and _first(raw, "location") is not None:
+            if resp.status in REDIRECT_STATUSES and head.first("location") is not None:
                 resp.close()  # its body is not wanted: the connection is not reused
-                return resp.status, raw, None
-            data = await self._read_body(resp.content.iter_any(), raw, method)
+                return resp.status, head, None
+            reader = self._body_reader(head, method)
+            if reader is not None:
+                content = resp.content
+                if content.is_eof():  # the whole body came with the head (a small answer): take it as it is
+                    reader.feed(content.read_nowait())
+                else:
+                    async for chunk in content.iter_any():
+                        reader.feed(chunk)
+                data = reader.finish()
+            else:
+                data = b""
         except BaseException:
             resp.close()
             raise
         resp.release()
-        return resp.status, raw, data
+        return resp.status, head, data
 
     async def _stub_exchange(self, stub: Any, method: str, url: httpx.URL, headers: list[tuple[str, str]],
-                             body: bytes | None, timeout: float) -> tuple[int, list[tuple[str, str]], bytes | None]:
+                             body: bytes | None, timeout: float) -> tuple[int, _Head, bytes | None]:
         """The same exchange answered by ``FetchConfig.stub`` (offline mode)."""
         response = await stub.handle_async_request(_core_request(method, url, headers, body, timeout=timeout))
         try:
-            raw = _decode_headers(response.headers)
-            if response.status in REDIRECT_STATUSES and _first(raw, "location") is not None:
-                return response.status, raw, None
-            return response.status, raw, await self._read_body(response.aiter_stream(), raw, method)
+            head = _Head(_decode_headers(response.headers))
+            if response.status in REDIRECT_STATUSES and head.first("location") is not None:
+                return response.status, head, None
+            reader = self._body_reader(head, method)
+            if reader is None:
+                return response.status, head, b""
+            async for chunk in response.aiter_stream():
+                reader.feed(chunk)
+            return response.status, head, reader.finish()
         finally:
             await response.aclose()
 
@@ -512,40 +552,117 @@ class Fetcher:
             raise FetchDenied("api.fetch: refusing a redirect from https to plain http")
         return nxt
 
-    async def _read_body(self, chunks: AsyncIterator[bytes], headers: list[tuple[str, str]], method: str) -> bytes:
-        """The body, decompressed, never holding more than the cap (checked chunk by chunk as it streams)."""
+    def _body_reader(self, head: _Head, method: str) -> _Body | None:
+        """What reads this response's body under the cap; None when there is none to read (HEAD)."""
         if method == "HEAD":
-            return b""
+            return None
         cap = self._config.max_response_bytes
-        too_big = f"api.fetch: response body exceeds {cap} bytes"
-        encoding = (_first(headers, "content-encoding") or "").strip().lower()
+        encoding = (head.first("content-encoding") or "").strip().lower()
         inflate: _BoundedInflate | None = None
         if encoding in ("gzip", "x-gzip", "deflate"):
             inflate = _BoundedInflate("deflate" if encoding == "deflate" else "gzip")
         elif encoding not in ("", "identity"):
             raise FetchError(f"api.fetch: unsupported response content-encoding {encoding!r:.60}")
         else:
-            length = (_first(headers, "content-length") or "").strip()
+            length = (head.first("content-length") or "").strip()
             if length.isdigit() and int(length) > cap:
-                raise FetchError(too_big)
-        buf = bytearray()
-        try:
-            async for chunk in chunks:
-                data = inflate.feed(chunk, cap - len(buf)) if inflate else chunk
-                if len(buf) + len(data) > cap:
-                    raise FetchError(too_big)
-                buf += data
-            if inflate:
-                buf += inflate.flush(cap - len(buf))
-                if len(buf) > cap:
-                    raise FetchError(too_big)
-        except zlib.error as exc:
-            raise FetchError(f"api.fetch: could not decode the {encoding} response body ({exc})") from None
-        return bytes(buf)
+                raise FetchError(_too_big(cap))
+        return _Body(cap, inflate, encoding)
 
 
-def _request_headers(headers: list[tuple[str, str]], close: bool) -> list[tuple[str, str]]:
+class _Target:
+    """A URL that passed the gates, with what a request to it needs, worked out once.
+
+    The tenant's memo keeps these, so a URL fetched again costs no parsing: neither httpx's nor
+    aiohttp's (yarl) URL, nor the host and port.
+    """
+
+    __slots__ = ("_aiohttp_url", "host", "port", "url")
+
+    def __init__(self, url: httpx.URL) -> None:
+        self.url = url
+        self.host = url.raw_host.decode("ascii")
+        self.port = url.port or (443 if url.scheme == "https" else 80)
+        self._aiohttp_url: yarl.URL | None = None
+
+    def aiohttp_url(self) -> yarl.URL:
+        """Exactly the URL the gates saw, not re-encoded (made on first use, inside the error mapping)."""
+        if self._aiohttp_url is None:
+            self._aiohttp_url = yarl.URL(str(self.url), encoded=True)
+        return self._aiohttp_url
+
+
+class _Head:
+    """A response head, indexed once: lower-case name -> its values in order, and its size in bytes."""
+
+    __slots__ = ("parts", "size")
+
+    def __init__(self, raw: list[tuple[str, str]]) -> None:
+        parts: dict[str, list[str]] = {}
+        size = 0
+        for k, v in raw:
+            parts.setdefault(k.lower(), []).append(v)
+            size += len(k) + len(v) + 4
+        self.parts = parts
+        self.size = size
+
+    def first(self, name: str) -> str | None:
+        """The first value of header ``name`` (lower-case), or None."""
+        values = self.parts.get(name)
+        return values[0] if values else None
+
+    def flat(self) -> dict[str, str]:
+        """Lower-case names; repeated headers joined with ", " (once: linear in the number of repeats)."""
+        return {k: v[0] if len(v) == 1 else ", ".join(v) for k, v in self.parts.items()}
+
+
+def _too_big(cap: int) -> str:
+    return f"api.fetch: response body exceeds {cap} bytes"
+
+
+class _Body:
+    """A response body as it streams: inflated with a bound, never more than ``cap`` decoded bytes held."""
+
+    __slots__ = ("_cap", "_encoding", "_inflate", "_parts", "_size")
+
+    def __init__(self, cap: int, inflate: _BoundedInflate | None, encoding: str) -> None:
+        self._cap = cap
+        self._inflate = inflate
+        self._encoding = encoding
+        self._parts: list[bytes] = []
+        self._size = 0
+
+    def feed(self, chunk: bytes) -> None:
+        if self._inflate is not None:
+            try:
+                chunk = self._inflate.feed(chunk, self._cap - self._size)
+            except zlib.error as exc:
+                raise self._undecodable(exc) from None
+        self._add(chunk)
+
+    def finish(self) -> bytes:
+        if self._inflate is not None:
+            try:
+                self._add(self._inflate.flush(self._cap - self._size))
+            except zlib.error as exc:
+                raise self._undecodable(exc) from None
+        return b"".join(self._parts)  # one part (the usual small answer): that very object, no copy
+
+    def _add(self, data: bytes) -> None:
+        if self._size + len(data) > self._cap:
+            raise FetchError(_too_big(self._cap))
+        if data:
+            self._parts.append(data)
+            self._size += len(data)
+
+    def _undecodable(self, exc: zlib.error) -> FetchError:
+        return FetchError(f"api.fetch: could not decode the {self._encoding} response body ({exc})")
+
+
+def _request_headers(headers: list[tuple[str, str]], close: bool) -> Any:
     """Our defaults unless the action gave its own, the action's headers, our Accept-Encoding, maybe close."""
+    if not headers:  # the usual request: one shared, read-only set (aiohttp copies it into the request)
+        return _CLOSE_HEADERS if close else _PLAIN_HEADERS
     given = {k.lower() for k, _ in headers}
     out = [(k, v) for k, v in DEFAULT_HEADERS if k not in given] + headers + [ACCEPT_ENCODING]
     if close:
@@ -564,14 +681,6 @@ def _decode_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]
     return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in pairs]
 
 
-def _first(headers: list[tuple[str, str]], name: str) -> str | None:
-    """The first value of header ``name`` (lower-case), or None."""
-    for k, v in headers:
-        if k.lower() == name:
-            return v
-    return None
-
-
 def _head_too_big(config: FetchConfig) -> str:
     return (f"api.fetch: the response head exceeds {config.max_response_header_lines} header lines or "
             f"{config.max_response_head_bytes} bytes")
@@ -581,7 +690,8 @@ def _core_request(method: str, url: httpx.URL, headers: list[tuple[str, str]], b
                   timeout: float) -> httpcore.Request:
     """The request as the fetch stub receives it (the stub keeps httpcore's request shape)."""
     hop = _request_headers(headers, False)
-    raw = [(k.encode("ascii"), v.encode("latin-1", errors="replace")) for k, v in hop]
+    pairs = hop.items() if isinstance(hop, CIMultiDictProxy) else hop
+    raw = [(k.encode("ascii"), v.encode("latin-1", errors="replace")) for k, v in pairs]
     built = httpx.Request(method, url, headers=raw, content=body)  # adds Host and Content-Length
     return httpcore.Request(
         method=method.encode("ascii"),
@@ -594,6 +704,12 @@ def _core_request(method: str, url: httpx.URL, headers: list[tuple[str, str]], b
 
 def _check_reply_size(result: dict, limit: int) -> None:
     """FetchError unless the result, as UTF-8 text, fits one reply frame (decoding can triple a body)."""
+    # A character is at most 4 bytes of UTF-8: when even that bound fits (the usual small answer),
+    # nothing is encoded just to be measured.
+    bound = REPLY_OVERHEAD_BYTES + 4 * len(result["body"])
+    bound += sum(4 * (len(k) + len(v)) + 8 for k, v in result["headers"].items())
+    if bound <= limit:
+        return
     size = len(result["body"].encode("utf-8")) + REPLY_OVERHEAD_BYTES
     size += sum(len(k) + len(v.encode("utf-8")) + 8 for k, v in result["headers"].items())
     if size > limit:
@@ -652,11 +768,3 @@ def _redirected(status: int, method: str, body: bytes | None, headers: list[tupl
     if not same_origin:
         headers = [(k, v) for k, v in headers if k.lower() not in CREDENTIAL_HEADERS]
     return method, body, headers
-
-
-def _flatten_headers(headers: list[tuple[str, str]]) -> dict[str, str]:
-    """Lower-case names; repeated headers joined with ", " (once: linear in the number of repeats)."""
-    parts: dict[str, list[str]] = {}
-    for k, v in headers:
-        parts.setdefault(k.lower(), []).append(v)
-    return {k: ", ".join(v) for k, v in parts.items()}

@@ -124,19 +124,33 @@ class CapacityTable:
     @asynccontextmanager
     async def use(self, tenant: str) -> AsyncIterator[TenantCapacity]:
         """Hold one of ``tenant``'s fetch slots (waiting in its bounded queue) for the block."""
+        cap = await self.acquire(tenant)
+        try:
+            yield cap
+        finally:
+            self.release(cap)
+
+    async def acquire(self, tenant: str) -> TenantCapacity:
+        """One of ``tenant``'s fetch slots; pair with :meth:`release` (what :meth:`use` does, without a
+        generator-based context manager on every fetch: the Fetcher's hot path calls these directly)."""
         cap = self._entry(tenant)
         cap.active += 1
         try:
             await cap.fetches.acquire()
-            try:
-                yield cap
-            finally:
-                cap.fetches.release()
-        finally:
-            cap.active -= 1
-            cap.last_used = time.monotonic()
-            if cap.forgotten and cap.active == 0:
-                self._close(cap)
+        except BaseException:
+            self._leave(cap)
+            raise
+        return cap
+
+    def release(self, cap: TenantCapacity) -> None:
+        cap.fetches.release()
+        self._leave(cap)
+
+    def _leave(self, cap: TenantCapacity) -> None:
+        cap.active -= 1
+        cap.last_used = time.monotonic()
+        if cap.forgotten and cap.active == 0:
+            self._close(cap)
 
     async def resolve(self, cap: TenantCapacity, host: str) -> list[str]:
         """``host``'s addresses: a recent answer, a lookup already in flight, or a new lookup."""

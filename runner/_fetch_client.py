@@ -22,7 +22,11 @@ Per tenant, nothing shared: its own connector (pool, at most
 ``max_concurrent_per_tenant`` connections, at most
 ``max_keepalive_per_tenant`` of them idle), no cookie jar (``DummyCookieJar``),
 no automatic decompression (the caller inflates with a cap), response heads
-capped by aiohttp's parser (``max_headers``, line and field sizes).
+capped by aiohttp's parser (``max_headers``, line and field sizes). aiohttp adds
+no request header of its own: the Fetcher always sends User-Agent, Accept and
+Accept-Encoding, and asks per request to leave out Content-Type (no session-wide
+``skip_auto_headers``, which aiohttp would rebuild as a sorted multidict on
+every request).
 """
 
 from __future__ import annotations
@@ -64,9 +68,18 @@ def _same(ip: str) -> str:
 
 
 def _vetted(ip: str) -> bool:
-    """Is ``ip`` one of the addresses vetted for the request in flight?"""
+    """Is ``ip`` one of the addresses vetted for the request in flight?
+
+    The resolver hands aiohttp the vetted strings themselves, so the socket address is almost always
+    one of them verbatim: that is checked first (no parsing); any other spelling is compared by value.
+    """
+    pins = PINS.get(None)
+    if not pins:
+        return False
+    if any(ip in ips for ips in pins.values()):
+        return True
     want = _same(ip)
-    return any(want in {_same(v) for v in ips} for ips in PINS.get({}).values())
+    return any(want in {_same(v) for v in ips} for ips in pins.values())
 
 
 class PinnedResolver(AbstractResolver):
@@ -148,7 +161,6 @@ class TenantClient:
         return aiohttp.ClientSession(
             connector=connector, cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False, trust_env=False,
             timeout=aiohttp.ClientTimeout(total=None, connect=None, sock_read=None, sock_connect=None),
-            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
             max_headers=self._config.max_response_header_lines, max_line_size=line, max_field_size=line,
             requote_redirect_url=False, raise_for_status=False,
         )
