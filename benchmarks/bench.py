@@ -72,6 +72,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="RunnerConfig.sandbox.mode for scenarios (default: the config's default)")
     p.add_argument("--runner", action="append", default=[], metavar="KEY=VALUE",
                    help="a RunnerConfig field for every scenario (int, float, true/false/none or text), e.g. worker_nice=0; repeatable")
+    p.add_argument("--no-freeze-heap", action="store_true",
+                   help="S7-S10: leave the warm heap in the GC's full passes (serve freezes it after its prewarm)")
     p.add_argument("--inline", action="store_true", help="run phases in this process (debugging; no hard kill)")
     p.add_argument("-v", "--verbose", action="store_true", help="show phase processes' stderr as it comes")
     # Internal: the parent runs a phase child with these.
@@ -103,6 +105,7 @@ def build_knobs(args: argparse.Namespace) -> dict[str, Any]:
     if args.phase_timeout is not None:
         knobs["phase_timeout_s"] = args.phase_timeout
     knobs["runner"] = _runner_overrides(args.runner)
+    knobs["freeze_heap"] = not args.no_freeze_heap
     return knobs
 
 

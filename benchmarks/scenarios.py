@@ -593,8 +593,14 @@ async def _mixed_flows(r: Any, mix: Any, actions: list[list[Any]], n: int, seed:
     }
 
 
-async def _warm_mix(r: Any, actions: list[list[Any]], mix: Any, n: int, concurrency: int, deadline: Deadline) -> None:
-    """The steady state of a long-running gateway: every action ran once, then the traffic itself ran."""
+async def _warm_mix(r: Any, actions: list[list[Any]], mix: Any, n: int, concurrency: int, deadline: Deadline,
+                    freeze: bool = True) -> None:
+    """The steady state of a long-running gateway: every action ran once, then the traffic itself ran.
+
+    Then the warm heap is frozen (``freeze``, from ``--no-freeze-heap``), as ``actionpool serve`` does
+    once its prewarm is done: without it, a full GC pass of 55-113 ms lands in the measured traffic
+    now and then and is the p99 by itself (runner/_heap.py).
+    """
     every = [(t, a) for t, acts in enumerate(actions) for a in acts]
 
     def one(i: int) -> Any:
@@ -603,7 +609,16 @@ async def _warm_mix(r: Any, actions: list[list[Any]], mix: Any, n: int, concurre
 
     await async_closed_loop(one, len(every), concurrency, deadline.left("many-tenant warm-up"))
     await _mixed_flows(r, mix, actions, n, 100, concurrency, deadline)
+    if freeze:
+        _freeze()
     await asyncio.sleep(0.2)
+
+
+def _freeze() -> int:
+    """The warm heap out of the GC's full passes, as ``actionpool serve`` does after its prewarm (runner/_heap.py)."""
+    from ..runner.hosting import freeze_heap
+
+    return freeze_heap()
 
 
 def _tenant_row(row: dict[str, Any], out: dict[str, Any], mix: Any, knobs: dict[str, Any], spawned: int) -> None:
@@ -620,7 +635,7 @@ async def _s7(knobs: dict[str, Any], rec: Recorder, deadline: Deadline) -> None:
     n, conc = knobs["many_tasks"], knobs["concurrency"]
     with rec.row("s7.many_tenants") as row:
         async with _runner(_config(knobs), deadline) as r:
-            await _warm_mix(r, actions, mix, n, conc, deadline)
+            await _warm_mix(r, actions, mix, n, conc, deadline, knobs.get("freeze_heap", True))
             before = int(r.stats().get("spawned", 0))
             out = await _mixed_flows(r, mix, actions, n, 200, conc, deadline)
             _tenant_row(row, out, mix, knobs, int(r.stats().get("spawned", 0)) - before)
@@ -711,7 +726,7 @@ async def _s8(knobs: dict[str, Any], rec: Recorder, deadline: Deadline) -> None:
     spin = rn.Action(slug="spin", source=SRC_SPIN, limits={"action_timeout_s": knobs["spin_timeout_s"]})
     with rec.row("s8.spinning_tenant") as row:
         async with _runner(_config(knobs), deadline) as r:
-            await _warm_mix(r, actions, mix, n, conc, deadline)
+            await _warm_mix(r, actions, mix, n, conc, deadline, knobs.get("freeze_heap", True))
             before = int(r.stats().get("spawned", 0))
             out = await _mixed_flows(r, mix, actions, n, 200, conc, deadline, spin, knobs["spin_share"])
             _tenant_row(row, out, mix, knobs, int(r.stats().get("spawned", 0)) - before)
@@ -753,6 +768,8 @@ async def _restart_round(knobs: dict[str, Any], mix: Any, actions: list[list[Any
                                          deadline.left("prewarm"))
             out["prewarm_s"] = time.perf_counter() - t0
             out["prewarm"] = {"warmed": len(rep["warmed"]), "left": len(rep["left"]), "stopped": rep["stopped"]}
+            if knobs.get("freeze_heap", True):
+                out["prewarm"]["frozen_objects"] = _freeze()   # as `actionpool serve` does after its prewarm
         before = int(r.stats().get("spawned", 0))
         flows = await _mixed_flows(r, mix, actions, n, 400, conc, deadline)
         out.update(flows)

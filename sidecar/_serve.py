@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import gc
 import logging
 import signal
 import time
@@ -38,9 +37,9 @@ def tune_gc() -> None:
     (benchmarks/sidecar_attack.py, with a gc.callbacks probe). The modules, the runner and the config (about
     46,000 objects at start) never become garbage, so they are frozen out of those passes. A larger young
     threshold was tried and dropped: young passes then took 20-44 ms each instead of a fraction of one.
+    The warm workers the prewarm starts are frozen once it ends (``Sidecar._prewarm``).
     """
-    gc.collect()
-    gc.freeze()
+    policy.freeze_heap()
 
 
 def _store_url(url: str | None) -> str:

@@ -28,7 +28,7 @@ from typing import Any, Awaitable, Callable
 import orjson
 
 from ..runner import TRIGGERS, Action, ConfigError, Runner
-from ..runner.hosting import (REDACTED, SLUG_RE, Decision, build_record, default_tenant_cap, flow_redactor,
+from ..runner.hosting import (REDACTED, SLUG_RE, Decision, build_record, default_tenant_cap, flow_redactor, freeze_heap,
                               make_decision, redact, redact_paths, set_failure_policy)
 from ._action_cache import ActionCache
 from ._config import ServeConfig, is_loopback
@@ -177,6 +177,10 @@ class Sidecar:
         except Exception as exc:  # a failed prewarm costs cold starts, never the replica
             self.prewarm_report = {"stopped": "error", "error": f"{type(exc).__name__}: {exc}"[:200]}
             log.exception("sidecar: prewarm failed; ready anyway")
+        else:
+            # The warm workers' handles, pipes and futures live as long as the replica: out of every later
+            # full GC pass, which would otherwise stop the loop for tens of ms mid-traffic (runner/_heap.py).
+            self.prewarm_report["frozen_objects"] = freeze_heap()
         finally:
             self.warming = False
 
