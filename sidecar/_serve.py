@@ -11,6 +11,7 @@ SIGTERM or a SIGINT stops at once, as uvicorn does.
 from __future__ import annotations
 
 import asyncio
+import gc
 import dataclasses
 import logging
 import signal
@@ -140,10 +141,20 @@ def _uvicorn_server() -> type:
         async def startup(self, sockets: Any = None) -> None:
             await super().startup(sockets)
             tune_gc()
+            if self.sidecar.warming:
+                # The prewarm's workers (handles, pipes, futures) live as long as the replica: frozen too once it
+                # is over, or a full GC pass over them stops the loop for tens of ms mid-traffic (runner/_heap.py).
+                self._freeze_later = asyncio.get_running_loop().create_task(self._freeze_when_warm())
             if self.started and not self.should_exit and self.sidecar.started:
                 self.ready_at = time.monotonic()
                 ready_line(self.sidecar, self._address(), self.log_format)
                 report_ready()   # serve --workers N: tell the parent (a no-op alone)
+
+        async def _freeze_when_warm(self) -> None:
+            await self.sidecar.warmed.wait()
+            tune_gc()
+            if self.sidecar.prewarm_report is not None:   # /readyz shows it
+                self.sidecar.prewarm_report["frozen_objects"] = gc.get_freeze_count()
 
         def _address(self) -> str:
             """The address actually bound (``--port 0`` included)."""

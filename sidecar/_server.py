@@ -28,7 +28,7 @@ from typing import Any, Awaitable, Callable
 import orjson
 
 from ..runner import TRIGGERS, Action, ConfigError, Runner
-from ..runner.hosting import (REDACTED, SLUG_RE, Decision, build_record, default_tenant_cap, flow_redactor, freeze_heap,
+from ..runner.hosting import (REDACTED, SLUG_RE, Decision, build_record, default_tenant_cap, flow_redactor,
                               make_decision, redact, redact_paths, set_failure_policy)
 from ._action_cache import ActionCache
 from ._config import ServeConfig, is_loopback
@@ -101,6 +101,7 @@ class Sidecar:
         self.process_label = f"{slot.index}/{slot.count}".encode() if slot is not None else None
         self.warming = False   # the start-up prewarm runs: /readyz says not ready (bounded by prewarm_timeout_s)
         self.prewarm_report: dict[str, Any] | None = None
+        self.warmed = asyncio.Event()   # the start-up prewarm is over (`serve` then freezes the warm heap)
         self.guard: Any = None   # the connection guard (sidecar/_http_guard.py), set by `serve`
         self._decisions: dict[tuple[str, str, str, int], Decision] = {}
         self._bg: set[asyncio.Task[Any]] = set()
@@ -177,12 +178,9 @@ class Sidecar:
         except Exception as exc:  # a failed prewarm costs cold starts, never the replica
             self.prewarm_report = {"stopped": "error", "error": f"{type(exc).__name__}: {exc}"[:200]}
             log.exception("sidecar: prewarm failed; ready anyway")
-        else:
-            # The warm workers' handles, pipes and futures live as long as the replica: out of every later
-            # full GC pass, which would otherwise stop the loop for tens of ms mid-traffic (runner/_heap.py).
-            self.prewarm_report["frozen_objects"] = freeze_heap()
         finally:
             self.warming = False
+            self.warmed.set()
 
     async def shutdown(self, grace: float | None = None) -> None:
         self.draining = True

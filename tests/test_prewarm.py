@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from typing import Any
 
 import pytest
@@ -213,6 +214,13 @@ def test_serve_answers_ready_after_the_prewarm(tmp_path: Any) -> None:
     try:
         body = httpx.get(s.url + "/readyz", timeout=10).json()
         assert body["status"] == "ready" and body["prewarm"]["warmed"] == 6 and body["prewarm"]["stopped"] == "done"
+        # Then the warm heap is frozen out of the GC's full passes (runner/_heap.py), right after the prewarm.
+        deadline = time.monotonic() + 10
+        while "frozen_objects" not in body["prewarm"]:
+            assert time.monotonic() < deadline, body
+            time.sleep(0.02)   # polling the condition
+            body = httpx.get(s.url + "/readyz", timeout=10).json()
+        assert body["prewarm"]["frozen_objects"] > 10_000
         with s.client() as c:
             r = c.post("/v1/tenants/t1/flows/post-login", json={"user": {}})
             assert r.status_code == 200 and r.json()["outcome"] == "allow", r.text
