@@ -16,8 +16,8 @@ from typing import Any, Literal
 
 from ._errors import ConfigError
 
-# Executions admitted to the CPU per usable CPU with max_running=None: 16 on 2 cores is what was measured
-# (docs/design.md, "Admission to the CPU"); off by default until measured on a quiet machine.
+# Executions admitted to the CPU per usable CPU with max_running=None (the default): 16 on 2 cores is what
+# was measured (docs/design.md, "Admission to the CPU").
 RUNNING_PER_CPU = 8
 
 SandboxMode = Literal["strict", "degraded", "off"]
@@ -166,8 +166,8 @@ class RunnerConfig:
     worker_batch: bool = False
     # Executions admitted to the CPU at once, the rest first-come-first-served (runner/_admission.py); a token
     # ends at the execution's first request (a fetch) or after running_hold_ms, so I/O-bound and long
-    # executions never block admission. 0 (default): no limit; None: 8 per usable CPU (RUNNING_PER_CPU).
-    max_running: int | None = 0
+    # executions never block admission. None (default): 8 per usable CPU (RUNNING_PER_CPU); 0: no limit.
+    max_running: int | None = None
     running_hold_ms: float = 5.0
     # How long a flow of an action with Limits.co_run > 1 may wait for a busy worker of it to park on a fetch
     # and take it (runner/_corun.py) before it takes a worker of the pool instead.

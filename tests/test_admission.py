@@ -7,6 +7,7 @@ flows through a runner with a limit of one, which must all be answered.
 from __future__ import annotations
 
 import asyncio
+import os
 
 import pytest
 
@@ -115,5 +116,5 @@ def test_admission_settings_are_validated() -> None:
     for kw in ({"max_running": -1}, {"max_running": True}, {"running_hold_ms": 0}, {"running_hold_ms": 5000}):
         with pytest.raises(ConfigError, match=next(iter(kw))):
             RunnerConfig(**kw).validate()  # type: ignore[arg-type]
-    assert RunnerConfig().running_limit() == 0                         # off by default
-    assert RunnerConfig(max_running=None).running_limit() >= 8         # 8 per usable CPU
+    assert RunnerConfig().running_limit() == 8 * (len(os.sched_getaffinity(0)) or 2)   # on: 8 per usable CPU
+    assert RunnerConfig(max_running=0).running_limit() == 0                           # 0: off

@@ -122,8 +122,9 @@ SLOW = Action(slug="slow", source=(
 
 async def test_back_pressure_refuses_the_surplus_at_once() -> None:
     """max_workers=2, max_queue=4, 20 flows at once: 2 run, 4 wait, 14 are refused while the 2 are still stuck."""
+    # co_run=1: one flow per worker, so the pool's own queue is what is measured (tests/test_corun.py has the rest).
     cfg = RunnerConfig(pool_size=2, max_workers=2, max_busy_per_tenant=2, max_queue=4, queue_timeout_s=30.0,
-                       limits=Limits(action_timeout_s=30.0, flow_timeout_s=40.0),
+                       limits=Limits(action_timeout_s=30.0, flow_timeout_s=40.0, co_run=1),
                        fetch=FetchConfig(allow_hosts=("127.0.0.1",), timeout_s=30.0))
     async with Gate() as gate, make_runner(cfg) as r:
         finished: list[int] = []
