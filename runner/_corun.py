@@ -30,9 +30,9 @@ MAX_IO_BOUND = 4096   # actions remembered as reaching a fetch (LRU): what a joi
 
 
 class _Waiter:
-    __slots__ = ("future", "digest", "limit")
+    __slots__ = ("digest", "future", "limit")
 
-    def __init__(self, future: "asyncio.Future[WorkerHandle | None]", digest: str, limit: int) -> None:
+    def __init__(self, future: asyncio.Future[WorkerHandle | None], digest: str, limit: int) -> None:
         self.future = future
         self.digest = digest
         self.limit = limit
@@ -173,6 +173,6 @@ class CoRunners:
                 "co_run_waiting": sum(len(q) for q in self._waiters.values())}
 
 
-def _expire(fut: "asyncio.Future[Any]") -> None:
+def _expire(fut: asyncio.Future[Any]) -> None:
     if not fut.done():
         fut.set_result(None)

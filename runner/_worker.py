@@ -378,14 +378,21 @@ class WorkerHandle(asyncio.Protocol):
                 self._salvage_logs(run, data[:max(len(data) - (run.bytes_in - run.max_output), 0)])
                 self._violation("output_limit", f"worker sent more than {run.max_output} bytes in one execution")
                 return
+        self._guarded(self._feed_one, data, run)
+
+    def _feed_one(self, data: bytes, run: _Running | None) -> None:
         start = _cpu()
+        for value in self._decoder.feed(data):
+            self._dispatch(parse_message(value))
+            if self.state is State.DEAD:
+                return
+        if run is not None:
+            self._charge(run, _cpu() - start)
+
+    def _guarded(self, feed: Callable[..., None], *args: Any) -> None:
+        """Run one read's dispatch; a broken rule kills the worker, else the answers in it count."""
         try:
-            for value in self._decoder.feed(data):
-                self._dispatch(parse_message(value))
-                if self.state is State.DEAD:
-                    return
-            if run is not None:
-                self._charge(run, _cpu() - start)
+            feed(*args)
         except ProtocolError as exc:
             self._answered.clear()
             self._violation("protocol_error", f"{type(exc).__name__}: {exc}")
@@ -393,7 +400,10 @@ class WorkerHandle(asyncio.Protocol):
             self._answered.clear()
             self._violation(exc.kind, str(exc), exc.culprit)
         else:
-            self._complete_answered()
+            if self.state is State.DEAD:
+                self._answered.clear()
+            else:
+                self._complete_answered()
 
     def _data_co(self, data: bytes) -> None:
         """A read while several executions run: each frame is charged to the execution it names."""
@@ -405,35 +415,28 @@ class WorkerHandle(asyncio.Protocol):
         except ProtocolError as exc:   # a broken stream names no execution: all of them lose it
             self._violation("protocol_error", f"{type(exc).__name__}: {exc}")
             return
-        cost = (_cpu() - start) / max(len(values), 1)
-        try:
-            for value, size in zip(values, sizes):
-                start = _cpu()
-                msg = parse_message(value)
-                run = self._runs.get(msg.msgid) if type(msg) is Response else \
-                    self._run_named(msg.xid, type(msg).__name__)
-                if run is not None:
-                    run.bytes_in += size
-                    if run.bytes_in > run.max_output:
-                        if type(msg) is Notification and msg.method == "log":
-                            run.handler.notify("log", msg.params)  # the line that went over is still shown
-                        raise Violation("output_limit", f"worker sent more than {run.max_output} bytes in one execution",
-                                        run)
-                self._dispatch(msg)
+        self._guarded(self._feed_co, values, sizes, (_cpu() - start) / max(len(values), 1))
+
+    def _feed_co(self, values: list[Any], sizes: list[int], cost: float) -> None:
+        for value, size in zip(values, sizes):
+            start = _cpu()
+            msg = parse_message(value)
+            run = self._runs.get(msg.msgid) if type(msg) is Response else \
+                self._run_named(msg.xid, type(msg).__name__)
+            if run is not None:
+                run.bytes_in += size
+                if run.bytes_in > run.max_output:
+                    if type(msg) is Notification and msg.method == "log":
+                        run.handler.notify("log", msg.params)  # the line that went over is still shown
+                    raise Violation("output_limit", f"worker sent more than {run.max_output} bytes in one execution",
+                                    run)
+            self._dispatch(msg)
+            if self.state is State.DEAD:
+                return
+            if run is not None:
+                self._charge(run, cost + _cpu() - start)
                 if self.state is State.DEAD:
                     return
-                if run is not None:
-                    self._charge(run, cost + _cpu() - start)
-                    if self.state is State.DEAD:
-                        return
-        except ProtocolError as exc:
-            self._answered.clear()
-            self._violation("protocol_error", f"{type(exc).__name__}: {exc}")
-        except Violation as exc:
-            self._answered.clear()
-            self._violation(exc.kind, str(exc), exc.culprit)
-        else:
-            self._complete_answered()
 
     def _complete_answered(self) -> None:
         # An answer counts only if nothing after it in the same read broke the rules

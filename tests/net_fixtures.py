@@ -8,6 +8,7 @@ a test can prove that a denied fetch sent no packet (``server.requests == []``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import gzip
 import json
@@ -20,14 +21,14 @@ import zlib
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Iterator
+from typing import Any, AsyncIterator, Iterator
 from urllib.parse import parse_qs, urlsplit
 
 import ipaddress
 import pytest
 
 __all__ = ["SeenRequest", "Resolver", "LocalHTTPServer", "http_server", "redis_server", "redis_server_optional", "redis_url",
-           "free_port", "flush_redis", "LoopbackOnlyBackend", "rss_mb", "LoopLag", "p99"]
+           "free_port", "flush_redis", "LoopbackOnlyBackend", "rss_mb", "LoopLag", "p99", "loopback_server"]
 
 
 @dataclass
@@ -43,6 +44,17 @@ class LocalHTTPServer:
     url: str                   # "http://127.0.0.1:PORT"
     port: int
     requests: list[SeenRequest] = field(default_factory=list)
+
+
+@contextlib.asynccontextmanager
+async def loopback_server(handle: Any, **kw: Any) -> AsyncIterator[int]:
+    """An asyncio server of ``handle(reader, writer)`` on 127.0.0.1; yields its port, closes it after."""
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, **kw)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 def free_port() -> int:

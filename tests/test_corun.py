@@ -293,7 +293,7 @@ async def test_a_call_for_an_execution_not_running_here_kills_the_worker() -> No
 
 async def test_the_culprit_gets_its_kind_and_the_other_is_worker_lost() -> None:
     async with two_runs() as t:
-        a, b = t.xids
+        _, b = t.xids
         # b calls after its own answer, in the same read: b broke the rules, a did nothing wrong.
         t.feed([1, b, None, {"ok": True}], [2, "state.set", ["k", 1], b])
         first, second = await t.outcomes()

@@ -32,7 +32,7 @@ from actionpool.runner._config import FetchConfig
 from actionpool.runner._errors import FetchDenied, FetchError
 from actionpool.runner._fetch import Fetcher
 from actionpool.runner._fetch_client import PINS, PinnedResolver, TenantClient
-from net_fixtures import LoopbackOnlyBackend, Resolver
+from net_fixtures import LoopbackOnlyBackend, Resolver, loopback_server
 
 LOOPBACK = "127.0.0.1"
 
@@ -117,13 +117,8 @@ class Upstream:
 @asynccontextmanager
 async def upstream() -> AsyncIterator[Upstream]:
     up = Upstream()
-    server = await asyncio.start_server(up.handle, LOOPBACK, 0, limit=1 << 20)
-    up.port = server.sockets[0].getsockname()[1]
-    try:
+    async with loopback_server(up.handle, limit=1 << 20) as up.port:
         yield up
-    finally:
-        server.close()
-        await server.wait_closed()
 
 
 

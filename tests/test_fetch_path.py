@@ -34,7 +34,7 @@ from actionpool.runner._errors import FetchDenied, FetchError
 from actionpool.runner._fetch import Fetcher
 from actionpool.runner._fetch_capacity import CapacityTable
 from actionpool.runner._fetch_client import PINS, TenantClient
-from net_fixtures import LoopbackOnlyBackend, Resolver
+from net_fixtures import LoopbackOnlyBackend, Resolver, loopback_server
 
 LOOPBACK = "127.0.0.1"
 ALLOW = (LOOPBACK,)
@@ -97,13 +97,8 @@ class Raw:
 @asynccontextmanager
 async def raw_server() -> AsyncIterator[Raw]:
     up = Raw()
-    server = await asyncio.start_server(up.handle, LOOPBACK, 0)
-    up.port = server.sockets[0].getsockname()[1]
-    try:
+    async with loopback_server(up.handle) as up.port:
         yield up
-    finally:
-        server.close()
-        await server.wait_closed()
 
 
 def make(resolver: Resolver | None = None, **cfg: Any) -> Fetcher:
