@@ -40,7 +40,9 @@ async def test_emptied_keys_leave_no_state_behind() -> None:
 async def test_a_tenant_flooding_slow_flows_does_not_starve_another() -> None:
     """Tenant A keeps 40 slow flows in flight on an 8-worker pool; tenant B's flows all succeed meanwhile."""
     # co_run=1: A's slow flows each hold a worker (co-running them would need fewer: tests/test_corun.py).
-    cfg = RunnerConfig(pool_size=0, max_workers=8, max_queue=40, queue_timeout_s=60.0,
+    # max_running=0: all 40 reach the pool in one pass, so its caps give exact counts (the FIFO would let them
+    # in 16 at a time, and the queue drains into new workers meanwhile: tests/test_admission.py).
+    cfg = RunnerConfig(pool_size=0, max_workers=8, max_queue=40, queue_timeout_s=60.0, max_running=0,
                        limits=Limits(action_timeout_s=60.0, flow_timeout_s=60.0, co_run=1),
                        fetch=FetchConfig(allow_hosts=("127.0.0.1",), timeout_s=60.0))
     quick = Action(slug="quick", source="def on_execute(event, api):\n    api.state.set('ok', event.n)\n")
