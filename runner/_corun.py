@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from typing import Any
 
 from ._worker import WorkerHandle
@@ -41,7 +42,8 @@ class _Waiter:
 class CoRunners:
     """The busy workers that may take another execution, who waits to join them, and how many flows hold each."""
 
-    def __init__(self) -> None:
+    def __init__(self, release: Callable[[WorkerHandle, bool], None]) -> None:
+        self._release = release   # one flow is done with a worker (the engine's ``_left``)
         self._open: dict[Key, list[WorkerHandle]] = {}   # workers of co-running actions, by pool key
         self._holders: dict[WorkerHandle, tuple[Key, int]] = {}
         self._waiters: dict[Key, deque[_Waiter]] = {}
@@ -84,6 +86,12 @@ class CoRunners:
         timer = fut.get_loop().call_later(timeout, _expire, fut)
         try:
             got = await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled() and (w := fut.result()) is not None:
+                # Handed a worker in the same pass the caller gave up: its hold goes back at once.
+                w.co_pending -= 1
+                self._release(w, True)
+            raise
         finally:
             timer.cancel()
             if not fut.done() or fut.cancelled() or fut.result() is None:
@@ -93,6 +101,7 @@ class CoRunners:
                     if not q:
                         del self._waiters[key]
         if got is not None:
+            got.co_pending -= 1   # its execute request is sent before anything else runs (the engine)
             self.join_waits += 1
         return got
 
@@ -120,6 +129,7 @@ class CoRunners:
                 break
             q.popleft()
             self._add_holder(w)
+            w.co_pending += 1   # counted against its room until the joiner's execute request is sent
             first.future.set_result(w)
         if q is not None and not q:
             del self._waiters[got[0]]

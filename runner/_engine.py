@@ -110,7 +110,7 @@ class FlowEngine:
             if config.cpu_budget_ms else None
         running = config.running_limit()
         self.admission = Admission(running, config.running_hold_ms / 1000) if running else None
-        self.co = CoRunners()   # busy workers other executions of their action may join (runner/_corun.py)
+        self.co = CoRunners(self._left)   # busy workers other executions of their action may join (runner/_corun.py)
 
     def owner_of(self, tenant: str, action: Action) -> str:
         """Whose workers may run ``action`` for ``tenant`` (see ``_acquire_live``)."""

@@ -143,6 +143,7 @@ class WorkerHandle(asyncio.Protocol):
         self.memory_check: Callable[[], bool] | None = None  # True when the worker exceeded its memory cap
         self.co_digest: str | None = None   # the action whose executions may co-run here (set by the engine)
         self.on_park: Callable[["WorkerHandle"], None] | None = None   # every execution here waits on a fetch
+        self.co_pending = 0   # flows handed this worker to join whose execute request is not sent yet
         self._max_frame = max_frame
         self._decoder = FrameDecoder(max_frame)
         self.on_dead = on_dead
@@ -182,7 +183,8 @@ class WorkerHandle(asyncio.Protocol):
         action seen to reach its fetch (the engine only asks for those), so joiners queue behind
         it in the worker's pipe instead of one start at a time.
         """
-        if self.state is not State.BUSY or self.draining or len(self._runs) >= limit or self.co_digest != digest:
+        if self.state is not State.BUSY or self.draining or len(self._runs) + self.co_pending >= limit or \
+                self.co_digest != digest:
             return False
         for run in self._runs.values():
             if not run.fetching and run.heard:
@@ -193,7 +195,7 @@ class WorkerHandle(asyncio.Protocol):
         """Executions of ``digest`` that may still join here once its executions wait (0: none)."""
         if self.state is not State.BUSY or self.draining or self.co_digest != digest:
             return 0
-        return max(0, limit - len(self._runs))
+        return max(0, limit - len(self._runs) - self.co_pending)
 
     # -- life cycle ------------------------------------------------------------
     async def start(self, configure: dict[str, Any], timeout: float) -> dict[str, Any]:
@@ -508,6 +510,11 @@ class WorkerHandle(asyncio.Protocol):
             raise Violation("protocol_error", f"unexpected {type(msg).__name__} from an idle worker")
 
     def _on_answer(self, run: _Running, msg: Response) -> None:
+        if len(self._runs) > 1 and any(not t.done() for t in run.tasks):
+            # Answered while a request of its own is still being served: an execution that gave up on a
+            # call (asyncio.wait_for) does that, and so does an answer another execution here forged in
+            # its name, after which the named one would run on unseen. The worker is not reused.
+            self.draining = True
         error = msg.error
         if error is not None:
             if type(error) is not dict or not all(type(k) is str and type(v) is str for k, v in error.items()):

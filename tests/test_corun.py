@@ -215,6 +215,40 @@ async def test_an_execution_ends_its_own_tasks_never_those_of_the_executions_bes
     assert long.allowed and long.state == {"tasks": {"inner": "inner0"}}, long.denial
 
 
+GIVES_UP = '''
+import asyncio
+
+async def on_execute(event, api):
+    me = event.user.user_id
+    if event.user.mode == "impatient":   # gives up on its fetch: the supervisor is still serving it
+        try:
+            await asyncio.wait_for(api.fetch(event.url + "&u=" + me), 0.3)
+        except asyncio.TimeoutError:
+            api.state.set("gave_up", me)
+        return
+    res = await api.fetch(event.url + "&u=" + me)
+    api.state.set("status", res["status"])
+'''
+
+
+async def test_an_execution_that_gives_up_on_a_fetch_is_answered_and_its_worker_is_not_reused(
+        http_server: Any) -> None:
+    """An answer while one of its own requests is still served (honest here; forged in another's name looks
+    the same): every flow is answered as it should be, then that worker is discarded, not reused."""
+    action = Action(slug="gives-up", source=GIVES_UP)
+    async with make_runner(CFG) as r:
+        assert (await flow(r, action, event(http_server, "warm", 0))).allowed
+        pid = set(r.worker_pids)
+        lead, rest = await start_parked(r, action, http_server, event(http_server, "waits", 1500, "impatient"),
+                                        [event(http_server, f"g{i}", 700) for i in range(2)])
+        first = await lead
+        others = [await t for t in rest]
+        assert first.allowed and first.state == {"gives-up": {"gave_up": "waits"}}
+        assert all(res.allowed and res.state["gives-up"]["status"] == 200 for res in others)
+        await wait_for_condition(lambda: set(r.worker_pids).isdisjoint(pid))
+        assert (await flow(r, action, event(http_server, "next", 0))).allowed
+
+
 # -- the supervisor's side of the protocol, on a handle fed frames directly ------------------------
 
 
