@@ -44,7 +44,8 @@ class CoRunners:
 
     def __init__(self, release: Callable[[WorkerHandle, bool], None]) -> None:
         self._release = release   # one flow is done with a worker (the engine's ``_left``)
-        self._open: dict[Key, list[WorkerHandle]] = {}   # workers of co-running actions, by pool key
+        # Busy workers of actions seen to reach a fetch, by pool key (a dict as an ordered set).
+        self._open: dict[Key, dict[WorkerHandle, None]] = {}
         self._holders: dict[WorkerHandle, tuple[Key, int]] = {}
         self._waiters: dict[Key, deque[_Waiter]] = {}
         self._io_bound: OrderedDict[str, None] = OrderedDict()   # digests seen waiting on a fetch
@@ -108,17 +109,17 @@ class CoRunners:
     def _parked(self, w: WorkerHandle) -> None:
         """``w`` sent a fetch: remember its action as I/O-bound, and let waiters of its key join it."""
         digest = w.co_digest
-        if digest is not None:
-            io = self._io_bound
-            if digest in io:
-                io.move_to_end(digest)
-            else:
-                io[digest] = None
-                if len(io) > MAX_IO_BOUND:
-                    io.popitem(last=False)
         got = self._holders.get(w)
-        if got is None:
+        if digest is None or got is None:
             return
+        io = self._io_bound
+        if digest in io:
+            io.move_to_end(digest)
+        else:
+            io[digest] = None
+            if len(io) > MAX_IO_BOUND:
+                io.popitem(last=False)
+        self._open.setdefault(got[0], {})[w] = None   # joinable from now on (idempotent)
         q = self._waiters.get(got[0])
         while q:
             first = q[0]
@@ -146,7 +147,8 @@ class CoRunners:
         self._holders[w] = (key, 1)
         if digest is not None:
             w.on_park = self._parked
-            self._open.setdefault(key, []).append(w)
+            if digest in self._io_bound:   # else its first fetch opens it (_parked): a plain def never costs this
+                self._open.setdefault(key, {})[w] = None
 
     def leave(self, w: WorkerHandle) -> bool:
         """One flow is done with ``w``; True when it was the last (the caller gives ``w`` back to the pool)."""
@@ -161,8 +163,8 @@ class CoRunners:
         w.co_digest = None
         w.on_park = None
         ws = self._open.get(key)
-        if ws is not None and w in ws:
-            ws.remove(w)
+        if ws is not None:
+            ws.pop(w, None)
             if not ws:
                 del self._open[key]
         # Flows waiting to join when no worker of their key is busy any more: off to the pool (it has this one).

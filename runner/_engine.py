@@ -124,14 +124,14 @@ class FlowEngine:
     def check_event(self, event: Any) -> str | None:
         return event_problem(event, self.config.limits.max_frame_bytes)
 
-    async def _acquire_live(self, flow: FlowState, action: Action, wprofile: tuple[Any, ...]) -> WorkerHandle:
+    async def _acquire_live(self, flow: FlowState, action: Action, wprofile: tuple[Any, ...],
+                            owner: str) -> WorkerHandle:
         """A live idle worker; one that died between hand-over and use is replaced (a few times at most)."""
         # The pool keeps workers apart by owner. worker_binding="action" (the default): one action of one
         # tenant, i.e. tenant + slug + source + secrets (Action.identity), because module globals live on
         # in a warm worker and must not carry one action's secrets into another's execution.
         # worker_binding="tenant": any action of the tenant; its actions can then see each other's
         # module globals and secrets (a tenant is one trust domain).
-        owner = self.owner_of(flow.tenant, action)
         for _ in range(3):
             remaining = flow.deadline - time.monotonic()
             w = await self._pool.acquire(owner, action.digest, wprofile,
@@ -190,14 +190,15 @@ class FlowEngine:
             try:
                 # FIFO admission to the CPU (runner/_admission.py); an unused token expires by itself.
                 tok = await self.admission.enter() if self.admission is not None else None
-                key = (self.owner_of(flow.tenant, action), wprofile)
+                owner = self.owner_of(flow.tenant, action)
+                key = (owner, wprofile)
                 w = None
                 if co > 1:
                     w = self.co.join(key, action.digest, co) or await self.co.join_wait(
                         key, action.digest, co, min(self.config.co_run_wait_ms / 1000, max(remaining, 0.001)))
                 joined = w is not None
                 if w is None:
-                    w = await self._acquire_live(flow, action, wprofile)
+                    w = await self._acquire_live(flow, action, wprofile, owner)
                     self.co.hold(key, w, action.digest if co > 1 else None)
             except Overloaded as exc:
                 flow.deny(action.slug, "overloaded", str(exc), None)
