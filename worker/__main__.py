@@ -24,9 +24,8 @@ from typing import Any
 from ..protocol import DEFAULT_MAX_FRAME, Notification, hello
 
 from ._channel import Channel, PipeClosed
-from ._runtime import Runtime
+from ._runtime import EXIT_PROTOCOL, Runtime
 
-EXIT_PROTOCOL = 71
 EXIT_SANDBOX = 78
 
 

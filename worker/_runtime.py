@@ -27,7 +27,7 @@ from ._channel import Channel, NullChannel, TaggedChannel
 from ._event import view
 
 MODULE_CACHE_SIZE = 32
-EXIT_PROTOCOL = 71
+EXIT_PROTOCOL = 71   # the supervisor spoke nonsense (also worker/__main__.py's)
 
 # The warm-up execution (Runtime.prime): the calls a typical action makes, on an event of the usual shape.
 PRIME_FILENAME = "<actionpool warm-up>"
