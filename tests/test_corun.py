@@ -87,6 +87,15 @@ async def start_parked(r: Any, action: Action, http: Any, first: dict[str, Any],
     return lead, rest
 
 
+async def run_parked(r: Any, action: Action, http: Any, first: dict[str, Any],
+                     others: list[dict[str, Any]]) -> tuple[set[int], Any, list[Any]]:
+    """Warm the action, park ``first`` on its fetch with ``others`` joining it; the worker's pid and every result."""
+    assert (await flow(r, action, event(http, "warm", 0))).allowed   # the action is seen to reach a fetch
+    pid = set(r.worker_pids)
+    lead, rest = await start_parked(r, action, http, first, others)
+    return pid, await lead, [await t for t in rest]
+
+
 async def test_flows_awaiting_a_fetch_share_one_worker_and_keep_their_own_results(http_server: Any) -> None:
     action = Action(slug="echo", source=ECHO)
     async with make_runner(CFG) as r:
@@ -116,14 +125,10 @@ async def test_a_kill_ends_the_culprit_with_its_kind_and_the_others_beside_it_wi
         http_server: Any, mode: str, kind: str, limits: Limits) -> None:
     action = Action(slug="echo", source=ECHO)
     async with make_runner(dataclasses.replace(CFG, limits=limits)) as r:
-        assert (await flow(r, action, event(http_server, "warm", 0))).allowed
-        pid = set(r.worker_pids)
         # The culprit waits on its fetch while the others join; they get their replies and then wait in
         # the worker (no fetch of theirs in flight) when the culprit goes wrong.
-        lead, rest = await start_parked(r, action, http_server, event(http_server, "culprit", 400, mode),
-                                        [event(http_server, f"b{i}", 20, "sleep") for i in range(3)])
-        bad = await lead
-        lost = [await t for t in rest]
+        pid, bad, lost = await run_parked(r, action, http_server, event(http_server, "culprit", 400, mode),
+                                          [event(http_server, f"b{i}", 20, "sleep") for i in range(3)])
         assert bad.denial is not None and bad.denial["kind"] == kind, bad.denial
         for res in lost:
             assert res.denial is not None and res.denial["kind"] == "worker_lost", res.denial
@@ -136,12 +141,8 @@ async def test_a_kill_ends_the_culprit_with_its_kind_and_the_others_beside_it_wi
 async def test_an_uncaught_error_leaves_the_others_to_finish_then_the_worker_is_discarded(http_server: Any) -> None:
     action = Action(slug="echo", source=ECHO)
     async with make_runner(CFG) as r:
-        assert (await flow(r, action, event(http_server, "warm", 0))).allowed
-        pid = set(r.worker_pids)
-        lead, rest = await start_parked(r, action, http_server, event(http_server, "bad", 100, "raise"),
-                                        [event(http_server, f"c{i}", 700) for i in range(3)])
-        bad = await lead
-        good = [await t for t in rest]
+        pid, bad, good = await run_parked(r, action, http_server, event(http_server, "bad", 100, "raise"),
+                                          [event(http_server, f"c{i}", 700) for i in range(3)])
         assert bad.denial is not None and bad.denial["kind"] == "uncaught_error"
         assert bad.denial["reason"] == "RuntimeError: fails by itself: bad"
         for i, res in enumerate(good):
@@ -237,12 +238,8 @@ async def test_an_execution_that_gives_up_on_a_fetch_is_answered_and_its_worker_
     the same): every flow is answered as it should be, then that worker is discarded, not reused."""
     action = Action(slug="gives-up", source=GIVES_UP)
     async with make_runner(CFG) as r:
-        assert (await flow(r, action, event(http_server, "warm", 0))).allowed
-        pid = set(r.worker_pids)
-        lead, rest = await start_parked(r, action, http_server, event(http_server, "waits", 1500, "impatient"),
-                                        [event(http_server, f"g{i}", 700) for i in range(2)])
-        first = await lead
-        others = [await t for t in rest]
+        pid, first, others = await run_parked(r, action, http_server, event(http_server, "waits", 1500, "impatient"),
+                                              [event(http_server, f"g{i}", 700) for i in range(2)])
         assert first.allowed and first.state == {"gives-up": {"gave_up": "waits"}}
         assert all(res.allowed and res.state["gives-up"]["status"] == 200 for res in others)
         await wait_for_condition(lambda: set(r.worker_pids).isdisjoint(pid))
