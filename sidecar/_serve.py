@@ -216,8 +216,10 @@ def share_budget(cfg: ServeConfig, slot: WorkerSlot | None) -> ServeConfig:
     """One of ``serve --workers N``'s processes: a 1/N share of the host's worker budget (at least 1 of each).
 
     The memory budget (``worker_memory_budget_mb``, else the runner's default from physical memory),
-    ``max_workers`` and the queue and per-tenant caps where configured: N processes together keep to what
-    one would, and a tenant's share of each process stays what it was (derived caps follow the capacity).
+    ``max_workers``, the executions admitted to the CPU at once (``max_running``, resolved: the host's
+    CPUs are shared too; 0, no limit, stays 0) and the queue and per-tenant caps where configured: N
+    processes together keep to what one would, and a tenant's share of each process stays what it was
+    (derived caps follow the capacity).
     """
     if slot is None or slot.count <= 1:
         return cfg
@@ -228,7 +230,8 @@ def share_budget(cfg: ServeConfig, slot: WorkerSlot | None) -> ServeConfig:
         r, worker_memory_budget_mb=share_of(int(budget), slot), max_workers=max_workers,
         pool_size=min(r.pool_size, max_workers) if max_workers is not None else r.pool_size,
         max_queue=share_of(r.max_queue, slot), max_busy_per_tenant=share_of(r.max_busy_per_tenant, slot),
-        max_queue_per_tenant=share_of(r.max_queue_per_tenant, slot)))
+        max_queue_per_tenant=share_of(r.max_queue_per_tenant, slot),
+        max_running=share_of(r.running_limit(), slot) if r.running_limit() else 0))
 
 
 def _guarded_protocol(spec: ServerSpec, app: Sidecar, fd_limit: int | None) -> Any:

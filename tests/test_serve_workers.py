@@ -270,6 +270,7 @@ def test_a_process_gets_a_share_of_the_derived_memory_budget() -> None:
     host = hosting.default_memory_budget_mb(hosting.physical_memory_bytes())
     shared = share_budget(cfg, WorkerSlot(1, 4)).runner
     assert shared.worker_memory_budget_mb == max(1, host // 4) and shared.max_workers is None
+    assert shared.max_running == max(1, RunnerConfig().running_limit() // 4)   # the host's CPUs are shared too
     assert share_budget(cfg, None) is cfg and share_budget(cfg, WorkerSlot(0, 1)) is cfg
     # a configured max_workers is shared too, and the pool kept within it
     fixed = dataclasses.replace(cfg, runner=RunnerConfig(max_workers=3, pool_size=3, worker_memory_budget_mb=100,
@@ -277,6 +278,8 @@ def test_a_process_gets_a_share_of_the_derived_memory_budget() -> None:
     shared = share_budget(fixed, WorkerSlot(0, 2)).runner
     assert (shared.max_workers, shared.pool_size, shared.worker_memory_budget_mb) == (1, 1, 50)
     assert (shared.max_busy_per_tenant, shared.max_queue, shared.max_queue_per_tenant) == (1, 5, None)
+    off = dataclasses.replace(cfg, runner=RunnerConfig(max_running=0))
+    assert share_budget(off, WorkerSlot(0, 2)).runner.max_running == 0      # no limit stays no limit
 
 
 def test_the_shared_listening_socket_gets_tcp_nodelay_on_its_connections() -> None:
