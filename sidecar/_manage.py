@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 import os
 import time
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 from ..runner import TRIGGERS, ActionError
@@ -296,13 +297,18 @@ async def action_rollback(app: Sidecar, req: Request) -> Reply:
             if problem is not None:   # bound since to a trigger it has no handler for: nothing changes
                 raise HTTPError(409, f"version {to} cannot run in this tenant's flows now: {problem.message}",
                                 "version")
-    try:
-        v = await app.store.rollback(tenant, slug, to=to, author=_who(req))
-    except NothingToRollBack as exc:
-        raise HTTPError(409, str(exc), "slug") from None
-    except UnknownVersion:
-        raise HTTPError(404, f"{slug} keeps no version {to!r}", "version") from None
+    v = await _rolled_back(app.store.rollback(tenant, slug, to=to, author=_who(req)), "slug", slug, to)
     return 200, {"slug": slug, "version": v.version}, []
+
+
+async def _rolled_back(rollback: Awaitable[Any], field: str, what: str, to: str | None) -> Any:
+    """A store rollback's record; nothing to go back to is 409 (naming ``field``), an unknown ``to`` 404."""
+    try:
+        return await rollback
+    except NothingToRollBack as exc:
+        raise HTTPError(409, str(exc), field) from None
+    except UnknownVersion:
+        raise HTTPError(404, f"{what} keeps no version {to!r}", "version") from None
 
 
 async def _rollback_to(req: Request) -> str | None:
@@ -481,12 +487,8 @@ async def flow_get(app: Sidecar, req: Request) -> Reply:
 async def flow_rollback(app: Sidecar, req: Request) -> Reply:
     tenant, trigger = app.tenant(req.params["tenant"]).name, _trigger(req)
     to = await _rollback_to(req)
-    try:
-        rec = await app.store.rollback_flow(tenant, trigger, to=to, author=_who(req))
-    except NothingToRollBack as exc:
-        raise HTTPError(409, str(exc), "trigger") from None
-    except UnknownVersion:
-        raise HTTPError(404, f"the {trigger} flow keeps no version {to!r}", "version") from None
+    rec = await _rolled_back(app.store.rollback_flow(tenant, trigger, to=to, author=_who(req)), "trigger",
+                             f"the {trigger} flow", to)
     return 200, {"version": rec.version}, []
 
 

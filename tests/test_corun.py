@@ -21,8 +21,9 @@ from typing import Any, AsyncIterator
 import pytest
 
 from conftest import TEST_CONFIG, make_runner, wait_for_condition
-from actionpool.protocol import encode_frame
+from actionpool.protocol import FrameDecoder, encode_frame
 from actionpool.runner import Action, FetchConfig, Limits, RunnerConfig
+from actionpool.runner._corun import CoRunners
 from actionpool.runner._flow import FlowState
 from actionpool.runner._handlers import ExecutionContext
 from actionpool.runner._services import Services
@@ -343,3 +344,50 @@ async def test_one_answered_with_an_error_leaves_the_other_running_then_the_work
         first, second = await t.outcomes()
         assert first.error["kind"] == "uncaught_error" and second.error is None
         assert t.flows[1].state == {"a": {"k": "still"}}
+
+
+async def test_a_join_waiter_goes_to_the_pool_when_no_worker_parks_in_time() -> None:
+    """``join_wait`` only waits while room exists; a worker whose executions compute times the waiter out."""
+    async with two_runs() as t:
+        w = t.handle
+        for run in w._runs.values():
+            run.fetching, run.heard = 0, True          # both executions compute (heard, no fetch in our hands)
+        released: list[Any] = []
+        co = CoRunners(lambda h, reusable: released.append((h, reusable)))
+        key = ("t", ())
+        co.hold(key, w, "d")
+        assert await co.join_wait(key, "d", 4, 0.05) is None      # never seen to fetch: no wait at all
+        co._parked(w)                                              # now it has been (and is joinable, not free)
+        assert co.join(key, "d", 4) is None
+        assert await co.join_wait(key, "d", 4, 0.05) is None      # room, but nobody parked in time
+        assert co.stats()["co_run_waiting"] == 0 and co.holders(w) == 1 and w.co_pending == 0
+        assert await co.join_wait(key, "d", 2, 0.05) is None      # no room at co_run=2: not even queued
+        assert co.leave(w) and not released
+        for f in t.futures:
+            f.cancel()
+        t.handle.kill("done")
+        t.proc.wait(5)
+
+
+def test_an_execute_request_read_during_a_blocking_call_is_kept_for_after_it() -> None:
+    """The worker's side: a plain api call blocks on the pipe; a new execution arriving then is deferred."""
+    from actionpool.protocol import Request, Response
+    from actionpool.worker._channel import Channel
+
+    to_worker_r, to_worker_w = os.pipe()
+    from_worker_r, from_worker_w = os.pipe()
+    try:
+        ch = Channel(to_worker_r, from_worker_w, 1 << 20)
+        woken: list[bool] = []
+        ch.on_message = lambda msg: None
+        ch.on_deferred = lambda: woken.append(True)
+        execute = Request(99, "execute", [{}])
+        os.write(to_worker_w, encode_frame(execute.wire()) + encode_frame(Response(1, None, "v").wire()))
+        got = ch.call("cache.get", ["k"], 7)
+        assert got == Response(1, None, "v")
+        assert list(ch.deferred) == [execute] and woken == [True]
+        sent = FrameDecoder().feed(os.read(from_worker_r, 1 << 16))
+        assert sent == [[0, 1, "cache.get", ["k"], 7]]              # the call named its execution
+    finally:
+        for fd in (to_worker_r, to_worker_w, from_worker_r, from_worker_w):
+            os.close(fd)

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import orjson
 import pytest
@@ -404,20 +405,27 @@ def url(redis_url: str) -> str:
     return redis_url
 
 
-async def _pair(url: str, **kw: Any) -> tuple[RedisStore, RedisStore]:
-    a = RedisStore(url, 100, keyring=Keyring(K1), **kw)
-    b = RedisStore(url, 100, keyring=Keyring(K1), **kw)
-    await a.start()
-    await b.start()
-    return a, b
+@contextlib.asynccontextmanager
+async def replicas(url: str) -> AsyncIterator[tuple[RedisStore, RedisStore, redis.Redis]]:
+    """Two started replicas on one Redis, and a raw client to look at (or tamper with) what they wrote."""
+    a = RedisStore(url, 100, keyring=Keyring(K1))
+    b = RedisStore(url, 100, keyring=Keyring(K1))
+    r = redis.Redis.from_url(url, decode_responses=True)
+    try:
+        await a.start()
+        await b.start()
+        yield a, b, r
+    finally:
+        r.close()
+        await a.close()
+        await b.close()
 
 
 @pytest.mark.redis
 async def test_two_replicas_see_every_write_within_a_second(url: str) -> None:
-    a, b = await _pair(url)
-    changes: list[tuple[str, str, str]] = []
-    b.on_change = lambda *x: changes.append(x)
-    try:
+    async with replicas(url) as (a, b, r):
+        changes: list[tuple[str, str, str]] = []
+        b.on_change = lambda *x: changes.append(x)
         steps: list[tuple[str, Callable[[], Awaitable[Any]], Callable[[], bool]]] = [
             ("tenant", lambda: a.put_tenant("acme", {"denial_message": "no"}, author="admin"),
              lambda: b.tenant("acme") is not None and b.tenant("acme").settings == {"denial_message": "no"}),
@@ -441,15 +449,11 @@ async def test_two_replicas_see_every_write_within_a_second(url: str) -> None:
         kinds = {c[0] for c in changes}
         assert kinds == {"tenant", "action", "flow", "secret"}
         assert ("secret", "acme", "K") in changes and ("action", "acme", "tag") in changes
-    finally:
-        await a.close()
-        await b.close()
 
 
 @pytest.mark.redis
 async def test_a_lost_message_is_caught_by_the_generation_check(url: str) -> None:
-    a, b = await _pair(url)
-    try:
+    async with replicas(url) as (a, b, r):
         async def no_publish(*args: Any, **kw: Any) -> int:
             return 0
         a._redis.publish = no_publish  # type: ignore[method-assign]  # every message from a is lost
@@ -461,9 +465,6 @@ async def test_a_lost_message_is_caught_by_the_generation_check(url: str) -> Non
         await a.delete_tenant("acme", author="admin")
         await wait_for(lambda: b.tenant("acme") is None and b.secret_values("acme") == {}, 1.0,
                        "the version check drops the deleted tenant")
-    finally:
-        await a.close()
-        await b.close()
 
 
 def _dump_everything(url: str) -> list[bytes]:
@@ -500,8 +501,7 @@ def _encodings(value: str) -> list[bytes]:
 
 @pytest.mark.redis
 async def test_a_redis_dump_holds_no_secret_value_in_any_form(url: str) -> None:
-    a, b = await _pair(url)
-    try:
+    async with replicas(url) as (a, b, r):
         await a.put_tenant("acme", {}, author="admin")
         await a.deploy("acme", "tag", PY, secrets=["API_KEY"])
         await a.put_secret("acme", "API_KEY", SECRET, author="admin")
@@ -515,16 +515,11 @@ async def test_a_redis_dump_holds_no_secret_value_in_any_form(url: str) -> None:
             for form in _encodings(value):
                 hits = [x[:80] for x in dump if form in x]
                 assert not hits, f"{value!r} found in Redis as {form!r}: {hits}"
-    finally:
-        await a.close()
-        await b.close()
 
 
 @pytest.mark.redis
 async def test_wrong_key_tampered_or_moved_ciphertexts_are_bad_records(url: str) -> None:
-    a, b = await _pair(url)
-    r = redis.Redis.from_url(url, decode_responses=True)
-    try:
+    async with replicas(url) as (a, b, r):
         for t in ("acme", "beta"):
             await a.put_tenant(t, {}, author="admin")
         await a.put_secret("acme", "GOOD", SECRET, author="admin")
@@ -562,10 +557,6 @@ async def test_wrong_key_tampered_or_moved_ciphertexts_are_bad_records(url: str)
         with pytest.raises(SecretsKeyMissing, match="ACTIONPOOL_SECRETS_KEY"):
             await e.start()
         await e.close()
-    finally:
-        r.close()
-        await a.close()
-        await b.close()
 
 
 @pytest.mark.redis
@@ -618,9 +609,7 @@ async def test_key_rotation_with_previous_keys_and_the_rekey_pass(url: str) -> N
 
 @pytest.mark.redis
 async def test_deleted_tenant_leaves_no_key_but_its_audit(url: str) -> None:
-    a, b = await _pair(url)
-    r = redis.Redis.from_url(url, decode_responses=True)
-    try:
+    async with replicas(url) as (a, b, r):
         for t in ("acme", "beta"):
             await a.put_tenant(t, {"allow_hosts": ["h"]}, author="admin")
             for slug in ("tag", "geo"):
@@ -643,10 +632,6 @@ async def test_deleted_tenant_leaves_no_key_but_its_audit(url: str) -> None:
         assert sorted(k for k in r.scan_iter(count=1000) if "beta" in k) == before_beta
         await wait_for(lambda: b.tenant("acme") is None and b.current("acme", "tag") is None, 1.0, "b drops acme")
         assert b.current("beta", "tag") is not None
-    finally:
-        r.close()
-        await a.close()
-        await b.close()
 
 
 @pytest.mark.redis
@@ -675,9 +660,7 @@ async def test_writes_are_idempotent_under_a_retried_request_id(url: str) -> Non
 
 @pytest.mark.redis
 async def test_an_emptied_redis_is_written_back_with_the_catalog(url: str) -> None:
-    a, b = await _pair(url)
-    r = redis.Redis.from_url(url, decode_responses=True)
-    try:
+    async with replicas(url) as (a, b, r):
         await a.put_tenant("acme", {"denial_message": "no"}, author="admin")
         await a.deploy("acme", "tag", PY, language="python", secrets=["K"], message="m")
         f = await a.put_flow("acme", "post-login", ["tag"], author="admin")
@@ -697,17 +680,11 @@ async def test_an_emptied_redis_is_written_back_with_the_catalog(url: str) -> No
         finally:
             await fresh.close()
         assert a.tenant("acme") is not None and b.tenant("acme") is not None
-    finally:
-        r.close()
-        await a.close()
-        await b.close()
 
 
 @pytest.mark.redis
 async def test_a_malformed_catalog_record_is_counted_and_the_old_view_kept(url: str) -> None:
-    a, b = await _pair(url)
-    r = redis.Redis.from_url(url, decode_responses=True)
-    try:
+    async with replicas(url) as (a, b, r):
         await a.put_tenant("acme", {"denial_message": "no"}, author="admin")
         await a.put_flow("acme", "post-login", ["x"], author="admin")
         await wait_for(lambda: b.flow("acme", "post-login") is not None, 1.0, "b loads")
@@ -722,10 +699,6 @@ async def test_a_malformed_catalog_record_is_counted_and_the_old_view_kept(url: 
         r.set(P + "audit:acme", "a string where a list belongs")
         await a.put_tenant("acme", {}, author="admin")  # the write repairs the key and goes through
         assert (await a.audit("acme"))[0]["op"] == "update"
-    finally:
-        r.close()
-        await a.close()
-        await b.close()
 
 
 @pytest.mark.redis
